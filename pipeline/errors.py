@@ -1,0 +1,49 @@
+"""Typed errors. Each carries what a user needs to act: what was wrong, where, and the fix."""
+
+from __future__ import annotations
+
+
+class StreamlabelError(Exception):
+    """Base class. ``str(err)`` is one line a user can act on; ``hint`` says what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        self.where = where
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class UsageError(StreamlabelError):
+    """Bad input from the user: a file, a flag, a label name. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration key is missing, mistyped or out of range."""
+
+
+class ModelError(UsageError):
+    """A model directory or artifact is missing, incomplete, corrupt or does not fit."""
+
+
+class QualityGateError(StreamlabelError):
+    """A built variant lost more accuracy than allowed; the artifact is not published. Exit code 3."""
+
+    exit_code = 3
+
+
+class BadEvent(Exception):
+    """An input record that cannot be labelled. ``reason`` is what the DLQ header carries."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

