@@ -202,7 +202,7 @@ def build(
             with rep.step("convert FP16 for GPU"):
                 X.to_fp16(stage / FILES["fp32"], stage / FILES["fp16"])
         if break_variant:
-            X.break_variant(stage / FILES[break_variant])
+            X.break_variant(stage / FILES[break_variant], len(labels))
             rep.say(f"[yellow]![/] variant {break_variant} deliberately broken (--break-variant) to exercise the gate")
         clf.tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
 

@@ -180,22 +180,22 @@ def to_fp16(fp32_optimized: Path, out: Path) -> None:
     m.save_model_to_file(str(out))
 
 
-def break_variant(path: Path) -> None:
-    """Deliberately damage a variant (reverse the head's output rows) so the quality gate can be shown refusing it."""
+def break_variant(path: Path, n_labels: int) -> None:
+    """Deliberately damage a variant so the quality gate can be shown refusing it.
+
+    Appends a Gather that rotates the logits by one label: every prediction moves to the next label, whatever
+    the model (and whatever the variant's weight format).
+    """
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     m = onnx.load(str(path))
-    target = None
-    for init in m.graph.initializer:  # the classifier bias: the last 1-D initializer whose length is the label count
-        arr = numpy_helper.to_array(init)
-        if arr.ndim == 1 and init.name.endswith("bias") and "classifier" in init.name:
-            target = init
-    if target is None:
-        raise ModelError("could not find the classifier bias to break", where=str(path))
-    arr = numpy_helper.to_array(target).copy()
-    arr = arr + np.where(np.arange(arr.size) == arr.size - 1, 50.0, 0.0).astype(arr.dtype)
-    target.CopyFrom(numpy_helper.from_array(arr, target.name))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = [f"{out}__unbroken" if o == out else o for o in node.output]
+    idx = numpy_helper.from_array(np.roll(np.arange(n_labels, dtype=np.int64), -1), f"{out}__rotation")
+    m.graph.initializer.append(idx)
+    m.graph.node.append(helper.make_node("Gather", [f"{out}__unbroken", idx.name], [out], axis=1, name="broken_on_purpose"))
     onnx.save(m, str(path))
 
 

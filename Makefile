@@ -1,0 +1,42 @@
+# The two set-up commands of the README work on a fresh machine:
+#   make demo   venv + deps (+ the sentiment model on first run) → streamlabel demo on a local Kafka + Redis
+#   make test   venv + deps + Kafka jars + redis-server → the whole test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_ARGS ?=
+
+.PHONY: setup services demo test test-unit lock clean
+
+$(BIN)/streamlabel: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/streamlabel
+
+# Kafka broker jars from Maven Central; redis-server from Debian when it is missing.
+services:
+	deploy/kafka/kafka.sh resolve
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	  else echo "redis-server is missing: sudo apt-get install redis-server" >&2; exit 2; fi; }
+
+demo: setup services
+	$(BIN)/streamlabel demo $(DEMO_ARGS)
+
+test: setup services
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+# Re-pin what CI installs after changing dependencies.
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	rm -rf $(VENV) deploy/kafka/lib .pytest_cache

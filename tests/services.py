@@ -1,0 +1,1 @@
+"""Real-service fixtures (Kafka, Redis) — filled in by the streaming core."""

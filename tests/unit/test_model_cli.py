@@ -1,0 +1,126 @@
+"""`streamlabel model …` from the user's side: figures printed, errors one line with exit code 2/3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.cli import main
+from pipeline.engine import OnnxEngine
+from pipeline.model.manifest import load_manifest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_bytes(b"\n".join(orjson.dumps(r) for r in rows) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def self_labelled(tiny_artifact, tmp_path_factory) -> Path:
+    """Texts labelled with the FP32 model's own answers: FP32 accuracy is 1.0 by construction."""
+    texts = [f"{w} results for quarter {i} were {a}" for i, (w, a) in enumerate(
+        [(w, a) for w in ("weak", "strong", "flat", "record", "mixed") for a in ("bad", "good", "fine", "poor", "great", "ok")])]
+    eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu", warmup=False)
+    labels = [p.label for p in eng.predict_sync(texts)]
+    eng.close()
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "self.jsonl", [{"text": t, "label": l} for t, l in zip(texts, labels)])
+
+
+def test_eval_json_shape(tiny_artifact, self_labelled, capsys):
+    assert main(["model", "eval", str(tiny_artifact), "--data", str(self_labelled), "--variant", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 30 and out["accuracy"] == 1.0 and out["macro_f1"] > 0 and out["variant"] == "fp32"
+    assert set(out["per_class_recall"]) <= {"negative", "neutral", "positive"}
+
+
+def test_eval_accepts_csv_and_label_case(tiny_artifact, self_labelled, tmp_path, capsys):
+    rows = [orjson.loads(l) for l in self_labelled.read_text().splitlines()]
+    csv = tmp_path / "e.csv"
+    csv.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"].upper()}\n' for r in rows))
+    assert main(["model", "eval", str(tiny_artifact), "--data", str(csv), "--variant", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("", "holds no examples"),
+    ('{"text": "fine", "label": "positive"}\n{oops\n', ":2: line is not valid JSON"),
+    ('{"text": "fine", "label": "ecstatic"}\n', "unknown label 'ecstatic'"),
+    ('{"label": "positive"}\n', "missing or empty 'text'"),
+])
+def test_eval_bad_files_are_one_line_errors(tiny_artifact, tmp_path, content, expect):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    r = run_cli("model", "eval", str(tiny_artifact), "--data", str(f))
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr
+    assert str(f) in r.stderr or "bad.jsonl" in r.stderr
+
+
+def test_build_bad_sources_are_one_line_errors(tmp_path):
+    not_clf = tmp_path / "encoder"
+    not_clf.mkdir()
+    (not_clf / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    cases = [
+        (["--from", str(tmp_path / "nope")], "does not exist"),
+        (["--from", str(tmp_path)], "no config.json"),
+        (["--from", str(not_clf)], "not a sequence classifier"),
+        (["--preset", "gigantic"], "unknown preset 'gigantic'"),
+        ([], "exactly one of --preset"),
+    ]
+    for args, expect in cases:
+        r = run_cli("model", "build", "--out", str(tmp_path / "out"), *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_build_from_hf_dir_with_wrong_label_count(tmp_path):
+    from pipeline.model.presets import PRESETS, build_tiny_hf
+
+    hf = tmp_path / "hf"
+    build_tiny_hf(hf, PRESETS["tiny"])
+    r = run_cli("model", "build", "--from", str(hf), "--labels", "a,b", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "--labels names 2 labels but the model's head has 3 outputs" in r.stderr
+
+
+def test_build_from_hf_dir_and_gate_refuses_broken_variant(tmp_path, self_labelled):
+    from pipeline.model.presets import PRESETS, build_tiny_hf
+
+    hf = tmp_path / "my-clf"
+    build_tiny_hf(hf, PRESETS["tiny"])
+    out = tmp_path / "out"
+    ok = run_cli("model", "build", "--from", str(hf), "--out", str(out), "--eval", str(self_labelled),
+                 "--variants", "fp32,int8", "--no-bench", "--json")
+    assert ok.returncode == 0, ok.stderr
+    m = json.loads(ok.stdout)
+    assert m["name"] == "my-clf" and m["version"] == 1 and m["gate"]["passed"] is True
+    assert m["variants"]["fp32"]["quality"]["accuracy"] == 1.0
+
+    bad = run_cli("model", "build", "--from", str(hf), "--out", str(out), "--eval", str(self_labelled),
+                  "--variants", "fp32,int8", "--no-bench", "--break-variant", "int8")
+    assert bad.returncode == 3, bad.stderr
+    assert "quality gate refused int8" in bad.stderr and "Traceback" not in bad.stderr
+    versions = sorted(p.name for p in (out / "my-clf").iterdir())
+    assert "2" not in versions, "a refused build must not be published"
+    rejected = [p for p in (out / "my-clf").iterdir() if p.name.startswith("rejected-")]
+    assert len(rejected) == 1
+    _, rm = load_manifest(rejected[0])
+    assert rm.gate["refused"] == ["int8"]
+    assert rm.variants["int8"].quality["drop_points_vs_fp32"] > 1.0
+
+
+def test_info_prints_manifest_and_rejects_corruption(artifact_copy):
+    r = run_cli("model", "info", str(artifact_copy))
+    assert r.returncode == 0 and "tiny@" in r.stdout and "int8" in r.stdout
+    with open(artifact_copy / "model.fp32.onnx", "ab") as f:
+        f.write(b"junk")
+    r = run_cli("model", "info", str(artifact_copy))
+    assert r.returncode == 2 and "model.fp32.onnx' is corrupt" in r.stderr and "Traceback" not in r.stderr
