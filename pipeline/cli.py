@@ -151,6 +151,43 @@ def _f(x, nd: int) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+# ---------------------------------------------------------------------------------------------- run
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (STREAMLABEL_* env vars win).")]
+
+
+def _settings(config: Optional[Path], **overrides):
+    from pipeline.config import load_settings
+
+    s = load_settings(config)
+    clean = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()}
+    clean = {k: v for k, v in clean.items() if v}
+    return s.replace(**clean) if clean else s
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = None,
+    workers: Annotated[int, typer.Option(help="Worker processes in one consumer group.")] = 1,
+    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (overrides config).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Artifact directory (overrides config).")] = None,
+    input_topic: Annotated[Optional[str], typer.Option("--input", help="Input topic.")] = None,
+    output_topic: Annotated[Optional[str], typer.Option("--output", help="Label topic.")] = None,
+    dlq_topic: Annotated[Optional[str], typer.Option("--dlq", help="Dead-letter topic.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
+) -> None:
+    """Run classify workers: Kafka in → labels out, until SIGTERM/SIGINT (then drain and commit)."""
+    from consumers.runner import run_workers
+    from pipeline import logs
+
+    s = _settings(config, kafka={"bootstrap_servers": bootstrap, "group_id": group},
+                  model={"path": str(model) if model else None},
+                  topics={"input": input_topic, "output": output_topic, "dlq": dlq_topic})
+    logs.configure(s.log.level, s.log.format)
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    raise typer.Exit(run_workers(s, workers))
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     """Console entry point: user errors become one line and an exit code, never a traceback."""

@@ -1,0 +1,1 @@
+"""Long-running Kafka workers: the classify worker, the multi-process runner."""

@@ -1,0 +1,250 @@
+"""``Settings``: typed configuration from a TOML file + ``STREAMLABEL_*`` environment variables.
+
+Environment variables name a key as ``STREAMLABEL_<SECTION>__<KEY>`` (e.g. ``STREAMLABEL_KAFKA__BOOTSTRAP_SERVERS``,
+``STREAMLABEL_BATCHING__MAX_BATCH=64``) and win over the file. This is the only module that reads the
+environment; everything else receives a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "STREAMLABEL_"
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "streamlabel"
+    client_id: str = "streamlabel"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    fetch_max_records: int = 1000
+    linger_ms: int = 1
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    input: str = "text-events"
+    output: str = "labels"
+    dlq: str = "text-events-dlq"
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch: int = 64
+    max_tokens: int = 8192  # padded tokens per batch (batch × bucket width)
+    max_wait_ms: float = 0.0  # 0: dispatch at once when the engine is idle; >0: let small batches grow this long
+    engine_concurrency: int = 1  # concurrent engine calls; 1 is right for CPU (ORT parallelises inside a call)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    max_inflight: int = 4096  # records taken from Kafka but not yet committed; pause partitions above it
+    max_bytes: int = 64 * 1024
+    max_chars: int = 10_000
+    commit_interval_ms: int = 200
+    drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    enabled: bool = True
+    redis_url: str | None = "redis://127.0.0.1:6379/0"
+    redis_password: str | None = None
+    redis_tls: bool = False
+    ttl_s: int = 86_400
+    local_size: int = 100_000
+    timeout_ms: int = 50  # a slow Redis must not hold up labels
+    breaker_failures: int = 3  # consecutive errors that open the circuit
+    breaker_reset_s: float = 2.0  # then one probe after this long
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = "models/sentiment-minilm"
+    variant: Literal["fp32", "int8", "fp16"] | None = None
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    threads: int | None = None
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class SloSettings:
+    objective_ms: float = 100.0
+    target: float = 0.99
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    port: int | None = 9464  # None: no HTTP endpoint
+    host: str = "127.0.0.1"
+    summary_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    log_text: bool = False  # never log raw event text unless switched on
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    slo: SloSettings = field(default_factory=SloSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some keys changed: ``s.replace(topics={"input": "x"})``."""
+        data = {name: _as_dict(getattr(self, name)) for name in _as_dict(self)}
+        for name, changes in sections.items():
+            data.setdefault(name, {}).update(changes)
+        return _build(data, "override")
+
+
+def _as_dict(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (optional) then apply ``STREAMLABEL_*`` variables; errors name the key."""
+    data: dict[str, dict[str, Any]] = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config file not found", where=str(p), hint="pass an existing TOML file with --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML ({exc})", where=str(p)) from None
+    env = os.environ if env is None else env
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        data.setdefault(section, {})[key] = _EnvValue(raw, name)
+    return _build(data, where)
+
+
+class _EnvValue(str):
+    def __new__(cls, value: str, var: str):
+        obj = super().__new__(cls, value)
+        obj.var = var
+        return obj
+
+
+def _build(data: Mapping[str, Any], where: str) -> Settings:
+    sections = {}
+    hints = typing.get_type_hints(Settings)
+    for sname, sval in data.items():
+        if sname not in hints:
+            raise ConfigError(f"unknown section [{sname}]", where=where, hint=f"sections are: {', '.join(hints)}")
+        if not isinstance(sval, Mapping):
+            raise ConfigError(f"[{sname}] must be a table", where=where)
+        cls = hints[sname]
+        fhints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in sval.items():
+            if key not in fhints:
+                raise ConfigError(f"unknown key '{sname}.{key}'", where=getattr(value, "var", where),
+                                  hint=f"keys of [{sname}] are: {', '.join(fhints)}")
+            kwargs[key] = _coerce(value, fhints[key], f"{sname}.{key}", getattr(value, "var", where))
+        sections[sname] = cls(**kwargs)
+    s = Settings(**sections)
+    _check(s, where)
+    return s
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("", "none", "null") and type(None) in args:
+            return None
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' is {value!r}; allowed: {', '.join(map(repr, args))}", where=where)
+        return str(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}", where=where)
+    if tp in (int, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return tp(value) if tp is float or isinstance(value, int) or str(value).lstrip("-").isdigit() else int(str(value), 10)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a{'n integer' if tp is int else ' number'}, got {value!r}", where=where) from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}", where=where)
+        return str(value)
+    return value
+
+
+def _check(s: Settings, where: str) -> None:
+    positive = {
+        "batching.max_batch": s.batching.max_batch, "batching.max_tokens": s.batching.max_tokens,
+        "batching.engine_concurrency": s.batching.engine_concurrency, "worker.max_inflight": s.worker.max_inflight,
+        "worker.max_bytes": s.worker.max_bytes, "worker.max_chars": s.worker.max_chars,
+        "slo.objective_ms": s.slo.objective_ms, "cache.ttl_s": s.cache.ttl_s,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {v}", where=where)
+    if not 0 < s.slo.target < 1:
+        raise ConfigError(f"'slo.target' must be between 0 and 1 (e.g. 0.99), got {s.slo.target}", where=where)
+    if s.batching.max_wait_ms < 0:
+        raise ConfigError("'batching.max_wait_ms' must be ≥ 0", where=where)
+    if s.kafka.security_protocol.startswith("SASL") and not (s.kafka.sasl_mechanism and s.kafka.sasl_username):
+        raise ConfigError("SASL needs 'kafka.sasl_mechanism' and 'kafka.sasl_username' (and sasl_password)", where=where)
+    if len({s.topics.input, s.topics.output, s.topics.dlq}) < 3:
+        raise ConfigError("'topics.input', 'topics.output' and 'topics.dlq' must be three different topics", where=where)
+
+
+def kafka_client_kwargs(k: KafkaSettings) -> dict[str, Any]:
+    """aiokafka keyword arguments for connection and security (shared by consumers and producers)."""
+    kw: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers, "security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kw["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile)
+    if k.security_protocol.startswith("SASL"):
+        kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
+                  sasl_plain_password=k.sasl_password)
+    return kw

@@ -1,0 +1,40 @@
+"""structlog set-up: JSON in production, readable in a terminal; one line per lifecycle event."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if fmt == "console" else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+_SECRET_KEYS = ("password", "secret", "token", "sasl_plain_password")
+
+
+def _redact(_, __, event: dict) -> dict:
+    for k in list(event):
+        if any(s in k.lower() for s in _SECRET_KEYS):
+            event[k] = "***"
+    return event
+
+
+def get(name: str = "streamlabel"):
+    return structlog.get_logger(name)

@@ -1,0 +1,32 @@
+"""Prometheus metrics (names as in the design file), one registry per worker, and the /metrics endpoint."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LAT = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STAGE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.events = Counter("streamlabel_events", "Events by outcome (labelled, dlq).", ["outcome"], registry=r)
+        self.e2e = Histogram("streamlabel_e2e_latency_seconds",
+                             "Input record timestamp to output acknowledgement.", buckets=_LAT, registry=r)
+        self.stage = Histogram("streamlabel_stage_seconds", "Time per pipeline stage.", ["stage"], buckets=_STAGE, registry=r)
+        self.batch_size = Histogram("streamlabel_batch_size", "Texts per engine call.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram("streamlabel_batch_tokens", "Padded tokens per engine call.",
+                                      buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
+        self.cache = Counter("streamlabel_cache_requests", "Cache look-ups by tier and result.", ["tier", "result"], registry=r)
+        self.inflight = Gauge("streamlabel_inflight", "Records taken from Kafka and not yet committed.", registry=r)
+        self.lag = Gauge("streamlabel_consumer_lag", "Records behind the partition end.", ["partition"], registry=r)
+        self.goodput = Gauge("streamlabel_slo_goodput_ratio", "Share of events within the latency objective.", registry=r)
+        self.burn = Gauge("streamlabel_slo_burn_rate", "Error-budget burn rate.", ["window"], registry=r)
+        self.coalesced = Counter("streamlabel_coalesced", "Texts answered by an identical text already in flight.", registry=r)
+        self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Start the /metrics HTTP endpoint (a daemon thread); returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

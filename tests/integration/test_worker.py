@@ -1,0 +1,165 @@
+"""The classify worker against the real Apache Kafka broker and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections import defaultdict
+
+import orjson
+import pytest
+
+from pipeline.engine import OnnxEngine
+from pipeline.events import encode_input
+from pipeline.metrics import Metrics
+from producers.local_services import free_port
+from producers.topics import ensure_topics, produce, read_until
+
+from .helpers import ids_of, read_labels, running_worker, settings_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    yield eng
+    eng.close()
+
+
+async def test_every_id_labelled_key_order_and_headers_kept(kafka, names, engine):
+    s = settings_for(kafka, names)
+    n, keys = 400, 20
+    values = [encode_input(f"message {i} about account {i % keys}", id=f"e{i}", source="support", entity=f"k{i % keys}")
+              for i in range(n)]
+    rec_keys = [f"k{i % keys}".encode() for i in range(n)]
+    async with running_worker(s, engine) as w:
+        await ensure_topics(kafka.bootstrap, [names.input])
+        p = __import__("aiokafka").AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await p.start()
+        try:
+            for i, v in enumerate(values):
+                await p.send(names.input, value=v, key=rec_keys[i], headers=[("traceparent", f"t{i}".encode())])
+            await p.flush()
+        finally:
+            await p.stop()
+        out = await read_labels(kafka.bootstrap, names.output, {f"e{i}" for i in range(n)})
+    got = ids_of(out)
+    assert set(got) == {f"e{i}" for i in range(n)}
+    per_key = defaultdict(list)
+    for r in sorted(out, key=lambda r: (r.partition, r.offset)):
+        doc = orjson.loads(r.value)
+        assert r.key == f"k{int(doc['id'][1:]) % keys}".encode(), "output keeps the input key"
+        assert dict(r.headers)["traceparent"] == f"t{doc['id'][1:]}".encode(), "output keeps the input headers"
+        assert doc["label"] in engine.labels and doc["model"] == engine.model_id
+        assert doc["source"] == "support" and doc["latency_ms"]["e2e"] >= 0
+        per_key[r.key].append(int(doc["id"][1:]))
+    for k, seq in per_key.items():
+        assert seq == sorted(seq), f"per-key order broken for {k}"
+    assert w.labelled >= n and w.dead_lettered == 0
+
+
+BAD_INPUTS = {
+    "invalid JSON": b'{"text": "unterminated',
+    "not UTF-8": b"\xff\xfe\xfa bad bytes",
+    "empty": b"",
+    "empty text": b'{"text": "   "}',
+    "oversized": b'{"text": "' + b"a" * 70_000 + b'"}',
+    "wrong type": b'{"text": 42}',
+    "array": b'["text"]',
+    "missing text": b'{"id": "x", "source": "news"}',
+    "tombstone": None,
+    "control chars only": b'{"text": "\\u0000\\u0001\\u0002"}',
+    "bad ts": b'{"text": "fine", "ts": "yesterday"}',
+}
+
+
+async def test_bad_inputs_go_to_dlq_with_reason_and_worker_survives(kafka, names, engine):
+    s = settings_for(kafka, names)
+    async with running_worker(s, engine) as w:
+        bad = list(BAD_INPUTS.values())
+        good = [b'{"text": "shares rallied after the upgrade", "id": "good-after", "unknown_field": [1, 2]}',
+                b"plain utf-8 text is accepted too"]
+        await produce(kafka.bootstrap, names.input, bad + good, keys=[b"same-key"] * (len(bad) + len(good)))
+        dlq = await read_until(kafka.bootstrap, [names.dlq], lambda r: len(r) >= len(bad), 60)
+        out = await read_labels(kafka.bootstrap, names.output, {"good-after"})
+    assert len(dlq) == len(bad)
+    reasons = [dict(r.headers)["streamlabel.error"].decode() for r in dlq]
+    for expected, reason in zip(["invalid JSON", "not UTF-8", "empty", "empty", "oversized", "wrong type", "wrong type",
+                                 "schema", "tombstone", "empty", "wrong type"], reasons):
+        assert reason.startswith(expected), (expected, reason)
+    for r, original in zip(sorted(dlq, key=lambda r: r.offset), bad):
+        h = dict(r.headers)
+        assert h["streamlabel.source.topic"] == names.input.encode()
+        assert int(h["streamlabel.source.offset"]) >= 0
+        assert r.value == (original if original is not None else b""), "DLQ keeps the original bytes"
+    assert "good-after" in ids_of(out) and len(out) == 2
+    assert w.dead_lettered == len(bad) and w.labelled == 2
+
+
+async def test_cache_hits_on_repeated_texts_and_keys_hold_no_text(kafka, names, engine, redis_server):
+    import redis
+
+    s = settings_for(kafka, names, redis_url=redis_server.url)
+    texts = [f"guidance raised for product line {i}" for i in range(30)]
+    async with running_worker(s, engine):
+        await produce(kafka.bootstrap, names.input, [encode_input(t, id=f"a{i}") for i, t in enumerate(texts)])
+        await read_labels(kafka.bootstrap, names.output, {f"a{i}" for i in range(30)})
+    r = redis.Redis.from_url(redis_server.url)
+    keys = r.keys("sl:*")
+    assert len(keys) == 30
+    assert not any(b"guidance" in k for k in keys), "cache keys must not contain raw text"
+    # A fresh worker (empty local cache) answers repeated texts from Redis.
+    s2 = settings_for(kafka, names, redis_url=redis_server.url)
+    async with running_worker(s2, engine, name="w1") as w:
+        await produce(kafka.bootstrap, names.input, [encode_input(t, id=f"b{i}") for i, t in enumerate(texts)])
+        out = await read_labels(kafka.bootstrap, names.output, {f"b{i}" for i in range(30)})
+    second = [orjson.loads(x.value) for x in out if orjson.loads(x.value)["id"].startswith("b")]
+    assert len(second) == 30 and all(d["cached"] for d in second)
+    assert w.cache_hits >= 30
+
+
+async def test_redis_outage_labels_keep_flowing_and_cache_resumes(kafka, names, engine, redis_server):
+    import redis
+
+    s = settings_for(kafka, names, redis_url=redis_server.url)
+    async with running_worker(s, engine) as w:
+        await produce(kafka.bootstrap, names.input, [encode_input(f"before outage {i}", id=f"a{i}") for i in range(20)])
+        await read_labels(kafka.bootstrap, names.output, {f"a{i}" for i in range(20)})
+        redis_server.kill()
+        await produce(kafka.bootstrap, names.input, [encode_input(f"during outage {i}", id=f"b{i}") for i in range(50)])
+        await read_labels(kafka.bootstrap, names.output, {f"b{i}" for i in range(50)}, timeout=60)
+        assert w.cache.remote.errors > 0, "the outage was noticed"
+        redis_server.start()  # same port
+        r = redis.Redis.from_url(redis_server.url)
+        assert r.dbsize() == 0
+        # Keep feeding until writes reach Redis again (the breaker closes after its reset period).
+        for round_ in range(40):
+            ids = {f"c{round_}-{i}" for i in range(5)}
+            await produce(kafka.bootstrap, names.input,
+                          [encode_input(f"after outage {round_} {i}", id=f"c{round_}-{i}") for i in range(5)])
+            await read_labels(kafka.bootstrap, names.output, ids)
+            if r.dbsize() > 0:
+                break
+        assert r.dbsize() > 0, "cache writes resumed after Redis came back"
+    assert w.labelled == 20 + 50 + 5 * (round_ + 1)
+
+
+async def test_metrics_endpoint_serves_histograms(kafka, names, engine):
+    s = settings_for(kafka, names)
+    m = Metrics()
+    port = free_port()
+    server, _ = m.serve(port)
+    try:
+        async with running_worker(s, engine, metrics=m) as w:
+            await produce(kafka.bootstrap, names.input, [encode_input(f"t {i}", id=f"m{i}") for i in range(10)])
+            await read_labels(kafka.bootstrap, names.output, {f"m{i}" for i in range(10)})
+            w.summary()
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    finally:
+        server.shutdown()
+    assert 'streamlabel_e2e_latency_seconds_bucket{le="0.1"}' in body
+    assert "streamlabel_e2e_latency_seconds_count 10.0" in body
+    assert 'streamlabel_events_total{outcome="labelled"} 10.0' in body
+    assert "streamlabel_batch_size_bucket" in body and "streamlabel_slo_goodput_ratio" in body
+    assert 'streamlabel_slo_burn_rate{window="1m"}' in body
