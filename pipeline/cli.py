@@ -188,6 +188,67 @@ def run_cmd(
     raise typer.Exit(run_workers(s, workers))
 
 
+@app.command("demo")
+def demo_cmd(
+    config: ConfigOpt = None,
+    events: Annotated[Optional[int], typer.Option(help="Stop after this many events (default: run until Ctrl-C).")] = None,
+    rate: Annotated[float, typer.Option(help="Offered events per second (open loop).")] = 100.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final figures as JSON on stdout.")] = False,
+    model: Annotated[Path, typer.Option(help="Artifact directory; built from --preset when missing.")] = Path("models/sentiment-minilm"),
+    preset: Annotated[str, typer.Option(help="Preset to build when the model is missing.")] = "sentiment-minilm",
+    bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
+    redis_url: Annotated[Optional[str], typer.Option("--redis", help="Use this Redis instead of starting redis-server.")] = None,
+    bad_ratio: Annotated[float, typer.Option(help="Share of deliberately malformed events (they go to the DLQ).")] = 0.005,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
+) -> None:
+    """Everything on this machine: local Kafka + Redis, the sentiment model, a worker, a synthetic feed, live figures."""
+    import asyncio
+
+    from pipeline import logs
+    from pipeline.cli_demo import demo
+
+    s = _settings(config)
+    logs.configure("warning", "console")
+    if events is None:
+        events = 10**12
+    result = asyncio.run(demo(settings=s, events=events, rate=rate, as_json=json_out, model=model, preset=preset,
+                              bootstrap=bootstrap, redis_url=redis_url, bad_ratio=bad_ratio, seed=seed))
+    if json_out:
+        keys = ("produced", "labelled", "dlq", "lost", "p50_ms", "p99_ms", "goodput")
+        _emit_json({**{k: result[k] for k in keys}, **{k: v for k, v in result.items() if k not in keys}})
+    else:
+        from rich.console import Console
+
+        Console().print(result)
+    if result["lost"]:
+        raise typer.Exit(1)
+
+
+@app.command("produce")
+def produce_cmd(
+    topic: Annotated[str, typer.Option(help="Topic to write to.")] = "text-events",
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers.")] = "127.0.0.1:9092",
+    rate: Annotated[float, typer.Option(help="Events per second (open loop).")] = 100.0,
+    count: Annotated[Optional[int], typer.Option(help="Stop after this many events.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    profile: Annotated[str, typer.Option(help="support | news | mixed")] = "mixed",
+    duplicate_ratio: Annotated[float, typer.Option(help="Share of events repeating an earlier text.")] = 0.0,
+    poisson: Annotated[bool, typer.Option(help="Poisson arrivals (else constant spacing).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
+) -> None:
+    """Feed a topic with synthetic customer-service and news events at a steady rate."""
+    import asyncio
+
+    from pipeline.cli_demo import produce_cmd as run
+
+    if count is None and duration is None:
+        raise UsageError("give --count or --duration (or both)", hint="e.g. --count 1000 --rate 200")
+    if profile not in ("support", "news", "mixed"):
+        raise UsageError(f"unknown profile '{profile}'", hint="use support, news or mixed")
+    _emit_json(asyncio.run(run(bootstrap=bootstrap, topic=topic, rate=rate, count=count, duration=duration,
+                               profile=profile, duplicate_ratio=duplicate_ratio, seed=seed, poisson=poisson)))
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     """Console entry point: user errors become one line and an exit code, never a traceback."""

@@ -9,6 +9,9 @@ import structlog
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
+    # aiokafka logs expected, self-healing events (coordinator moves, retries) as errors; our own lifecycle
+    # lines say what matters. Its real failures surface as exceptions in the worker.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if level != "debug" else logging.DEBUG)
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if fmt == "console" else structlog.processors.JSONRenderer()
