@@ -249,6 +249,42 @@ def produce_cmd(
                                profile=profile, duplicate_ratio=duplicate_ratio, seed=seed, poisson=poisson)))
 
 
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[Path, typer.Option(help="Artifact directory (built from the sentiment preset if missing).")] = Path("models/sentiment-minilm"),
+    quick: Annotated[bool, typer.Option(help="A run of a few minutes (shorter steps, fewer rates).")] = False,
+    rate: Annotated[Optional[float], typer.Option(help="One step at this offered rate instead of the ladder.")] = None,
+    slo_ms: Annotated[float, typer.Option(help="Latency objective: p99 must stay within this.")] = 250.0,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Write PLOTS.png and PLOTS.html (default: next to --json).")] = None,
+    naive: Annotated[bool, typer.Option(help="Also measure the naive transformers.pipeline consumer (needs the train extra).")] = True,
+    duplicates: Annotated[bool, typer.Option(help="Also measure a stream with 50% duplicate texts.")] = True,
+    fp32: Annotated[bool, typer.Option(help="Also measure the FP32 engine for the INT8/FP32 ratio.")] = True,
+    step_seconds: Annotated[Optional[float], typer.Option(help="Seconds of load per step.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Batch size for the engine and the workers.")] = 64,
+    bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
+) -> None:
+    """Open-loop load test: raw engine vs pipeline vs naive consumer, latency ladder, knee, JSON and plots."""
+    import asyncio
+
+    from pipeline.cli_bench import bench
+
+    if plots is None and json_file is not None:
+        plots = json_file.with_suffix("")
+    for f in (json_file, plots):
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+    report = asyncio.run(bench(artifact=model, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms,
+                               json_path=json_file, plot_prefix=plots, naive=naive, duplicates=duplicates,
+                               step_seconds=step_seconds, max_batch=max_batch, fp32=fp32))
+    if json_file is not None:
+        import orjson
+
+        json_file.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    summary = {k: v for k, v in report.items() if not k.endswith("steps")}
+    _emit_json(summary)
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     """Console entry point: user errors become one line and an exit code, never a traceback."""
@@ -271,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file or port the user named: say which, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _error(f"{where}{exc.strerror or exc}")
+        return 2
 
 
 def _error(msg: str) -> None:

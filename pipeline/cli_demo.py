@@ -18,13 +18,6 @@ from pipeline.config import Settings
 from pipeline.errors import UsageError
 
 
-def percentile(sorted_vals: list[float], p: float) -> float:
-    if not sorted_vals:
-        return 0.0
-    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100 * len(sorted_vals) + 0.5)) - 1))
-    return sorted_vals[k]
-
-
 def ensure_model(path: Path, preset: str, console) -> Path:
     from pipeline.model.manifest import resolve_artifact_dir
 
@@ -46,6 +39,7 @@ async def demo(*, settings: Settings, events: int | None, rate: float, as_json: 
 
     from consumers.runner import serve
     from pipeline.events import encode_input
+    from producers.loadtest import pct
     from producers.local_services import LocalKafka, LocalRedis
     from producers.rate import producer_for_load, send_at_rate
     from producers.synthetic import Generator
@@ -62,7 +56,10 @@ async def demo(*, settings: Settings, events: int | None, rate: float, as_json: 
                 broker = LocalKafka(work / "kafka").start()
             bootstrap = broker.bootstrap
             console.print(f"[green]✓[/] Kafka on {bootstrap}")
-        if redis_url is None:
+        if redis_url == "none":
+            redis_url = None
+            console.print("running with the in-process cache only (--redis none)")
+        elif redis_url is None:
             if LocalRedis.available():
                 redis = LocalRedis(workdir=work / "redis").start()
                 redis_url = redis.url
@@ -127,7 +124,7 @@ async def demo(*, settings: Settings, events: int | None, rate: float, as_json: 
         result = {
             "produced": produced, "labelled": len(ids), "dlq": dlq, "lost": produced - len(ids) - dlq,
             "duplicates": len(labels) - len(ids),
-            "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "goodput": round(good / len(lat), 4) if lat else 0.0,
             "offered_rate": rate, "achieved_rate": round(rep.achieved_rate, 1),
             "cache_hit_ratio": round(w.cache_hits / w.cache_lookups, 3) if w.cache_lookups else 0.0,

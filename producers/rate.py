@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterable
+from typing import Callable, Iterable
 
 from aiokafka import AIOKafkaProducer
 

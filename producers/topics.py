@@ -12,12 +12,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 
-async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int = 4, **client_kw) -> None:
+async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int = 4, configs: dict | None = None,
+                        **client_kw) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kw)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names if n not in existing]
+        new = [NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})
+               for n in names if n not in existing]
         if new:
             try:
                 await admin.create_topics(new)

@@ -57,6 +57,10 @@ class Reporter:
             self.say(f"  epoch {info['epoch']}: loss {info['loss']:.3f}, validation accuracy {info['val_accuracy']:.3f}, "
                      f"macro-F1 {info['val_macro_f1']:.3f}")
             return
+        if not self.console.is_terminal:  # logs and CI: a plain line every 10%
+            if done == total or done % max(1, total // 10) == 0:
+                self.say(f"  fine-tuning: step {done}/{total} (epoch {info['epoch']}, loss {info['loss']:.3f})")
+            return
         if self._progress is None:
             self._progress = Progress(TextColumn("  fine-tuning"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),

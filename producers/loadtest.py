@@ -1,0 +1,324 @@
+"""The load-test harness behind ``streamlabel bench``: open-loop ladders measured from the records.
+
+For each step: a fresh input/output topic pair; the input records get their CreateTime from the producer,
+the output topic uses LogAppendTime, so ``output.timestamp − input.timestamp`` is the broker-side
+end-to-end latency (input written → label acknowledged), read from the records, never from the worker's
+own counters. The worker runs as a separate process (``streamlabel run``), as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import orjson
+
+from pipeline.events import encode_input
+from producers.rate import producer_for_load, send_at_rate
+from producers.synthetic import Generator
+from producers.topics import ensure_topics, read_until
+
+LOG_APPEND = {"message.timestamp.type": "LogAppendTime"}
+
+
+def pct(vals: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (the value below which p% of the samples fall)."""
+    if not vals:
+        return 0.0
+    s = sorted(vals)
+    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))
+    return float(s[k])
+
+
+@dataclass
+class Step:
+    name: str
+    offered_rate: float
+    achieved_rate: float
+    sent: int
+    labelled: int
+    lost: int
+    duplicated: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    goodput: float
+    throughput: float  # labels acknowledged per second over the step
+    meets_slo: bool
+    series: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, latency ms), sampled
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.pop("series")
+        return d
+
+
+def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, achieved: float, slo_ms: float,
+            target: float) -> Step:
+    """``inputs``: id → input record timestamp. ``outputs``: label records (LogAppendTime timestamps)."""
+    seen: dict[str, int] = {}
+    dup = 0
+    lat = []
+    series = []
+    t0 = min(inputs.values()) if inputs else 0
+    for r in outputs:
+        doc = orjson.loads(r.value)
+        i = doc["id"]
+        if i not in inputs:
+            continue
+        if i in seen:
+            dup += 1
+            continue
+        seen[i] = r.timestamp
+        ms = r.timestamp - inputs[i]
+        lat.append(ms)
+        series.append(((inputs[i] - t0) / 1000.0, float(ms)))
+    good = sum(1 for x in lat if x <= slo_ms)
+    span = (max(seen.values()) - min(inputs.values())) / 1000.0 if seen else 0.0
+    step = max(1, len(series) // 2000)
+    p99 = pct(lat, 99)
+    lost = len(inputs) - len(seen)
+    return Step(name=name, offered_rate=offered, achieved_rate=round(achieved, 1), sent=len(inputs), labelled=len(seen),
+                lost=lost, duplicated=dup, p50_ms=pct(lat, 50), p95_ms=pct(lat, 95), p99_ms=p99,
+                p999_ms=pct(lat, 99.9), max_ms=float(max(lat)) if lat else 0.0,
+                goodput=round(good / len(inputs), 4) if inputs else 0.0,
+                throughput=round(len(seen) / span, 1) if span > 0 else 0.0,
+                meets_slo=bool(lat) and lost == 0 and p99 <= slo_ms and good / len(inputs) >= target - 1e-9,
+                series=sorted(series)[::step])
+
+
+class WorkerProcess:
+    """``streamlabel run`` as a child process, configured by environment variables."""
+
+    def __init__(self, bootstrap: str, artifact: str, topics: tuple[str, str, str], group: str, *,
+                 variant: str | None = None, redis_url: str | None = None, extra_env: dict | None = None,
+                 command: list[str] | None = None) -> None:
+        env = {**os.environ, "STREAMLABEL_METRICS__PORT": "none", "STREAMLABEL_LOG__FORMAT": "json",
+               "STREAMLABEL_LOG__LEVEL": "warning", "STREAMLABEL_CACHE__REDIS_URL": redis_url or "none",
+               "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest", **(extra_env or {})}
+        if variant:
+            env["STREAMLABEL_MODEL__VARIANT"] = variant
+        cmd = command or [sys.executable, "-m", "pipeline.cli", "run", "--model", artifact, "--bootstrap", bootstrap,
+                          "--input", topics[0], "--output", topics[1], "--dlq", topics[2], "--group", group]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+async def wait_worker_ready(bootstrap: str, topics: tuple[str, str, str], proc: WorkerProcess, timeout: float = 120) -> None:
+    """Send a probe event and wait for its label: the worker has its assignment and a warm engine."""
+    probe = f"probe-{uuid.uuid4().hex[:6]}"
+    p = producer_for_load(bootstrap)
+    await p.start()
+    try:
+        await (await p.send(topics[0], value=encode_input("warm-up probe", id=probe)))
+    finally:
+        await p.stop()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"worker exited during start-up: {proc.proc.stderr.read().decode()[-800:]}")
+        got = await read_until(bootstrap, [topics[1]], lambda r: any(probe.encode() in x.value for x in r), 2)
+        if any(probe.encode() in x.value for x in got):
+            return
+    raise RuntimeError("worker did not answer the probe in time")
+
+
+@dataclass
+class BenchConfig:
+    bootstrap: str
+    artifact: str
+    slo_ms: float = 250.0
+    target: float = 0.99
+    step_seconds: float = 15.0
+    variant: str | None = None
+    max_batch: int = 64
+    redis_url: str | None = None
+    seed: int = 0
+
+
+async def run_step(cfg: BenchConfig, name: str, rate: float, *, texts: Callable[[int], tuple[str, str]] | None = None,
+                   duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
+                   progress: Callable[[str], None] | None = None) -> Step:
+    tag = uuid.uuid4().hex[:8]
+    topics = (f"bench-in-{tag}", f"bench-out-{tag}", f"bench-dlq-{tag}")
+    await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=4)
+    await ensure_topics(cfg.bootstrap, [topics[1]], partitions=4, configs=LOG_APPEND)
+    env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch),
+           "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms)}
+    cmd = None
+    if worker_cmd is not None:
+        cmd = [*worker_cmd, cfg.bootstrap, *topics, f"bench-{tag}"]
+    w = WorkerProcess(cfg.bootstrap, cfg.artifact, topics, f"bench-{tag}", variant=variant or cfg.variant,
+                      redis_url=cfg.redis_url, extra_env=env, command=cmd)
+    try:
+        await wait_worker_ready(cfg.bootstrap, topics, w)
+        gen = Generator("mixed", seed=cfg.seed, duplicate_ratio=duplicate_ratio, id_prefix=f"{name}-{tag}")
+        count = max(1, int(rate * cfg.step_seconds))
+        sent_ids: list[str] = []
+
+        def records():
+            for ev in gen:
+                sent_ids.append(ev.id)
+                yield ev.entity.encode(), encode_input(ev.text, id=ev.id, source=ev.source, entity=ev.entity)
+
+        p = producer_for_load(cfg.bootstrap)
+        await p.start()
+        try:
+            rep = await send_at_rate(p, topics[0], records(), rate=rate, count=count, seed=cfg.seed)
+        finally:
+            await p.stop()
+        want = set(sent_ids)
+        # Drain: wait for every label, bounded by what an SLO-breaking backlog could need.
+        ins = await read_until(cfg.bootstrap, [topics[0]], lambda r: len(r) >= count + 1, 30)
+        inputs = {}
+        for r in ins:
+            d = orjson.loads(r.value)
+            if d.get("id") in want:
+                inputs[d["id"]] = r.timestamp
+        drain = max(30.0, cfg.step_seconds * 3)
+        outs = await read_until(cfg.bootstrap, [topics[1]],
+                                lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), drain)
+        step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target)
+        if progress:
+            progress(f"  {name:>14} offered {rate:8.1f}/s achieved {step.achieved_rate:8.1f}/s  p50 {step.p50_ms:7.1f}  "
+                     f"p99 {step.p99_ms:7.1f}  p99.9 {step.p999_ms:7.1f} ms  goodput {step.goodput:6.2%}  "
+                     f"lost {step.lost} dup {step.duplicated}  {'✓' if step.meets_slo else '✗'}")
+        return step
+    finally:
+        w.stop()
+
+
+def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0) -> float:
+    """The raw engine (no Kafka): tokenize + infer on the same texts and batch size as the pipeline."""
+    from pipeline.engine import OnnxEngine
+
+    eng = OnnxEngine(artifact, variant=variant, provider="cpu")
+    try:
+        chunks = [list(texts[i:i + batch]) for i in range(0, len(texts) - batch + 1, batch)]
+        eng.predict_sync(chunks[0])
+        n, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            eng.predict_sync(chunks[i % len(chunks)])
+            n += batch
+            i += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        eng.close()
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            gpu = "CUDA available"
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def knee(steps: Sequence[Step]) -> float:
+    ok = [s.throughput for s in steps if s.meets_slo]
+    return max(ok) if ok else 0.0
+
+
+def plots(report: dict, out_prefix: Path) -> list[Path]:
+    """latency percentiles vs offered load (with the SLO line), latency over time, throughput bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    slo = report["slo"]["objective_ms"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for key, label in (("steps", "streamlabel"), ("naive_steps", "naive baseline")):
+        steps = [s for s in report.get(key, []) if s["labelled"]]
+        if not steps:
+            continue
+        xs = [s["offered_rate"] for s in steps]
+        for p, style in (("p50_ms", ":"), ("p99_ms", "-"), ("p999_ms", "--")):
+            ax.plot(xs, [s[p] for s in steps], style, marker="o", label=f"{label} {p[:-3]}")
+    ax.axhline(slo, color="red", lw=1, label=f"SLO {slo:.0f} ms")
+    ax.set_xlabel("offered load (events/s)")
+    ax.set_ylabel("end-to-end latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("latency vs offered load")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    series = report.get("series_step") or {}
+    if series.get("series"):
+        xs, ys = zip(*series["series"])
+        ax.plot(xs, ys, ".", ms=2)
+    ax.axhline(slo, color="red", lw=1)
+    ax.set_title(f"latency over time at {series.get('offered_rate', 0):.0f}/s")
+    ax.set_xlabel("seconds into the step")
+    ax.set_ylabel("ms")
+    ax = axes[2]
+    bars = {"engine (no Kafka)": report.get("engine_msgs_per_s", 0),
+            "pipeline at SLO": report.get("pipeline_msgs_per_s_at_slo", 0),
+            "naive at SLO": report.get("naive_msgs_per_s_at_slo", 0)}
+    if report.get("dup50_msgs_per_s_at_slo"):
+        bars["pipeline, 50% dup"] = report["dup50_msgs_per_s_at_slo"]
+    ax.bar(list(bars), list(bars.values()), color=["#888", "#2a7", "#c55", "#27a"][: len(bars)])
+    ax.set_ylabel("events/s")
+    ax.set_title("throughput")
+    ax.tick_params(axis="x", labelsize=8, rotation=15)
+    fig.suptitle(f"streamlabel bench — {report['model']} on {report['machine']['cpu']} ({report['machine']['cores']} cores)",
+                 fontsize=10)
+    fig.tight_layout()
+    png = out_prefix.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    files.append(png)
+    html = out_prefix.with_suffix(".html")
+    rows = "".join(f"<tr><td>{s['name']}</td><td>{s['offered_rate']:.0f}</td><td>{s['achieved_rate']:.0f}</td>"
+                   f"<td>{s['p50_ms']:.1f}</td><td>{s['p99_ms']:.1f}</td><td>{s['p999_ms']:.1f}</td>"
+                   f"<td>{s['goodput']:.2%}</td><td>{s['lost']}</td><td>{s['duplicated']}</td>"
+                   f"<td>{'✓' if s['meets_slo'] else '✗'}</td></tr>" for s in report.get("steps", []) + report.get("naive_steps", []))
+    html.write_text(
+        "<!doctype html><meta charset=utf-8><title>streamlabel bench</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style>"
+        f"<h1>streamlabel bench</h1><p>{report['model']} · SLO p99 ≤ {slo:.0f} ms · {report['machine']['cpu']}</p>"
+        f"<img style='max-width:100%' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        "<table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>p50</th><th>p99</th><th>p99.9</th>"
+        f"<th>goodput</th><th>lost</th><th>dup</th><th>SLO</th></tr>{rows}</table>"
+        f"<pre>{orjson.dumps({k: v for k, v in report.items() if k not in ('steps', 'naive_steps', 'series_step')}, option=orjson.OPT_INDENT_2).decode()}</pre>")
+    files.append(html)
+    return files

@@ -1,0 +1,51 @@
+"""The naive baseline of the load test: the consumer most people write first.
+
+A plain aiokafka loop that calls a ``transformers`` text-classification pipeline (PyTorch FP32) on one
+message at a time and waits for each label's ack before the next. Same architecture as the served model
+(MiniLM-L6 + a 3-label head), so the comparison is of serving, not of models. Needs the train extra.
+
+    python -m producers.naive BOOTSTRAP INPUT OUTPUT DLQ GROUP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import orjson
+
+
+async def main(bootstrap: str, topic_in: str, topic_out: str, group: str) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.model.presets import minilm_dir
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    d = str(minilm_dir())
+    clf = pipeline("text-classification", model=AutoModelForSequenceClassification.from_pretrained(d, num_labels=3),
+                   tokenizer=AutoTokenizer.from_pretrained(d), device=-1)
+    consumer = AIOKafkaConsumer(topic_in, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        async for msg in consumer:
+            doc = orjson.loads(msg.value)
+            res = clf(doc["text"], truncation=True)[0]
+            out = {"id": doc.get("id"), "label": res["label"], "score": res["score"]}
+            await producer.send_and_wait(topic_out, orjson.dumps(out), key=msg.key)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    b, i, o, _dlq, g = sys.argv[1:6]
+    asyncio.run(main(b, i, o, g))
