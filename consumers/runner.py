@@ -13,7 +13,7 @@ from pipeline.config import Settings
 
 
 async def serve(settings: Settings, *, name: str = "worker-0", engine=None, install_signals: bool = True,
-                on_ready=None) -> int:
+                on_ready=None, max_restarts: int = 20) -> int:
     """Build engine, cache, metrics; run one worker until SIGTERM/SIGINT; returns an exit code."""
     from consumers.worker import Worker, WorkerError
     from pipeline.cache import make_cache
@@ -35,19 +35,42 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
         except OSError as exc:
             log.warning("metrics_port_unavailable", port=settings.metrics.port, error=str(exc))
     cache = make_cache(settings.cache, metrics)
-    worker = Worker(settings, engine, cache=cache, metrics=metrics, name=name)
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    current: list = []
+
+    def request_stop() -> None:
+        stopping.set()
+        for w in current:
+            w.stop()
+
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
-    if on_ready is not None:
-        on_ready(worker)
+            loop.add_signal_handler(sig, request_stop)
     code = 0
+    restarts = 0
     try:
-        await worker.run()
-    except WorkerError as exc:
-        log.error("worker_failed", error=str(exc)[:300], note="uncommitted records will be re-read on restart")
-        code = 1
+        while not stopping.is_set():
+            # A failed worker (publish not acknowledged, transaction failed) is rebuilt with fresh Kafka
+            # clients: a new transactional producer fences the old one; uncommitted records are re-read.
+            worker = Worker(settings, engine, cache=cache, metrics=metrics, name=name)
+            current[:] = [worker]
+            if on_ready is not None:
+                on_ready(worker)
+            try:
+                await worker.run()
+                break
+            except WorkerError as exc:
+                restarts += 1
+                log.error("worker_failed", error=str(exc)[:300], restart=restarts,
+                          note="uncommitted records will be re-read")
+                if restarts > max_restarts:
+                    code = 1
+                    break
+                try:
+                    await asyncio.wait_for(stopping.wait(), min(30.0, 0.5 * 2 ** min(restarts, 6)))
+                except asyncio.TimeoutError:
+                    pass
     finally:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -73,6 +73,10 @@ class PartitionState:
         return last + 1
 
 
+def miss_set_of(misses: list[tuple[str, int]]) -> set[int]:
+    return {i for _, i in misses}
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -111,6 +115,8 @@ class Worker:
         self.ready = asyncio.Event()  # set once partitions are assigned
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.eos = settings.worker.delivery == "exactly_once"
+        self._txn: dict[TopicPartition, AIOKafkaProducer] = {}
 
     # ------------------------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -156,7 +162,7 @@ class Worker:
             raise WorkerError(str(self._fatal)) from self._fatal
 
     async def _close_clients(self) -> None:
-        for client in (self.consumer, self.producer):
+        for client in (self.consumer, self.producer, *self._txn.values()):
             if client is not None:
                 try:
                     await asyncio.wait_for(client.stop(), 15)
@@ -262,53 +268,109 @@ class Worker:
 
         if prev is not None:
             await prev  # publish after every earlier record of this partition has been sent: per-key order
+        if self.eos:
+            await self._deliver_transaction(tp, st, records, events, futures, miss_set_of(misses), mine)
+            return
         acks: list[tuple[int, int, Any, Event | BadEvent, float]] = []
         fresh: list[tuple[str, Prediction]] = []
-        miss_set = {i for _, i in misses}
+        miss_set = miss_set_of(misses)
         for i, (r, ev) in enumerate(zip(records, events)):
-            if isinstance(ev, Event):
-                try:
-                    pred = await futures[i]
-                except EngineFailure as fail:
-                    ev = BadEvent(fail.reason)
-                else:
-                    if i in miss_set:
-                        fresh.append((cache_key(self.engine.model_id, ev.text), pred))
-                        for stage in ("batch_wait", "tokenize", "infer"):
-                            if stage in pred.timings:
-                                self.slo.record_stage(stage, pred.timings[stage])
+            topic, value, headers, ev = await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)
             t_send = time.perf_counter()
-            if isinstance(ev, BadEvent):
-                fut = await self._send_dlq(tp, r, ev.reason)
-            else:
-                labeled = now_ms()
-                lat = {"e2e": labeled - r.timestamp, "queue": poll_ms - r.timestamp}
-                if not pred.cached:
-                    lat["batch_wait"] = pred.timings.get("batch_wait", 0.0) * 1000
-                    lat["infer"] = pred.timings.get("infer", 0.0) * 1000
-                value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
-                fut = await self._send(self.s.topics.output, r.key, value, list(r.headers or ()))
+            fut = await self._send(topic, r.key, value, headers)
             acks.append((r.offset, r.timestamp, fut, ev, t_send))
         mine.set_result(None)  # the next handler of this partition may send now
 
         put = asyncio.create_task(self.cache.put_many(fresh)) if fresh else None
         for offset, ts, fut, ev, t_send in acks:
             await self._await_ack(fut)
-            ack_ms = now_ms()
             self.slo.record_stage("publish", time.perf_counter() - t_send)
-            if isinstance(ev, BadEvent):
-                self.dead_lettered += 1
-                self.metrics.events.labels("dlq").inc()
-                self.metrics.dlq_reasons.labels(ev.reason.split(":")[0]).inc()
-            else:
-                self.labelled += 1
-                self.metrics.events.labels("labelled").inc()
-                e2e = max(0, ack_ms - ts)
-                self.slo.record_e2e(e2e)
-                self.metrics.e2e.observe(e2e / 1000.0)
+            self._count(ev, ts)
             st.complete(offset)
         if put is not None:
             await put
+
+    async def _output_for(self, tp, r, ev, fut, is_miss: bool, fresh: list):
+        """(topic, value, headers, final event-or-BadEvent) of one input record's output."""
+        if isinstance(ev, Event):
+            try:
+                pred = await fut
+            except EngineFailure as fail:
+                ev = BadEvent(fail.reason)
+            else:
+                if is_miss:
+                    fresh.append((cache_key(self.engine.model_id, ev.text), pred))
+                    for stage in ("batch_wait", "tokenize", "infer"):
+                        if stage in pred.timings:
+                            self.slo.record_stage(stage, pred.timings[stage])
+                labeled = now_ms()
+                lat = {"e2e": labeled - r.timestamp}
+                if not pred.cached:
+                    lat["batch_wait"] = round(pred.timings.get("batch_wait", 0.0) * 1000, 3)
+                    lat["infer"] = round(pred.timings.get("infer", 0.0) * 1000, 3)
+                value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
+                return self.s.topics.output, value, list(r.headers or ()), ev
+        self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=ev.reason)
+        headers = list(r.headers or ()) + [
+            (H_ERROR, ev.reason.encode()), (H_TOPIC, tp.topic.encode()),
+            (H_PARTITION, str(tp.partition).encode()), (H_OFFSET, str(r.offset).encode()),
+        ]
+        return self.s.topics.dlq, (r.value if r.value is not None else b""), headers, ev
+
+    def _count(self, ev, record_ts: int) -> None:
+        if isinstance(ev, BadEvent):
+            self.dead_lettered += 1
+            self.metrics.events.labels("dlq").inc()
+            self.metrics.dlq_reasons.labels(ev.reason.split(":")[0]).inc()
+        else:
+            self.labelled += 1
+            self.metrics.events.labels("labelled").inc()
+            e2e = max(0, now_ms() - record_ts)
+            self.slo.record_e2e(e2e)
+            self.metrics.e2e.observe(e2e / 1000.0)
+
+    # ------------------------------------------------------------------------------------ exactly-once
+    async def _txn_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        p = self._txn.get(tp)
+        if p is None:
+            k = self.s.kafka
+            # aiokafka has no KIP-447: one transactional id per input partition fences a zombie owner of it.
+            p = AIOKafkaProducer(**kafka_client_kwargs(k), client_id=f"{k.client_id}-{self.name}-tx{tp.partition}",
+                                 transactional_id=f"{k.group_id}.{tp.topic}.{tp.partition}", enable_idempotence=True,
+                                 acks="all", linger_ms=k.linger_ms, request_timeout_ms=30_000,
+                                 compression_type=None if k.compression == "none" else k.compression)
+            await p.start()
+            self._txn[tp] = p
+        return p
+
+    async def _deliver_transaction(self, tp, st, records, events, futures, miss_set, mine) -> None:
+        """Outputs and the input offsets in one Kafka transaction: all visible to read_committed, or none."""
+        fresh: list[tuple[str, Prediction]] = []
+        outs = []
+        for i, (r, ev) in enumerate(zip(records, events)):
+            outs.append((r, *await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)))
+        t_send = time.perf_counter()
+        try:
+            prod = await self._txn_producer(tp)
+            async with prod.transaction():
+                sends = [await prod.send(topic, value=value, key=r.key, headers=headers)
+                         for r, topic, value, headers, _ in outs]
+                await asyncio.gather(*sends)
+                await prod.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.s.kafka.group_id)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            # Indefinite outcome: the producer is re-created by a worker restart (fencing the old one); the
+            # aborted or committed transaction decides, and read_committed readers never see a half.
+            raise WorkerError(f"transaction for partition {tp.partition} failed: {exc!r}") from exc
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+        self.slo.record_stage("publish", time.perf_counter() - t_send)
+        for r, _, _, _, ev in outs:
+            self._count(ev, r.timestamp)
+            st.complete(r.offset)
+        st.committed = records[-1].offset + 1
+        if fresh:
+            await self.cache.put_many(fresh)
 
     async def _send(self, topic: str, key, value: bytes, headers: list) -> asyncio.Future:
         assert self.producer is not None
@@ -329,14 +391,6 @@ class Worker:
             # committed, and going on would let the watermark stall: stop and let a restart re-read.
             raise WorkerError(f"output not acknowledged: {exc!r}") from exc
 
-    async def _send_dlq(self, tp: TopicPartition, r, reason: str) -> asyncio.Future:
-        headers = list(r.headers or ()) + [
-            (H_ERROR, reason.encode()), (H_TOPIC, tp.topic.encode()),
-            (H_PARTITION, str(tp.partition).encode()), (H_OFFSET, str(r.offset).encode()),
-        ]
-        self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=reason)
-        return await self._send(self.s.topics.dlq, r.key, r.value if r.value is not None else b"", headers)
-
     # ------------------------------------------------------------------------------------ commits
     async def _commit_loop(self) -> None:
         while True:
@@ -344,7 +398,7 @@ class Worker:
             await self._commit()
 
     async def _commit(self, only: set | None = None) -> None:
-        if self.consumer is None:
+        if self.consumer is None or self.eos:  # exactly-once: offsets are committed inside each transaction
             return
         offsets = {}
         for tp, st in self.parts.items():
@@ -377,6 +431,9 @@ class Worker:
         await self._commit(only=revoked)
         for tp in revoked:
             self.parts.pop(tp, None)
+            prod = self._txn.pop(tp, None)
+            if prod is not None:
+                await prod.stop()
         self.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     def _on_assigned(self, assigned) -> None:
