@@ -22,6 +22,7 @@ from pipeline.config import Settings, kafka_client_kwargs
 from pipeline.engine import Engine
 from pipeline.errors import BadEvent
 from pipeline.events import Event, Prediction, decode_event, encode_label, now_ms
+from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import SloTracker
 
@@ -116,6 +117,7 @@ class Worker:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.eos = settings.worker.delivery == "exactly_once"
+        self.fail = Failpoints(settings.worker.failpoint)
         self._txn: dict[TopicPartition, AIOKafkaProducer] = {}
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -198,6 +200,7 @@ class Worker:
                 for r in records:
                     st.add(r.offset)
                 self.inflight += len(records)
+                self.fail.hit("after_poll")
                 prev, mine = st.tail, asyncio.get_running_loop().create_future()
                 st.tail = mine
                 self._spawn(self._handle(tp, st, records, prev, mine, t_poll))
@@ -276,6 +279,7 @@ class Worker:
         miss_set = miss_set_of(misses)
         for i, (r, ev) in enumerate(zip(records, events)):
             topic, value, headers, ev = await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)
+            self.fail.hit("after_inference")
             t_send = time.perf_counter()
             fut = await self._send(topic, r.key, value, headers)
             acks.append((r.offset, r.timestamp, fut, ev, t_send))
@@ -287,6 +291,7 @@ class Worker:
             self.slo.record_stage("publish", time.perf_counter() - t_send)
             self._count(ev, ts)
             st.complete(offset)
+            self.fail.hit("after_publish")
         if put is not None:
             await put
 
@@ -349,6 +354,7 @@ class Worker:
         outs = []
         for i, (r, ev) in enumerate(zip(records, events)):
             outs.append((r, *await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)))
+            self.fail.hit("after_inference")
         t_send = time.perf_counter()
         try:
             prod = await self._txn_producer(tp)
@@ -356,6 +362,7 @@ class Worker:
                 sends = [await prod.send(topic, value=value, key=r.key, headers=headers)
                          for r, topic, value, headers, _ in outs]
                 await asyncio.gather(*sends)
+                self.fail.hit("in_transaction")
                 await prod.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.s.kafka.group_id)
         except (KafkaError, asyncio.TimeoutError) as exc:
             # Indefinite outcome: the producer is re-created by a worker restart (fencing the old one); the

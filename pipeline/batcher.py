@@ -151,6 +151,10 @@ class MicroBatcher:
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_tokens.observe(len(batch) * max(it.tokens for it in batch))
         for it, p in zip(batch, preds):
+            if isinstance(p, Exception):  # the engine's per-text failure (e.g. no tokens): only this text fails
+                if not it.future.done():
+                    it.future.set_exception(EngineFailure(str(p)))
+                continue
             if not it.future.done():
                 timings = {**p.timings, "batch_wait": it.timings.get("batch_wait", 0.0)}
                 it.future.set_result(Prediction(p.label, p.score, p.scores, p.model, False, timings))

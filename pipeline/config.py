@@ -64,6 +64,7 @@ class WorkerSettings:
     commit_interval_ms: int = 200
     drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    failpoint: str | None = None  # fault tests only: "after_inference:200" kills the process there (see failpoints.py)
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,18 @@ class Engine(Protocol):
 
     def token_count(self, text: str) -> int: ...
 
-    async def predict(self, texts: Sequence[str]) -> list[Prediction]: ...
+    async def predict(self, texts: Sequence[str]) -> list[Prediction | NoTokens]: ...
 
 
 @dataclass(frozen=True)
 class Encoded:
     arrays: dict[str, np.ndarray]
     lengths: np.ndarray  # real token count per row (before padding)
+    content: np.ndarray  # tokens per row that are not special tokens ([CLS], [SEP], …)
+
+
+class NoTokens(Exception):
+    """A text from which the tokenizer produced no content tokens (e.g. only zero-width characters)."""
 
 
 def available_providers() -> list[str]:
@@ -136,6 +141,7 @@ class OnnxEngine:
     def encode(self, texts: Sequence[str]) -> Encoded:
         encs = self.tokenizer.encode_batch(list(texts))
         lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        content = lengths - np.fromiter((sum(e.special_tokens_mask) for e in encs), dtype=np.int64, count=len(encs))
         width = self.bucket(int(lengths.max()) if len(encs) else 1)
         ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
@@ -146,7 +152,7 @@ class OnnxEngine:
             mask[i, :n] = 1
             types[i, :n] = e.type_ids
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return Encoded({k: arrays[k] for k in self.input_names}, lengths)
+        return Encoded({k: arrays[k] for k in self.input_names}, lengths, content)
 
     # -- inference ----------------------------------------------------------------------------------
     def logits(self, texts: Sequence[str]) -> np.ndarray:
@@ -155,7 +161,8 @@ class OnnxEngine:
         enc = self.encode(texts)
         return self.session.run(None, enc.arrays)[0].astype(np.float32)
 
-    def predict_sync(self, texts: Sequence[str]) -> list[Prediction]:
+    def predict_sync(self, texts: Sequence[str]) -> list[Prediction | NoTokens]:
+        """One ``Prediction`` per text, or ``NoTokens`` for a text the model cannot see at all."""
         t0 = time.perf_counter()
         enc = self.encode(texts) if texts else None
         t1 = time.perf_counter()
@@ -174,11 +181,11 @@ class OnnxEngine:
                 scores={labels[j]: float(p[j]) for j in range(len(labels))},
                 model=self.model_id,
                 timings=timings,
-            )
-            for p, b in zip(probs, best)
+            ) if n else NoTokens("empty: the tokenizer produced no tokens from this text")
+            for p, b, n in zip(probs, best, enc.content)
         ]
 
-    async def predict(self, texts: Sequence[str]) -> list[Prediction]:
+    async def predict(self, texts: Sequence[str]) -> list[Prediction | NoTokens]:
         """Run tokenization + inference in the engine's own thread, never on the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.predict_sync, list(texts))

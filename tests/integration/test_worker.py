@@ -71,6 +71,8 @@ BAD_INPUTS = {
     "tombstone": None,
     "control chars only": b'{"text": "\\u0000\\u0001\\u0002"}',
     "bad ts": b'{"text": "fine", "ts": "yesterday"}',
+    "zero tokens": '{"text": "\u200b\u200b\u2060"}'.encode(),
+    "deeply nested": b'{"text": ' + b"[" * 600 + b"]" * 600 + b"}",
 }
 
 
@@ -86,7 +88,8 @@ async def test_bad_inputs_go_to_dlq_with_reason_and_worker_survives(kafka, names
     assert len(dlq) == len(bad)
     reasons = [dict(r.headers)["streamlabel.error"].decode() for r in dlq]
     for expected, reason in zip(["invalid JSON", "not UTF-8", "empty", "empty", "oversized", "wrong type", "wrong type",
-                                 "schema", "tombstone", "empty", "wrong type"], reasons):
+                                 "schema", "tombstone", "empty", "wrong type", "empty: the tokenizer", "wrong type"],
+                                reasons):
         assert reason.startswith(expected), (expected, reason)
     for r, original in zip(sorted(dlq, key=lambda r: r.offset), bad):
         h = dict(r.headers)
