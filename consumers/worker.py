@@ -132,7 +132,7 @@ class Worker:
             **common, group_id=k.group_id, client_id=f"{k.client_id}-{self.name}", enable_auto_commit=False,
             auto_offset_reset=k.auto_offset_reset, session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 4), max_poll_interval_ms=k.max_poll_interval_ms,
-            max_poll_records=k.fetch_max_records, fetch_max_wait_ms=20, isolation_level="read_committed",
+            max_poll_records=k.fetch_max_records, fetch_max_wait_ms=k.fetch_max_wait_ms, isolation_level="read_committed",
         )
         self.producer = AIOKafkaProducer(
             **common, client_id=f"{k.client_id}-{self.name}-out", acks="all", enable_idempotence=True,

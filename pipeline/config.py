@@ -36,7 +36,8 @@ class KafkaSettings:
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
     fetch_max_records: int = 1000
-    linger_ms: int = 1
+    fetch_max_wait_ms: int = 5  # broker long-poll; the broker answers at once when data arrives
+    linger_ms: int = 0  # aiokafka still batches whatever queues while a request is in flight
     compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
 

@@ -86,6 +86,7 @@ class OnnxEngine:
         max_length: int | None = None,
         warmup: bool = True,
         verify: bool = True,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -117,6 +118,9 @@ class OnnxEngine:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # ORT's pool threads spin after each op by default: on a small machine that burns the cores the event
+        # loop, the Kafka clients and the broker need between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)

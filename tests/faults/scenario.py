@@ -82,42 +82,42 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
     ctx = Ctx(bootstrap, artifact, topics, f"f-{tag}",
               env={"STREAMLABEL_WORKER__DELIVERY": delivery, "STREAMLABEL_KAFKA__SESSION_TIMEOUT_MS": "6000",
                    "STREAMLABEL_WORKER__DRAIN_TIMEOUT_S": "5", **(env or {})}, redis_url=redis_url)
-    w = ctx.start_worker(**(first_worker_env or {}))
-    await ctx.ready(w)
-    count = int(rate * seconds)
-    sent_ids: list[str] = []
-    reached = asyncio.Event()
-    trigger = max(1, int(count * fault_after))
-
-    def records():
-        for i in range(count):
-            ev_id = f"{tag}-{i}"
-            sent_ids.append(ev_id)
-            if len(sent_ids) == trigger:
-                reached.set()
-            yield f"k{i % 64}".encode(), encode_input(f"fault test text {i % 997} about item {i}", id=ev_id)
-
-    p = producer_for_load(bootstrap, request_timeout_ms=120_000)
-    await p.start()
-    t0 = now_ms()
     try:
-        send = asyncio.create_task(send_at_rate(p, topics[0], records(), rate=rate, count=count))
-        await asyncio.wait_for(reached.wait(), seconds * 3 + 30)
-        ctx.fault_start_ms = now_ms()
-        await inject(ctx)
-        ctx.fault_end_ms = ctx.fault_end_ms or now_ms()
-        await send
-    finally:
-        await p.stop()
-    want = set(sent_ids)
-    iso = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
-    try:
+        w = ctx.start_worker(**(first_worker_env or {}))
+        await ctx.ready(w)
+        count = int(rate * seconds)
+        sent_ids: list[str] = []
+        reached = asyncio.Event()
+        trigger = max(1, int(count * fault_after))
+
+        def records():
+            for i in range(count):
+                ev_id = f"{tag}-{i}"
+                sent_ids.append(ev_id)
+                if len(sent_ids) == trigger:
+                    reached.set()
+                yield f"k{i % 64}".encode(), encode_input(f"fault test text {i % 997} about item {i}", id=ev_id)
+
+        p = producer_for_load(bootstrap, request_timeout_ms=120_000)
+        await p.start()
+        t0 = now_ms()
+        try:
+            send = asyncio.create_task(send_at_rate(p, topics[0], records(), rate=rate, count=count))
+            await asyncio.wait_for(reached.wait(), seconds * 3 + 30)
+            ctx.fault_start_ms = now_ms()
+            await inject(ctx)
+            ctx.fault_end_ms = ctx.fault_end_ms or now_ms()
+            await send
+        finally:
+            await p.stop()
+        want = set(sent_ids)
+        iso = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
         outs = await read_until(bootstrap, [topics[1]], lambda r: want <= {orjson.loads(x.value)["id"] for x in r},
                                 drain_timeout, isolation_level=iso)
         outs = await read_until(bootstrap, [topics[1]], lambda r: False, 2, isolation_level=iso)
         ins = await read_until(bootstrap, [topics[0]], lambda r: len(r) >= count + 1, 30)
     finally:
-        for wp in ctx.workers:
+        for wp in ctx.workers:  # always, or a failed scenario leaves workers behind
             wp.stop()
     inputs = {}
     for r in ins:
