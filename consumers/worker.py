@@ -20,7 +20,7 @@ from pipeline.batcher import EngineFailure, MicroBatcher
 from pipeline.cache import Cache, NullCache, cache_key
 from pipeline.config import Settings, kafka_client_kwargs
 from pipeline.engine import Engine
-from pipeline.errors import BadEvent
+from pipeline.errors import BadEvent, ConfigError
 from pipeline.events import Event, Prediction, decode_event, encode_label, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
@@ -139,10 +139,18 @@ class Worker:
             linger_ms=k.linger_ms, compression_type=None if k.compression == "none" else k.compression,
             request_timeout_ms=30_000,
         )
-        await self.producer.start()
+        try:
+            await self.producer.start()
+        except (KafkaError, OSError) as exc:
+            raise ConfigError(f"cannot connect to Kafka at {k.bootstrap_servers} ({type(exc).__name__}: {exc})",
+                              hint="check kafka.bootstrap_servers, security_protocol and the SASL/TLS settings") from None
         try:
             self.consumer.subscribe([self.s.topics.input], listener=_Rebalance(self))
-            await self.consumer.start()
+            try:
+                await self.consumer.start()
+            except (KafkaError, OSError) as exc:
+                raise ConfigError(f"cannot connect to Kafka at {k.bootstrap_servers} ({type(exc).__name__}: {exc})",
+                                  hint="check kafka.bootstrap_servers, security_protocol and the SASL/TLS settings") from None
             self.batcher.start()
             self.log.info("worker_started", input=self.s.topics.input, output=self.s.topics.output,
                           dlq=self.s.topics.dlq, group=k.group_id, model=self.engine.model_id)

@@ -144,12 +144,14 @@ class RedisCache:
     tier = "redis"
 
     def __init__(self, url: str, *, ttl_s: int = 86_400, timeout_ms: int = 50, password: str | None = None,
-                 tls: bool = False, breaker: CircuitBreaker | None = None) -> None:
+                 tls: bool = False, ca_file: str | None = None, breaker: CircuitBreaker | None = None) -> None:
         import redis.asyncio as aioredis
 
-        kw = {"password": password} if password else {}
+        kw: dict = {"password": password} if password else {}
         if tls and url.startswith("redis://"):
             url = "rediss://" + url[len("redis://"):]
+        if url.startswith("rediss://") and ca_file:
+            kw["ssl_ca_certs"] = ca_file
         self._r = aioredis.from_url(url, socket_timeout=timeout_ms / 1000, socket_connect_timeout=timeout_ms / 1000,
                                     retry_on_timeout=False, health_check_interval=0, **kw)
         self.ttl_s = ttl_s
@@ -252,5 +254,6 @@ def make_cache(cfg, metrics=None) -> Cache:
     remote = None
     if cfg.redis_url:
         remote = RedisCache(cfg.redis_url, ttl_s=cfg.ttl_s, timeout_ms=cfg.timeout_ms, password=cfg.redis_password,
-                            tls=cfg.redis_tls, breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s))
+                            tls=cfg.redis_tls, ca_file=cfg.redis_ca_file,
+                            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s))
     return TieredCache(LocalCache(cfg.local_size), remote, metrics)

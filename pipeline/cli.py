@@ -263,12 +263,15 @@ def bench_cmd(
     step_seconds: Annotated[Optional[float], typer.Option(help="Seconds of load per step.")] = None,
     max_batch: Annotated[int, typer.Option(help="Batch size for the engine and the workers.")] = 64,
     bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
+    delivery: Annotated[str, typer.Option(help="at_least_once | exactly_once (workers and the label reader).")] = "at_least_once",
 ) -> None:
     """Open-loop load test: raw engine vs pipeline vs naive consumer, latency ladder, knee, JSON and plots."""
     import asyncio
 
     from pipeline.cli_bench import bench
 
+    if delivery not in ("at_least_once", "exactly_once"):
+        raise UsageError(f"unknown delivery '{delivery}'", hint="use at_least_once or exactly_once")
     if plots is None and json_file is not None:
         plots = json_file.with_suffix("")
     for f in (json_file, plots):
@@ -276,7 +279,7 @@ def bench_cmd(
             f.parent.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(bench(artifact=model, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms,
                                json_path=json_file, plot_prefix=plots, naive=naive, duplicates=duplicates,
-                               step_seconds=step_seconds, max_batch=max_batch, fp32=fp32))
+                               step_seconds=step_seconds, max_batch=max_batch, fp32=fp32, delivery=delivery))
     if json_file is not None:
         import orjson
 

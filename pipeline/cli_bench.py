@@ -15,7 +15,7 @@ from rich.console import Console
 
 async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: float | None, slo_ms: float,
                 json_path: Path | None, plot_prefix: Path | None, naive: bool, duplicates: bool,
-                step_seconds: float | None, max_batch: int, fp32: bool) -> dict:
+                step_seconds: float | None, max_batch: int, fp32: bool, delivery: str = "at_least_once") -> dict:
     from pipeline.cli_demo import ensure_model
     from producers import loadtest as L
     from producers.local_services import LocalKafka
@@ -36,7 +36,7 @@ async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: flo
                 broker = LocalKafka(work / "kafka").start()
             bootstrap = broker.bootstrap
         cfg = L.BenchConfig(bootstrap=bootstrap, artifact=str(art), slo_ms=slo_ms, max_batch=max_batch,
-                            step_seconds=step_seconds or (10.0 if quick else 20.0))
+                            step_seconds=step_seconds or (10.0 if quick else 20.0), delivery=delivery)
         texts = [ev.text for _, ev in zip(range(2048), Generator("mixed", seed=1))]
         variant = "int8" if "int8" in manifest.variants else "fp32"
         with console.status("raw engine throughput (no Kafka)…"):
@@ -48,7 +48,8 @@ async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: flo
         say(f"pipeline ladder ({len(fractions)} steps of {cfg.step_seconds:.0f} s, SLO p99 ≤ {slo_ms:.0f} ms):")
         steps = [await L.run_step(cfg, f"unique@{f:.2f}", max(1.0, f * eng), progress=say) for f in fractions]
         report: dict = {
-            "model": manifest.model_id, "variant": variant, "slo": {"objective_ms": slo_ms, "target": cfg.target},
+            "model": manifest.model_id, "variant": variant, "delivery": delivery,
+            "slo": {"objective_ms": slo_ms, "target": cfg.target},
             "machine": L.machine(), "batch": max_batch, "step_seconds": cfg.step_seconds,
             "engine_msgs_per_s": round(eng, 1),
             "int8_vs_fp32_engine_ratio": round(eng / eng_fp32, 2) if eng_fp32 else None,

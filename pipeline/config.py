@@ -74,6 +74,7 @@ class CacheSettings:
     redis_url: str | None = "redis://127.0.0.1:6379/0"
     redis_password: str | None = None
     redis_tls: bool = False
+    redis_ca_file: str | None = None  # CA that signed the Redis server certificate (TLS)
     ttl_s: int = 86_400
     local_size: int = 100_000
     timeout_ms: int = 50  # a slow Redis must not hold up labels

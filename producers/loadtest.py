@@ -157,6 +157,7 @@ class BenchConfig:
     max_batch: int = 64
     redis_url: str | None = None
     seed: int = 0
+    delivery: str = "at_least_once"
 
 
 async def run_step(cfg: BenchConfig, name: str, rate: float, *, texts: Callable[[int], tuple[str, str]] | None = None,
@@ -167,7 +168,7 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, texts: Callable[
     await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=4)
     await ensure_topics(cfg.bootstrap, [topics[1]], partitions=4, configs=LOG_APPEND)
     env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch),
-           "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms)}
+           "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms), "STREAMLABEL_WORKER__DELIVERY": cfg.delivery}
     cmd = None
     if worker_cmd is not None:
         cmd = [*worker_cmd, cfg.bootstrap, *topics, f"bench-{tag}"]
@@ -200,7 +201,8 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, texts: Callable[
                 inputs[d["id"]] = r.timestamp
         drain = max(30.0, cfg.step_seconds * 3)
         outs = await read_until(cfg.bootstrap, [topics[1]],
-                                lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), drain)
+                                lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), drain,
+                                isolation_level="read_committed" if cfg.delivery == "exactly_once" else "read_uncommitted")
         step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target)
         if progress:
             progress(f"  {name:>14} offered {rate:8.1f}/s achieved {step.achieved_rate:8.1f}/s  p50 {step.p50_ms:7.1f}  "

@@ -49,10 +49,12 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
 class LocalKafka:
     """A single-node KRaft broker from the jars deploy/kafka resolves; its data dir survives restarts."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, extra_props: str = "") -> None:
+    def __init__(self, data_dir: str | Path, port: int | None = None, extra_props: str = "",
+                 scram: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port(pair=True)
         self.extra_props = extra_props
+        self.scram = scram  # e.g. "SCRAM-SHA-256=[name=alice,password=secret]", created at format time
 
     @property
     def bootstrap(self) -> str:
@@ -62,7 +64,7 @@ class LocalKafka:
         if not shutil.which("java"):
             raise UsageError("Java is not installed; the local Kafka broker needs it",
                              hint="apt-get install openjdk-17-jre-headless, or point --bootstrap at a running broker")
-        env = {**os.environ, "KAFKA_EXTRA_PROPS": self.extra_props}
+        env = {**os.environ, "KAFKA_EXTRA_PROPS": self.extra_props, "KAFKA_SCRAM": self.scram or ""}
         r = subprocess.run([str(KAFKA_SH), *args], capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
             raise UsageError(f"local Kafka: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else 'failed'}",
@@ -119,15 +121,17 @@ def _wait_gone(pid: int, timeout: float = 30) -> None:
 class LocalRedis:
     """redis-server on a fixed port (kept across restarts so clients reconnect), no persistence."""
 
-    def __init__(self, port: int | None = None, password: str | None = None, workdir: str | Path | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None, workdir: str | Path | None = None,
+                 tls: tuple[str, str, str] | None = None) -> None:
         self.port = port or free_port()
         self.password = password
         self.workdir = Path(workdir) if workdir else None
+        self.tls = tls  # (cert, key, ca): TLS only, no plaintext port
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     @staticmethod
     def available() -> bool:
@@ -137,8 +141,14 @@ class LocalRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise UsageError("redis-server is not installed", hint="apt-get install redis-server, or run without a cache")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--protected-mode", "no", "--loglevel", "warning"]
+        args = [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "--loglevel", "warning"]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
         if self.workdir:

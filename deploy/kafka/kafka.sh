@@ -6,7 +6,8 @@
 #   deploy/kafka/kafka.sh stop DATA_DIR           # SIGTERM, wait for exit (SIGKILL after 30 s)
 #   deploy/kafka/kafka.sh kill DATA_DIR           # SIGKILL (fault tests)
 #
-# Extra broker properties can be appended with KAFKA_EXTRA_PROPS="k=v\nk=v".
+# Extra broker properties can be appended with KAFKA_EXTRA_PROPS="k=v\nk=v" (later keys win), and SCRAM
+# credentials created at format time with KAFKA_SCRAM='SCRAM-SHA-256=[name=alice,password=secret]'.
 # The controller listens on PORT+1. The data dir keeps the log, so a restart on it is durable.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -57,8 +58,10 @@ PROPS
   local jvm=(-Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
              "-Dlog4j2.configurationFile=$here/log4j2.yaml")
   if [ ! -f "$data/log/meta.properties" ]; then
+    local scram=()
+    if [ -n "${KAFKA_SCRAM:-}" ]; then scram=(--add-scram "$KAFKA_SCRAM"); fi
     java "${jvm[@]}" -cp "$cp" kafka.tools.StorageTool format -t "streamlabel-local-cluster0" \
-      -c "$props" >"$data/format.log" 2>&1 \
+      -c "$props" "${scram[@]}" >"$data/format.log" 2>&1 \
       || { cat "$data/format.log" >&2; die "formatting $data failed"; }
   fi
   # setsid: the broker gets its own process group, so fault tests can SIGKILL/SIGSTOP it alone.
