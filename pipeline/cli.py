@@ -264,6 +264,7 @@ def bench_cmd(
     max_batch: Annotated[int, typer.Option(help="Batch size for the engine and the workers.")] = 64,
     bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
     delivery: Annotated[str, typer.Option(help="at_least_once | exactly_once (workers and the label reader).")] = "at_least_once",
+    compare_eos: Annotated[bool, typer.Option(help="Also run the ladder in exactly-once mode (its cost, same run).")] = False,
 ) -> None:
     """Open-loop load test: raw engine vs pipeline vs naive consumer, latency ladder, knee, JSON and plots."""
     import asyncio
@@ -279,7 +280,8 @@ def bench_cmd(
             f.parent.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(bench(artifact=model, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms,
                                json_path=json_file, plot_prefix=plots, naive=naive, duplicates=duplicates,
-                               step_seconds=step_seconds, max_batch=max_batch, fp32=fp32, delivery=delivery))
+                               step_seconds=step_seconds, max_batch=max_batch, fp32=fp32, delivery=delivery,
+                               compare_eos=compare_eos))
     if json_file is not None:
         import orjson
 

@@ -15,7 +15,8 @@ from rich.console import Console
 
 async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: float | None, slo_ms: float,
                 json_path: Path | None, plot_prefix: Path | None, naive: bool, duplicates: bool,
-                step_seconds: float | None, max_batch: int, fp32: bool, delivery: str = "at_least_once") -> dict:
+                step_seconds: float | None, max_batch: int, fp32: bool, delivery: str = "at_least_once",
+                compare_eos: bool = False) -> dict:
     from pipeline.cli_demo import ensure_model
     from producers import loadtest as L
     from producers.local_services import LocalKafka
@@ -65,6 +66,15 @@ async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: flo
         report["low_load_rate"] = low.offered_rate
         busiest_ok = max((s for s in steps if s.meets_slo), key=lambda s: s.offered_rate, default=steps[-1])
         report["series_step"] = {"offered_rate": busiest_ok.offered_rate, "series": busiest_ok.series}
+        if compare_eos:
+            import dataclasses
+
+            say("exactly-once, same rates:")
+            ecfg = dataclasses.replace(cfg, delivery="exactly_once")
+            esteps = [await L.run_step(ecfg, f"eos@{f:.2f}", max(1.0, f * eng), progress=say) for f in fractions]
+            report["eos_steps"] = [s.row() for s in esteps]
+            report["eos_msgs_per_s_at_slo"] = L.knee(esteps)
+            report["eos_vs_alo_at_slo"] = round(report["eos_msgs_per_s_at_slo"] / knee, 3) if knee else None
         if duplicates and not rate:
             say("50% duplicate texts:")
             dsteps = [await L.run_step(cfg, f"dup50@{f:.2f}", f * eng, duplicate_ratio=0.5, progress=say)
