@@ -108,16 +108,9 @@ async def bench(*, artifact: Path, bootstrap: str | None, quick: bool, rate: flo
 
 def _naive_capacity(texts) -> float:
     """Messages/s of transformers.pipeline on one text at a time, without Kafka (the ladder's scale)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-    from transformers.utils import logging as hf_logging
+    from producers.naive import make_classifier
 
-    from pipeline.model.presets import minilm_dir
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    d = str(minilm_dir())
-    clf = pipeline("text-classification", model=AutoModelForSequenceClassification.from_pretrained(d, num_labels=3),
-                   tokenizer=AutoTokenizer.from_pretrained(d), device=-1)
+    clf = make_classifier()
     clf(texts[0])
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 3:

@@ -16,8 +16,8 @@ import sys
 import orjson
 
 
-async def main(bootstrap: str, topic_in: str, topic_out: str, group: str) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+def make_classifier():
+    """``transformers.pipeline`` text classification on MiniLM-L6 + a 3-label head, PyTorch FP32 on CPU."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
     from transformers.utils import logging as hf_logging
 
@@ -26,8 +26,14 @@ async def main(bootstrap: str, topic_in: str, topic_out: str, group: str) -> Non
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     d = str(minilm_dir())
-    clf = pipeline("text-classification", model=AutoModelForSequenceClassification.from_pretrained(d, num_labels=3),
-                   tokenizer=AutoTokenizer.from_pretrained(d), device=-1)
+    return pipeline("text-classification", model=AutoModelForSequenceClassification.from_pretrained(d, num_labels=3),
+                    tokenizer=AutoTokenizer.from_pretrained(d), device=-1)
+
+
+async def main(bootstrap: str, topic_in: str, topic_out: str, group: str) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    clf = make_classifier()
     consumer = AIOKafkaConsumer(topic_in, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await consumer.start()

@@ -59,6 +59,8 @@ class FaultReport:
     p99_ms: float
     p99_during_fault_ms: float
     recovery_s: float
+    order_violations: int  # a key's label for a later input published before an earlier one (first answers only)
+    aborted_hidden: int  # exactly-once: records of aborted transactions, present in the log, unseen by read_committed
     throughput_before: float
     throughput_during: float
     fault_seconds: float
@@ -66,7 +68,8 @@ class FaultReport:
 
     def line(self) -> str:
         return (f"{self.fault:<28} {self.delivery:<13} produced {self.produced:5d} labelled {self.labelled:5d} "
-                f"lost {self.lost} dup {self.duplicated}  p99 {self.p99_ms:7.0f} ms (during fault {self.p99_during_fault_ms:7.0f}) "
+                f"lost {self.lost} dup {self.duplicated} order {self.order_violations} aborted-hidden "
+                f"{self.aborted_hidden}  p99 {self.p99_ms:7.0f} ms (during fault {self.p99_during_fault_ms:7.0f}) "
                 f"recovery {self.recovery_s:5.1f} s  throughput before {self.throughput_before:6.0f}/s during "
                 f"{self.throughput_during:6.0f}/s  {self.notes or ''}")
 
@@ -116,6 +119,7 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
                                 drain_timeout, isolation_level=iso)
         outs = await read_until(bootstrap, [topics[1]], lambda r: False, 2, isolation_level=iso)
         ins = await read_until(bootstrap, [topics[0]], lambda r: len(r) >= count + 1, 30)
+        raw = (await read_until(bootstrap, [topics[1]], lambda r: False, 2)) if delivery == "exactly_once" else outs
     finally:
         for wp in ctx.workers:  # always, or a failed scenario leaves workers behind
             wp.stop()
@@ -138,10 +142,25 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
         n = sum(1 for ts in first.values() if a <= ts < b)
         return n / max(0.001, (b - a) / 1000)
 
+    # Per-key order: walk each output partition in log order; the first label of each id must follow its key's
+    # input order (ids carry the input sequence number).
+    order = 0
+    last_seq: dict[bytes, int] = {}
+    firsts: set[str] = set()
+    for r in sorted(outs, key=lambda r: (r.partition, r.offset)):
+        i = orjson.loads(r.value)["id"]
+        if i not in want or i in firsts:
+            continue
+        firsts.add(i)
+        seq = int(i.rsplit("-", 1)[1])
+        if last_seq.get(r.key, -1) > seq:
+            order += 1
+        last_seq[r.key] = max(seq, last_seq.get(r.key, -1))
     rep = FaultReport(
         fault=fault, delivery=delivery, produced=len(want), labelled=len(set(counts) & want),
         lost=len(want - set(counts)), duplicated=sum(c - 1 for i, c in counts.items() if i in want),
         p99_ms=pct(list(lat.values()), 99), p99_during_fault_ms=pct(during, 99), recovery_s=round(recovery, 2),
+        order_violations=order, aborted_hidden=len(raw) - len(outs),
         throughput_before=round(rate_in(t0, ctx.fault_start_ms), 1),
         throughput_during=round(rate_in(ctx.fault_start_ms, ctx.fault_end_ms), 1),
         fault_seconds=round((ctx.fault_end_ms - ctx.fault_start_ms) / 1000, 2), notes=ctx.notes,

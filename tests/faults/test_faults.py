@@ -39,7 +39,7 @@ async def test_worker_kill9_at_failpoint_and_restart(kafka, tiny_artifact, deliv
     assert rep.notes["exit_code"] == -9, "the failpoint killed the worker"
     assert rep.lost == 0
     if delivery == EOS:
-        assert rep.duplicated == 0
+        assert rep.duplicated == 0 and rep.order_violations == 0
 
 
 @pytest.fixture()
@@ -62,7 +62,7 @@ async def test_broker_kill9_and_restart(own_kafka, tiny_artifact, delivery):
                              delivery=delivery, inject=inject, drain_timeout=180)
     assert rep.lost == 0
     if delivery == EOS:
-        assert rep.duplicated == 0
+        assert rep.duplicated == 0 and rep.order_violations == 0
     assert rep.recovery_s < 10, f"recovery {rep.recovery_s} s after the broker returned"
 
 
@@ -138,7 +138,7 @@ async def test_rebalance_under_load_join_and_leave(kafka, tiny_artifact):
 
     rep = await run_scenario(kafka.bootstrap, str(tiny_artifact), fault="rebalance: join/leave ×3", inject=inject,
                              seconds=20, fault_after=0.15)
-    assert rep.lost == 0
+    assert rep.lost == 0 and rep.order_violations == 0, "a clean hand-over keeps per-key order"
 
 
 async def test_burst_10x_capacity_memory_bounded_lag_drains(kafka, tiny_artifact):
