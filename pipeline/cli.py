@@ -290,6 +290,68 @@ def bench_cmd(
     _emit_json(summary)
 
 
+alerts_app = typer.Typer(help="The alerting feed: windowed rules on the label stream.", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
+
+
+@alerts_app.command("run")
+def alerts_run(
+    config: ConfigOpt = None,
+    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (overrides config).")] = None,
+) -> None:
+    """Evaluate the alerting.rules tables of the config on the label topic; publish alerts until SIGTERM."""
+    import asyncio
+
+    from consumers.alerting import serve_alerting
+    from pipeline import logs
+
+    s = _settings(config, kafka={"bootstrap_servers": bootstrap})
+    logs.configure(s.log.level, s.log.format)
+    raise typer.Exit(asyncio.run(serve_alerting(s)))
+
+
+@alerts_app.command("tail")
+def alerts_tail(
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers.")] = "127.0.0.1:9092",
+    topic: Annotated[str, typer.Option(help="Alert topic.")] = "alerts",
+    from_beginning: Annotated[bool, typer.Option(help="Show past alerts too.")] = True,
+    count: Annotated[Optional[int], typer.Option(help="Stop after this many alerts.")] = None,
+) -> None:
+    """A readable live view of the alert topic."""
+    import asyncio
+
+    import orjson
+    from aiokafka import AIOKafkaConsumer
+    from rich.console import Console
+
+    console = Console()
+    colour = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+    async def tail() -> None:
+        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed",
+                             auto_offset_reset="earliest" if from_beginning else "latest")
+        await c.start()
+        n = 0
+        try:
+            async for r in c:
+                a = orjson.loads(r.value)
+                import datetime as dt
+
+                when = dt.datetime.fromtimestamp(a["last_event_at"] / 1000).strftime("%H:%M:%S")
+                mark = "FIRING " if a["status"] == "firing" else "resolved"
+                style = colour.get(a["severity"], "") if a["status"] == "firing" else "green"
+                console.print(f"[{style}]{mark}[/] {when} {a['rule']} {a['key']}={a['entity']} value "
+                              f"{a['value']:.2f} (threshold {a['threshold']}) window {a['window_s']:.0f}s "
+                              f"samples {', '.join(a['sample_ids'][:3])}", highlight=False)
+                n += 1
+                if count is not None and n >= count:
+                    break
+        finally:
+            await c.stop()
+
+    asyncio.run(tail())
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     """Console entry point: user errors become one line and an exit code, never a traceback."""

@@ -112,6 +112,19 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class AlertingSettings:
+    input: str | None = None  # default: topics.output (the label topic)
+    output: str = "alerts"
+    group_id: str = "streamlabel-alerts"
+    lateness_s: float = 30.0
+    state_redis_url: str | None = "redis://127.0.0.1:6379/0"  # window state + offsets; "none": restarts forget
+    webhook_url: str | None = None
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 3
+    rules: tuple = ()  # of pipeline.alerts.Rule, from [[alerting.rules]]
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
@@ -122,6 +135,7 @@ class Settings:
     slo: SloSettings = field(default_factory=SloSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    alerting: AlertingSettings = field(default_factory=AlertingSettings)
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some keys changed: ``s.replace(topics={"input": "x"})``."""
@@ -176,6 +190,11 @@ def _build(data: Mapping[str, Any], where: str) -> Settings:
         fhints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in sval.items():
+            if sname == "alerting" and key == "rules":
+                from pipeline.alerts import Rule, parse_rules
+
+                kwargs[key] = tuple(value) if value and all(isinstance(r, Rule) for r in value) else parse_rules(value, where)
+                continue
             if key not in fhints:
                 raise ConfigError(f"unknown key '{sname}.{key}'", where=getattr(value, "var", where),
                                   hint=f"keys of [{sname}] are: {', '.join(fhints)}")
