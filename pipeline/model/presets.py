@@ -28,26 +28,41 @@ class Preset:
     description: str
     files: tuple[str, ...] = ()  # repo-relative training data
     per_class_cap: dict[str, int] = field(default_factory=dict)  # cap examples per label in the train split
+    per_file_cap: dict[str, dict[str, int]] = field(default_factory=dict)  # file → label → cap (train split)
     epochs: int = 2
     lr: float = 8e-5
     licence: str = ""
 
     def examples(self) -> tuple[list[Example], list[Example], list[Example]]:
         """(train, validation, test) splits by text hash; caps applied to train only, deterministically."""
-        rows: list[Example] = []
         seen: set[str] = set()
+        train, val, test = [], [], []
+        rng = random.Random(0)
         for rel in self.files:
+            rows = []
             for ex in read_labelled(DATA / rel):
                 k = ex.text.lower()
                 if k not in seen and ex.label in self.labels:
                     seen.add(k)
                     rows.append(ex)
-        train, val, test = train_val_test(rows)
+            tr, va, te = train_val_test(rows)
+            caps = self.per_file_cap.get(rel)
+            if caps:  # balance sources so that no corpus drowns the others (and training stays minutes)
+                by_label: dict[str, list[Example]] = defaultdict(list)
+                for ex in tr:
+                    by_label[ex.label].append(ex)
+                tr = []
+                for lbl in sorted(by_label):
+                    exs = by_label[lbl]
+                    rng.shuffle(exs)
+                    tr += exs[: caps.get(lbl, len(exs))]
+            train += tr
+            val += va
+            test += te
         if self.per_class_cap:
             by: dict[str, list[Example]] = defaultdict(list)
             for ex in train:
                 by[ex.label].append(ex)
-            rng = random.Random(0)
             train = []
             for lbl, exs in by.items():
                 rng.shuffle(exs)
@@ -69,10 +84,30 @@ PRESETS: dict[str, Preset] = {
         name="sentiment-minilm",
         labels=("negative", "neutral", "positive"),
         max_length=128,
-        description="MiniLM-L6 fine-tuned for negative/neutral/positive (finance news + short reviews)",
+        description="MiniLM-L6 fine-tuned for negative/neutral/positive on finance news, finance tweets, "
+                    "airline customer-service tweets and short reviews",
+        files=("twitter_financial_news/train.jsonl.gz", "finance_phrasebank/sentences.jsonl.gz",
+               "airline_tweets/tweets.jsonl.gz", "uci_sentiment/amazon.jsonl.gz", "uci_sentiment/imdb.jsonl.gz"),
+        per_file_cap={
+            "twitter_financial_news/train.jsonl.gz": {"negative": 1200, "neutral": 1300, "positive": 1200},
+            "airline_tweets/tweets.jsonl.gz": {"negative": 1500, "neutral": 1500, "positive": 1200},
+            "uci_sentiment/amazon.jsonl.gz": {"negative": 250, "positive": 250},
+            "uci_sentiment/imdb.jsonl.gz": {"negative": 250, "positive": 250},
+        },
+        licence="CC BY-NC-SA (non-commercial, share-alike: trained on Financial PhraseBank, CC BY-NC-SA 3.0, and "
+                "Twitter US Airline Sentiment, CC BY-NC-SA 4.0); also Twitter Financial News (MIT), UCI Sentiment "
+                "Labelled Sentences (CC BY 4.0); base all-MiniLM-L6-v2 (Apache-2.0). For commercial use build "
+                "sentiment-minilm-permissive",
+    ),
+    "sentiment-minilm-permissive": Preset(
+        name="sentiment-minilm-permissive",
+        labels=("negative", "neutral", "positive"),
+        max_length=128,
+        description="MiniLM-L6 fine-tuned on permissively licensed data only (finance tweets + short reviews)",
         files=("twitter_financial_news/train.jsonl.gz", "uci_sentiment/amazon.jsonl.gz", "uci_sentiment/imdb.jsonl.gz"),
         per_class_cap={"neutral": 3000},
-        licence="model: Apache-2.0 (all-MiniLM-L6-v2); data: Twitter Financial News (MIT), UCI Sentiment Labelled Sentences (CC BY 4.0)",
+        licence="model: Apache-2.0 (all-MiniLM-L6-v2); data: Twitter Financial News (MIT), UCI Sentiment Labelled "
+                "Sentences (CC BY 4.0)",
     ),
     "moderation-minilm": Preset(
         name="moderation-minilm",
