@@ -224,6 +224,40 @@ def demo_cmd(
         raise typer.Exit(1)
 
 
+@app.command("replay")
+def replay_cmd(
+    file: Annotated[Path, typer.Argument(help="JSONL ({text, label?}), CSV (text[,label]) or plain text; .gz too.")],
+    topic: Annotated[str, typer.Option(help="Topic to write to.")] = "text-events",
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers.")] = "127.0.0.1:9092",
+    rate: Annotated[float, typer.Option(help="Events per second (open loop).")] = 100.0,
+    loop: Annotated[bool, typer.Option(help="Start again at the end of the file (stop with --count/--duration/Ctrl-C).")] = False,
+    count: Annotated[Optional[int], typer.Option(help="Stop after this many events.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Replay a file of texts (e.g. a labelled corpus) onto a topic at a steady rate, once or looping."""
+    import asyncio
+
+    from producers.rate import producer_for_load, send_at_rate
+    from producers.replay import records
+    from producers.topics import ensure_topics
+
+    recs = records(file, loop=loop)
+
+    async def go():
+        await ensure_topics(bootstrap, [topic])
+        p = producer_for_load(bootstrap)
+        await p.start()
+        try:
+            return await send_at_rate(p, topic, recs, rate=rate, count=count, duration_s=duration)
+        finally:
+            await p.stop()
+
+    rep = asyncio.run(go())
+    _emit_json({"topic": topic, "sent": rep.sent, "acked": rep.acked, "failed": rep.failed,
+                "seconds": round(rep.seconds, 2), "offered_rate": rate, "achieved_rate": round(rep.achieved_rate, 1),
+                "warnings": rep.warnings})
+
+
 @app.command("produce")
 def produce_cmd(
     topic: Annotated[str, typer.Option(help="Topic to write to.")] = "text-events",

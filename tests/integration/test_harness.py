@@ -58,3 +58,31 @@ def test_demo_json_counts_from_topics(kafka, tiny_artifact):
     assert out["produced"] == 300 and out["lost"] == 0
     assert out["labelled"] + out["dlq"] == 300 and out["dlq"] > 0
     assert 0 < out["p50_ms"] <= out["p99_ms"] and 0 <= out["goodput"] <= 1
+
+
+async def test_replay_file_once_and_looping(kafka, names, tmp_path):
+    import orjson
+
+    from producers.replay import records, rows
+
+    f = tmp_path / "corpus.csv"
+    f.write_text('text,label\n"Shares fell, sharply",negative\nGuidance raised,positive\n')
+    assert [r["label"] for r in rows(f)] == ["negative", "positive"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(f), "--topic", names.input, "--bootstrap",
+                        kafka.bootstrap, "--rate", "200", "--loop", "--count", "5"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["acked"] == 5
+    got = await read_until(kafka.bootstrap, [names.input], lambda x: len(x) >= 5, 30)
+    docs = sorted((orjson.loads(x.value) for x in got), key=lambda d: d["id"])
+    assert [d["id"] for d in docs] == ["corpus-0", "corpus-0-p1", "corpus-0-p2", "corpus-1", "corpus-1-p1"]
+    assert {d["text"] for d in docs} == {"Shares fell, sharply", "Guidance raised"}
+    plain = tmp_path / "texts.txt"
+    plain.write_text("one\n\ntwo\n")
+    assert [v for _, v in records(plain)] == [b'{"text":"one","id":"texts-0","source":"replay"}',
+                                             b'{"text":"two","id":"texts-1","source":"replay"}']
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"label": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(bad), "--bootstrap", kafka.bootstrap],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and 'bad.jsonl:2: line has no "text" string' in r.stderr
