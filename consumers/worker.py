@@ -74,10 +74,6 @@ class PartitionState:
         return last + 1
 
 
-def miss_set_of(misses: list[tuple[str, int]]) -> set[int]:
-    return {i for _, i in misses}
-
-
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -280,13 +276,13 @@ class Worker:
         if prev is not None:
             await prev  # publish after every earlier record of this partition has been sent: per-key order
         if self.eos:
-            await self._deliver_transaction(tp, st, records, events, futures, miss_set_of(misses), mine)
+            await self._deliver_transaction(tp, st, records, events, futures, dict((i, k) for k, i in misses), mine)
             return
         acks: list[tuple[int, int, Any, Event | BadEvent, float]] = []
         fresh: list[tuple[str, Prediction]] = []
-        miss_set = miss_set_of(misses)
+        miss_keys = dict((i, k) for k, i in misses)
         for i, (r, ev) in enumerate(zip(records, events)):
-            topic, value, headers, ev = await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)
+            topic, value, headers, ev = await self._output_for(tp, r, ev, futures.get(i), miss_keys.get(i), fresh)
             self.fail.hit("after_inference")
             t_send = time.perf_counter()
             fut = await self._send(topic, r.key, value, headers)
@@ -303,7 +299,7 @@ class Worker:
         if put is not None:
             await put
 
-    async def _output_for(self, tp, r, ev, fut, is_miss: bool, fresh: list):
+    async def _output_for(self, tp, r, ev, fut, miss_key: str | None, fresh: list):
         """(topic, value, headers, final event-or-BadEvent) of one input record's output."""
         if isinstance(ev, Event):
             try:
@@ -311,8 +307,8 @@ class Worker:
             except EngineFailure as fail:
                 ev = BadEvent(fail.reason)
             else:
-                if is_miss:
-                    fresh.append((cache_key(self.engine.model_id, ev.text), pred))
+                if miss_key is not None:  # computed by the engine, not the cache: write it back
+                    fresh.append((miss_key, pred))
                     for stage in ("batch_wait", "tokenize", "infer"):
                         if stage in pred.timings:
                             self.slo.record_stage(stage, pred.timings[stage])
@@ -356,12 +352,12 @@ class Worker:
             self._txn[tp] = p
         return p
 
-    async def _deliver_transaction(self, tp, st, records, events, futures, miss_set, mine) -> None:
+    async def _deliver_transaction(self, tp, st, records, events, futures, miss_keys, mine) -> None:
         """Outputs and the input offsets in one Kafka transaction: all visible to read_committed, or none."""
         fresh: list[tuple[str, Prediction]] = []
         outs = []
         for i, (r, ev) in enumerate(zip(records, events)):
-            outs.append((r, *await self._output_for(tp, r, ev, futures.get(i), i in miss_set, fresh)))
+            outs.append((r, *await self._output_for(tp, r, ev, futures.get(i), miss_keys.get(i), fresh)))
             self.fail.hit("after_inference")
         t_send = time.perf_counter()
         try:

@@ -4,8 +4,6 @@ CSV (a ``text`` column, optional ``label``), or plain text (one text a line); ``
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import itertools
 from pathlib import Path
 from typing import Iterator
@@ -13,13 +11,8 @@ from typing import Iterator
 import orjson
 
 from pipeline.errors import UsageError
+from pipeline.model.data import open_text
 from pipeline.events import encode_input
-
-
-def _open(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
 
 
 def rows(path: str | Path) -> list[dict]:
@@ -30,7 +23,7 @@ def rows(path: str | Path) -> list[dict]:
     name = p.name.removesuffix(".gz")
     out: list[dict] = []
     try:
-        with _open(p) as fh:
+        with open_text(p) as fh:
             if name.endswith(".csv"):
                 reader = csv.DictReader(fh)
                 if "text" not in (reader.fieldnames or []):

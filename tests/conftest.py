@@ -21,6 +21,7 @@ def tiny_artifact(models_root) -> Path:
     from pipeline.model.build import Reporter, build
 
     res = build(out=models_root, preset="tiny", bench=False, reporter=Reporter(quiet=True))
+    assert (res.path / "manifest.json").is_file() and set(res.manifest.variants) == {"fp32", "int8", "fp16"}
     return res.path
 
 

@@ -24,7 +24,8 @@ class Example:
     label: str
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A text file, gunzipped on the fly when it ends in .gz."""
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, encoding="utf-8", newline="")
@@ -38,7 +39,7 @@ def read_labelled(path: str | Path, *, require_label: bool = True) -> list[Examp
     fmt = "csv" if p.name.removesuffix(".gz").endswith(".csv") else "jsonl"
     out: list[Example] = []
     try:
-        with _open_text(p) as fh:
+        with open_text(p) as fh:
             if fmt == "csv":
                 reader = csv.DictReader(fh)
                 cols = reader.fieldnames or []
