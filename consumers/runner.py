@@ -84,8 +84,6 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
 
 
 def _child(settings: Settings, index: int, threads: int | None) -> None:
-    from pipeline.config import Settings as _S  # noqa: F401  (pickled settings arrive intact)
-
     logs.configure(settings.log.level, settings.log.format)
     if threads is not None:
         settings = settings.replace(model={"threads": threads})

@@ -97,7 +97,7 @@ class Worker:
         self.log = logs.get("streamlabel.worker").bind(worker=name)
         self.batcher = MicroBatcher(engine, max_batch=settings.batching.max_batch,
                                     max_tokens=settings.batching.max_tokens, max_wait_ms=settings.batching.max_wait_ms,
-                                    concurrency=settings.batching.engine_concurrency, metrics=self.metrics, slo=self.slo)
+                                    concurrency=settings.batching.engine_concurrency, metrics=self.metrics)
         self.parts: dict[TopicPartition, PartitionState] = {}
         self.inflight = 0
         self.paused = False

@@ -33,19 +33,17 @@ class _Item:
     future: asyncio.Future
     enqueued: float
     tokens: int
-    waiters: int = 1
     timings: dict = field(default_factory=dict)
 
 
 class MicroBatcher:
     def __init__(self, engine: Engine, *, max_batch: int = 64, max_tokens: int = 8192, max_wait_ms: float = 0.0,
-                 concurrency: int = 1, metrics=None, slo=None) -> None:
+                 concurrency: int = 1, metrics=None) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.metrics = metrics
-        self.slo = slo
         self._queue: deque[_Item] = deque()
         self._inflight: dict[str, _Item] = {}
         self._arrived = asyncio.Event()
@@ -68,7 +66,6 @@ class MicroBatcher:
         """Queue a text; the future resolves to its ``Prediction`` (or raises ``EngineFailure``)."""
         item = self._inflight.get(text)
         if item is not None and not item.future.done():
-            item.waiters += 1
             self.coalesced += 1
             if self.metrics is not None:
                 self.metrics.coalesced.inc()

@@ -66,10 +66,9 @@ class LocalCache:
 
     tier = "local"
 
-    def __init__(self, size: int = 100_000, on_result=None) -> None:
+    def __init__(self, size: int = 100_000) -> None:
         self.size = size
         self._d: OrderedDict[str, Prediction] = OrderedDict()
-        self._on_result = on_result
 
     async def get_many(self, keys: Sequence[str]) -> list[Prediction | None]:
         out: list[Prediction | None] = []

@@ -156,9 +156,7 @@ async def _live(console, w, stop: asyncio.Event, quiet: bool) -> None:
         line = (f"labelled {w.labelled:>7}  dlq {w.dead_lettered:>4}  {rate:7.1f}/s  p50 {snap.p50_ms:6.1f} ms  "
                 f"p99 {snap.p99_ms:6.1f} ms  goodput {snap.goodput:6.2%}  cache hits "
                 f"{(w.cache_hits / w.cache_lookups if w.cache_lookups else 0):5.1%}  batches {w.batcher.batches}")
-        if quiet:
-            console.print(line, highlight=False) if sys.stderr.isatty() else None
-        else:
+        if not quiet or sys.stderr.isatty():  # --json into a pipe: keep stderr for errors only
             console.print(line, highlight=False)
 
 

@@ -160,8 +160,7 @@ class BenchConfig:
     delivery: str = "at_least_once"
 
 
-async def run_step(cfg: BenchConfig, name: str, rate: float, *, texts: Callable[[int], tuple[str, str]] | None = None,
-                   duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
+async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
                    progress: Callable[[str], None] | None = None) -> Step:
     tag = uuid.uuid4().hex[:8]
     topics = (f"bench-in-{tag}", f"bench-out-{tag}", f"bench-dlq-{tag}")

@@ -85,14 +85,6 @@ def next_version(root: Path) -> int:
     return max(nums, default=0) + 1
 
 
-def _cpu_session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def _make_engine(artifact_dir: Path, variant: str):
     from pipeline.engine import OnnxEngine
 
