@@ -1,0 +1,224 @@
+"""The one place that builds Kafka clients from ``Settings`` (connection, SASL, TLS), and the start-up checks.
+
+Every command and worker gets its aiokafka consumer, producer, transactional producer and admin client
+here, so a SASL_SSL cluster works for ``run``, ``replay``, ``produce``, ``alerts`` and the demo alike.
+``check_topics`` is what each command runs before it reads or writes: a missing topic is one error that
+names it (created only when asked), an unreachable broker is one error that says which and why.
+
+The rest of ``pipeline/`` stays Kafka-free; ``consumers/`` and ``producers/`` import aiokafka's types
+(``TopicPartition``, errors) but build clients only through this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+)
+
+from pipeline.config import KafkaSettings, Settings
+from pipeline.errors import ConfigError
+
+# The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.
+MAX_REQUEST_BYTES = 1_048_576
+START_TIMEOUT_S = 20.0
+
+
+def _k(s: Settings | KafkaSettings | str) -> KafkaSettings:
+    if isinstance(s, Settings):
+        return s.kafka
+    if isinstance(s, str):
+        return KafkaSettings(bootstrap_servers=s)
+    return s
+
+
+def client_kwargs(s: Settings | KafkaSettings | str) -> dict[str, Any]:
+    """aiokafka keyword arguments for connection and security, shared by every client."""
+    k = _k(s)
+    kw: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers, "security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        try:
+            kw["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS files ({exc})", where="kafka.ssl_cafile/ssl_certfile/ssl_keyfile",
+                              hint="point them at readable PEM files") from None
+    if k.security_protocol.startswith("SASL"):
+        kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
+                  sasl_plain_password=k.sasl_password)
+    return kw
+
+
+def _compression(k: KafkaSettings) -> str | None:
+    return None if k.compression == "none" else k.compression
+
+
+def consumer(s: Settings | KafkaSettings | str, *topics: str, group_id: str | None, **overrides) -> AIOKafkaConsumer:
+    """A consumer; ``group_id=None`` reads without a group (tails, read-backs)."""
+    k = _k(s)
+    kw: dict[str, Any] = dict(client_kwargs(k), group_id=group_id, enable_auto_commit=False,
+                              auto_offset_reset=k.auto_offset_reset, isolation_level="read_committed",
+                              client_id=k.client_id)
+    kw.update(overrides)
+    return AIOKafkaConsumer(*topics, **kw)
+
+
+def producer(s: Settings | KafkaSettings | str, **overrides) -> AIOKafkaProducer:
+    """An idempotent, acks=all producer (the worker's outputs and DLQ records)."""
+    k = _k(s)
+    kw: dict[str, Any] = dict(client_kwargs(k), acks="all", enable_idempotence=True, linger_ms=k.linger_ms,
+                              compression_type=_compression(k), max_request_size=MAX_REQUEST_BYTES,
+                              client_id=k.client_id)
+    kw.update(overrides)
+    return AIOKafkaProducer(**kw)
+
+
+def transactional_producer(s: Settings | KafkaSettings, transactional_id: str, **overrides) -> AIOKafkaProducer:
+    """A transactional producer; ``start()`` runs InitProducerId, which fences older owners of the id."""
+    return producer(s, transactional_id=transactional_id, **overrides)
+
+
+def admin(s: Settings | KafkaSettings | str, **overrides) -> AIOKafkaAdminClient:
+    kw = dict(client_kwargs(s), request_timeout_ms=int(START_TIMEOUT_S * 1000))
+    kw.update(overrides)
+    return AIOKafkaAdminClient(**kw)
+
+
+def connection_error(s: Settings | KafkaSettings | str, exc: BaseException) -> ConfigError:
+    """One line for a failed connection: unreachable, refused credentials or TLS, with what to check."""
+    k = _k(s)
+    where = f"Kafka at {k.bootstrap_servers}"
+    if isinstance(exc, (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError)):
+        return ConfigError(f"{where} refused the SASL credentials ({_short(exc)})",
+                           hint="check kafka.sasl_mechanism, sasl_username and sasl_password")
+    if isinstance(exc, ssl.SSLError) or "SSL" in type(exc).__name__ or "certificate" in str(exc).lower():
+        return ConfigError(f"{where}: TLS handshake failed ({_short(exc)})",
+                           hint="check kafka.security_protocol and kafka.ssl_cafile")
+    if isinstance(exc, TopicAuthorizationFailedError):
+        return ConfigError(f"{where}: not authorised for a topic ({_short(exc)})",
+                           hint="grant this user Read/Write on the topics and the group")
+    if isinstance(exc, (KafkaConnectionError, OSError, asyncio.TimeoutError)):
+        hint = "is the broker running? check kafka.bootstrap_servers"
+        if k.security_protocol != "PLAINTEXT":
+            hint += f" and that the listener speaks {k.security_protocol}"
+        why = ("no broker answered" if isinstance(exc, KafkaConnectionError)
+               else "timed out" if isinstance(exc, asyncio.TimeoutError) else _short(exc))
+        return ConfigError(f"cannot reach {where} ({why})", hint=hint)
+    return ConfigError(f"{where}: {type(exc).__name__}: {_short(exc)}", hint="check the [kafka] settings")
+
+
+def _short(exc: BaseException, n: int = 160) -> str:
+    s = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    name: str
+    partitions: int
+    max_message_bytes: int | None  # the topic's max.message.bytes (None when it could not be read)
+
+
+async def check_topics(s: Settings | KafkaSettings | str, topics: Mapping[str, str], *, create: bool = False,
+                       partitions: int = 4, replication_factor: int = 1,
+                       configs: Mapping[str, Mapping[str, str]] | None = None,
+                       timeout_s: float = START_TIMEOUT_S) -> dict[str, TopicInfo]:
+    """Check that each topic exists (``{role: name}``, e.g. ``{"input": "text-events"}``).
+
+    A missing topic raises one ``ConfigError`` naming its role and name, unless ``create`` is set (then it
+    is created with ``partitions`` and ``replication_factor``, and ``configs[name]`` if given). Returns what
+    the broker says of each topic, including ``max.message.bytes`` (the DLQ caps its copies below it).
+    """
+    client = admin(s)
+    try:
+        try:
+            await asyncio.wait_for(client.start(), timeout_s)
+            existing = set(await asyncio.wait_for(client.list_topics(), timeout_s))
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            raise connection_error(s, exc) from None
+        missing = {role: name for role, name in topics.items() if name not in existing}
+        if missing and not create:
+            role, name = next(iter(missing.items()))
+            others = [f"'{n}'" for r, n in missing.items() if n != name]
+            also = f" (also missing: {', '.join(others)})" if others else ""
+            raise ConfigError(f"the {role} topic '{name}' does not exist on {_k(s).bootstrap_servers}{also}",
+                              where=f"topics.{role}" if role in ("input", "output", "dlq") else None,
+                              hint="create it (kafka-topics.sh --create), fix the name, or pass --create-topics")
+        if missing:
+            new = [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor,
+                            topic_configs=dict((configs or {}).get(n, {}))) for n in set(missing.values())]
+            try:
+                resp = await asyncio.wait_for(client.create_topics(new), timeout_s)
+            except TopicAlreadyExistsError:
+                resp = None
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                raise ConfigError(f"cannot create topics {sorted(missing.values())} ({_short(exc)})",
+                                  hint="create them yourself, or check the broker's permissions and replication") from None
+            for err in _create_errors(resp):
+                raise ConfigError(f"cannot create topic '{err[0]}': {err[1]}",
+                                  hint="create it yourself, or lower topics.partitions / replication_factor")
+        info: dict[str, TopicInfo] = {}
+        names = sorted(set(topics.values()))
+        try:
+            described = await asyncio.wait_for(client.describe_topics(names), timeout_s)
+            sizes = await asyncio.wait_for(_max_message_bytes(client, names), timeout_s)
+        except (KafkaError, OSError, asyncio.TimeoutError):
+            described, sizes = [], {}
+        parts = {d["topic"]: len(d.get("partitions") or ()) for d in described}
+        for role, name in topics.items():
+            info[role] = TopicInfo(name, parts.get(name, 0), sizes.get(name))
+        return info
+    finally:
+        try:
+            await asyncio.wait_for(client.close(), 5)
+        except (KafkaError, OSError, asyncio.TimeoutError):
+            pass
+
+
+def _create_errors(resp) -> list[tuple[str, str]]:
+    out = []
+    for item in getattr(resp, "topic_errors", None) or ():
+        name, code = item[0], item[1]
+        msg = item[2] if len(item) > 2 else None
+        if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a race with another worker): fine
+            out.append((name, msg or f"error code {code}"))
+    return out
+
+
+async def _max_message_bytes(client: AIOKafkaAdminClient, names: Iterable[str]) -> dict[str, int]:
+    res = ConfigResourceType.TOPIC
+    responses = await client.describe_configs([ConfigResource(res, n, {"max.message.bytes": None}) for n in names])
+    out: dict[str, int] = {}
+    for resp in responses:
+        for r in getattr(resp, "resources", ()):
+            # (error_code, error_message, resource_type, resource_name, config_entries)
+            name, entries = r[3], r[4]
+            for e in entries:
+                if e[0] == "max.message.bytes" and e[1] is not None:
+                    try:
+                        out[name] = int(e[1])
+                    except ValueError:
+                        pass
+    return out
+
+
+async def ensure_topics(s: Settings | KafkaSettings | str, names: Iterable[str], partitions: int = 4,
+                        configs: Mapping[str, str] | None = None) -> None:
+    """Create whichever of ``names`` do not exist yet (demo, bench and tests)."""
+    names = list(names)
+    await check_topics(s, {n: n for n in names}, create=True, partitions=partitions,
+                       configs={n: configs for n in names} if configs else None)
