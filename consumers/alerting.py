@@ -17,7 +17,8 @@ from aiokafka.errors import KafkaError
 
 from pipeline import logs
 from pipeline.alerts import AlertEngine
-from pipeline.config import Settings, kafka_client_kwargs
+from pipeline.config import Settings
+from pipeline.kafka import client_kwargs as kafka_client_kwargs
 from pipeline.errors import ConfigError
 
 

@@ -18,7 +18,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pipeline import logs
 from pipeline.batcher import EngineFailure, MicroBatcher
 from pipeline.cache import Cache, NullCache, cache_key
-from pipeline.config import Settings, kafka_client_kwargs
+from pipeline.config import Settings
+from pipeline.kafka import client_kwargs as kafka_client_kwargs
 from pipeline.engine import Engine
 from pipeline.errors import BadEvent, ConfigError
 from pipeline.events import Event, Prediction, decode_event, encode_label, now_ms

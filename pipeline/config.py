@@ -47,6 +47,9 @@ class TopicSettings:
     input: str = "text-events"
     output: str = "labels"
     dlq: str = "text-events-dlq"
+    create: bool = False  # create missing topics at start (else a missing topic is an error naming it)
+    partitions: int = 4  # for topics created here
+    replication_factor: int = 1
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ def _check(s: Settings, where: str) -> None:
         "batching.engine_concurrency": s.batching.engine_concurrency, "worker.max_inflight": s.worker.max_inflight,
         "worker.max_bytes": s.worker.max_bytes, "worker.max_chars": s.worker.max_chars,
         "slo.objective_ms": s.slo.objective_ms, "cache.ttl_s": s.cache.ttl_s,
+        "topics.partitions": s.topics.partitions, "topics.replication_factor": s.topics.replication_factor,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -257,16 +261,3 @@ def _check(s: Settings, where: str) -> None:
         raise ConfigError("SASL needs 'kafka.sasl_mechanism' and 'kafka.sasl_username' (and sasl_password)", where=where)
     if len({s.topics.input, s.topics.output, s.topics.dlq}) < 3:
         raise ConfigError("'topics.input', 'topics.output' and 'topics.dlq' must be three different topics", where=where)
-
-
-def kafka_client_kwargs(k: KafkaSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments for connection and security (shared by consumers and producers)."""
-    kw: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers, "security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kw["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile)
-    if k.security_protocol.startswith("SASL"):
-        kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
-                  sasl_plain_password=k.sasl_password)
-    return kw
