@@ -1,19 +1,16 @@
-"""Labelled text files (JSONL / CSV, optionally gzipped), reproducible splits, and quality metrics."""
+"""Labelled examples (read by ``pipeline.textfile``), reproducible splits, and quality metrics."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import orjson
 
 from pipeline.errors import UsageError
+from pipeline.textfile import read_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,64 +21,9 @@ class Example:
     label: str
 
 
-def open_text(path: Path) -> io.TextIOBase:
-    """A text file, gunzipped on the fly when it ends in .gz."""
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
-
-
-def read_labelled(path: str | Path, *, require_label: bool = True) -> list[Example]:
-    """Read ``{"text":…,"label":…}`` JSONL or a CSV with ``text,label`` columns; errors name the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError("file not found", where=str(p), hint="pass a JSONL or CSV file with text and label")
-    fmt = "csv" if p.name.removesuffix(".gz").endswith(".csv") else "jsonl"
-    out: list[Example] = []
-    try:
-        with open_text(p) as fh:
-            if fmt == "csv":
-                reader = csv.DictReader(fh)
-                cols = reader.fieldnames or []
-                if "text" not in cols or (require_label and "label" not in cols):
-                    raise UsageError(
-                        f"CSV header is {cols}, it needs 'text' and 'label' columns",
-                        where=str(p),
-                        hint="rename the columns to text,label",
-                    )
-                for lineno, row in enumerate(reader, start=2):
-                    out.append(_example(row.get("text"), row.get("label"), p, lineno, require_label))
-            else:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        raise UsageError(
-                            "line is not valid JSON",
-                            where=f"{p}:{lineno}",
-                            hint='each line must be {"text": "...", "label": "..."}',
-                        ) from None
-                    if not isinstance(row, dict):
-                        raise UsageError("line is not a JSON object", where=f"{p}:{lineno}",
-                                         hint='each line must be {"text": "...", "label": "..."}')
-                    out.append(_example(row.get("text"), row.get("label"), p, lineno, require_label))
-    except UnicodeDecodeError:
-        raise UsageError("file is not UTF-8 text", where=str(p), hint="re-encode it as UTF-8") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise UsageError(f"cannot read file ({exc})", where=str(p)) from None
-    if not out:
-        raise UsageError("file holds no examples", where=str(p), hint="it needs at least one text,label row")
-    return out
-
-
-def _example(text: object, label: object, p: Path, lineno: int, require_label: bool) -> Example:
-    if not isinstance(text, str) or not text.strip():
-        raise UsageError("missing or empty 'text'", where=f"{p}:{lineno}", hint="every row needs a non-empty text")
-    if require_label and (label is None or str(label).strip() == ""):
-        raise UsageError("missing 'label'", where=f"{p}:{lineno}", hint="every row needs a label name")
-    return Example(text=text, label="" if label is None else str(label).strip())
+def read_labelled(path: str | Path) -> list[Example]:
+    """Labelled texts of a JSONL / CSV file (``pipeline.textfile``, labels required); errors name the line."""
+    return [Example(text=r.text, label=r.label or "") for r in read_rows(path, require_label=True)]
 
 
 def split_of(text: str, buckets: int = 10) -> int:
