@@ -1,4 +1,9 @@
-"""Small Kafka helpers shared by the demo, the load-test harness and the tests: create, produce, read back."""
+"""Small Kafka helpers shared by the demo, the load-test harness and the tests: create, produce, read back.
+
+Clients come from ``pipeline.kafka`` (so SASL/TLS settings apply). ``s`` is a bootstrap string, a
+``KafkaSettings`` or a ``Settings``; extra keyword arguments are aiokafka client arguments that override
+what the settings give (e.g. a test's ``ssl_context``).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,29 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline import kafka as K
+from pipeline.config import KafkaSettings, Settings
+
+Conn = str | KafkaSettings | Settings
 
 
-async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int = 4, configs: dict | None = None,
+async def ensure_topics(s: Conn, names: Iterable[str], partitions: int = 4, configs: dict | None = None,
                         **client_kw) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kw)
-    await admin.start()
+    """Create whichever of ``names`` do not exist yet (``configs``: topic configs for the new ones)."""
+    names = list(names)
+    if not client_kw:
+        await K.ensure_topics(s, names, partitions=partitions, configs=configs)
+        return
+    admin = K.admin(s, **client_kw)
+    try:
+        await asyncio.wait_for(admin.start(), K.START_TIMEOUT_S)
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        await admin.close()
+        raise K.connection_error(s, exc) from None
     try:
         existing = set(await admin.list_topics())
         new = [NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})
@@ -29,10 +48,10 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int = 
         await admin.close()
 
 
-async def produce(bootstrap: str, topic: str, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
+async def produce(s: Conn, topic: str, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
                   **client_kw) -> list:
     """Send and wait for every ack; returns the record metadata (partition, offset, timestamp)."""
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **client_kw)
+    p = K.producer(s, **{"linger_ms": 5, **client_kw})
     await p.start()
     try:
         futs = [await p.send(topic, value=v, key=(keys[i] if keys else None)) for i, v in enumerate(values)]
@@ -52,11 +71,11 @@ class Record:
     timestamp: int
 
 
-async def read_until(bootstrap: str, topics: Sequence[str], done: Callable[[list[Record]], bool], timeout: float,
+async def read_until(s: Conn, topics: Sequence[str], done: Callable[[list[Record]], bool], timeout: float,
                      *, isolation_level: str = "read_uncommitted", **client_kw) -> list[Record]:
     """Read ``topics`` from the beginning until ``done(records)`` or the timeout; returns what was read."""
-    c = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                         enable_auto_commit=False, isolation_level=isolation_level, **client_kw)
+    c = K.consumer(s, *topics, group_id=None, **{"auto_offset_reset": "earliest",
+                                                 "isolation_level": isolation_level, **client_kw})
     await c.start()
     out: list[Record] = []
     deadline = time.monotonic() + timeout
@@ -73,8 +92,9 @@ async def read_until(bootstrap: str, topics: Sequence[str], done: Callable[[list
     return out
 
 
-async def end_offsets(bootstrap: str, topic: str, **client_kw) -> dict[int, int]:
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, **client_kw)
+async def end_offsets(s: Conn, topic: str, **client_kw) -> dict[int, int]:
+    """Each partition's high watermark (``read_uncommitted``: transactional markers count)."""
+    c = K.consumer(s, group_id=None, **{"isolation_level": "read_uncommitted", **client_kw})
     await c.start()
     try:
         parts = c.partitions_for_topic(topic) or set()
@@ -88,8 +108,8 @@ async def end_offsets(bootstrap: str, topic: str, **client_kw) -> dict[int, int]
         await c.stop()
 
 
-async def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+async def committed(s: Conn, group: str, topic: str, partitions: int, **client_kw) -> dict[int, int | None]:
+    c = K.consumer(s, group_id=group, **client_kw)
     await c.start()
     try:
         return {p: await c.committed(TopicPartition(topic, p)) for p in range(partitions)}
