@@ -4,22 +4,29 @@ State (windows, open incidents) lives per input partition and is saved to Redis 
 offset after every batch, before the offsets are committed; on assignment the worker restores it and seeks
 to the saved offset, so a restart neither re-fires nor forgets an open incident. Label events are keyed by
 entity (the input key), so each alerting worker sees all events of its entities.
+
+Start-up checks, each a one-line ``ConfigError``: Redis answers (and takes the password), the label topic
+exists, the alert topic exists (or is created with ``topics.create``), the broker is reachable. A Redis
+failure later stops the worker (state could no longer be saved before a commit) with one line, exit 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import urllib.request
+from urllib.parse import urlsplit
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from pipeline import kafka as K
 from pipeline import logs
 from pipeline.alerts import AlertEngine
 from pipeline.config import Settings
-from pipeline.kafka import client_kwargs as kafka_client_kwargs
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StreamlabelError
+
+REDIS_TIMEOUT_S = 5.0
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -31,7 +38,12 @@ class _Listener(ConsumerRebalanceListener):
             self.w.engines.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned):
-        await self.w._restore(assigned)
+        # aiokafka logs and swallows a listener's exception; the worker must not run on without its state.
+        try:
+            await self.w._restore(assigned)
+        except Exception as exc:
+            self.w._failure = exc
+            self.w.stop()
 
 
 class AlertingWorker:
@@ -46,13 +58,21 @@ class AlertingWorker:
         self.resolved = 0
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
         self._redis = None
+        self.consumer = self.producer = None
+        if not self.a.rules:
+            raise ConfigError("no alert rules configured", where="alerting.rules",
+                              hint="add [[alerting.rules]] tables to the config; the README has examples")
         if self.a.state_redis_url:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.from_url(self.a.state_redis_url, password=settings.cache.redis_password or None)
-        if not self.a.rules:
-            raise ConfigError("no alert rules configured", hint="add [[alerting.rules]] tables to the config (README)")
+            try:
+                self._redis = aioredis.from_url(self.a.state_redis_url, password=settings.cache.redis_password or None,
+                                                socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
+            except ValueError as exc:
+                raise ConfigError(f"not a Redis URL: {safe_url(self.a.state_redis_url)}", where="alerting.state_redis_url",
+                                  hint="use redis://HOST:PORT/DB, rediss://HOST:PORT/DB for TLS, or none") from None
 
     def stop(self) -> None:
         self._stop.set()
@@ -74,47 +94,76 @@ class AlertingWorker:
         self.log.info("alerting_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def run(self) -> None:
+        """Check Redis and the topics, then read labels and publish alerts until ``stop()``."""
         k = self.s.kafka
-        kw = kafka_client_kwargs(k)
-        self.consumer = AIOKafkaConsumer(**kw, group_id=self.a.group_id, enable_auto_commit=False,
-                                         auto_offset_reset="earliest", isolation_level="read_committed",
-                                         session_timeout_ms=k.session_timeout_ms)
-        self.producer = AIOKafkaProducer(**kw, acks="all", enable_idempotence=True)
+        started = False
         try:
-            await self.producer.start()
-            self.consumer.subscribe([self.topic_in], listener=_Listener(self))
-            await self.consumer.start()
-        except (KafkaError, OSError) as exc:
-            raise ConfigError(f"cannot connect to Kafka at {k.bootstrap_servers} ({exc})",
-                              hint="check kafka.bootstrap_servers and the security settings") from None
-        self.log.info("alerting_started", input=self.topic_in, output=self.a.output, rules=len(self.a.rules))
-        try:
-            while not self._stop.is_set():
-                batches = await self.consumer.getmany(timeout_ms=200, max_records=1000)
-                for tp, records in batches.items():
-                    eng = self.engines.get(tp)
-                    if eng is None or not records:
-                        continue
-                    alerts = []
-                    for r in records:
-                        try:
-                            ev = orjson.loads(r.value)
-                        except (orjson.JSONDecodeError, TypeError):
-                            continue  # not a label event: the label topic's producer owns its schema
-                        if isinstance(ev, dict):
-                            alerts += eng.observe(ev)
-                    alerts += eng.advance()
-                    await self._publish(alerts)
-                    nxt = records[-1].offset + 1
-                    if self._redis is not None:
-                        await self._redis.set(self._key(tp), orjson.dumps({"offset": nxt, "state": eng.snapshot()}))
-                    await self.consumer.commit({tp: nxt})
+            await self._check_redis()
+            await K.check_topics(self.s, {"label": self.topic_in, "alert": self.a.output}, create=self.s.topics.create,
+                                 partitions=self.s.topics.partitions,
+                                 replication_factor=self.s.topics.replication_factor)
+            self.consumer = K.consumer(self.s, group_id=self.a.group_id, auto_offset_reset="earliest",
+                                       session_timeout_ms=k.session_timeout_ms)
+            self.producer = K.producer(self.s)
+            try:
+                await self.producer.start()
+                self.consumer.subscribe([self.topic_in], listener=_Listener(self))
+                await self.consumer.start()
+            except (KafkaError, OSError) as exc:
+                raise K.connection_error(self.s, exc) from None
+            started = True
+            self.log.info("alerting_started", input=self.topic_in, output=self.a.output, rules=len(self.a.rules))
+            await self._loop()
+            if self._failure is not None:
+                raise self._failure
+        except Exception as exc:
+            if _is_redis_error(exc):
+                raise redis_error(self.a.state_redis_url or "", exc, self._has_password(), running=True) from None
+            raise
         finally:
-            await self.consumer.stop()
-            await self.producer.stop()
+            if self.consumer is not None:
+                await self.consumer.stop()
+            if self.producer is not None:
+                await self.producer.stop()
             if self._redis is not None:
                 await self._redis.aclose()
-            self.log.info("alerting_stopped", fired=self.fired, resolved=self.resolved)
+            if started:
+                self.log.info("alerting_stopped", fired=self.fired, resolved=self.resolved)
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=1000)
+            for tp, records in batches.items():
+                eng = self.engines.get(tp)
+                if eng is None or not records:
+                    continue
+                alerts = []
+                for r in records:
+                    try:
+                        ev = orjson.loads(r.value)
+                    except (orjson.JSONDecodeError, TypeError):
+                        continue  # not a label event: the label topic's producer owns its schema
+                    if isinstance(ev, dict):
+                        alerts += eng.observe(ev)
+                alerts += eng.advance()
+                await self._publish(alerts)
+                nxt = records[-1].offset + 1
+                if self._redis is not None:
+                    await self._redis.set(self._key(tp), orjson.dumps({"offset": nxt, "state": eng.snapshot()}))
+                await self.consumer.commit({tp: nxt})
+
+    def _has_password(self) -> bool:
+        return bool(self.s.cache.redis_password or urlsplit(self.a.state_redis_url or "").password)
+
+    async def _check_redis(self) -> None:
+        if self._redis is None:
+            return
+        try:
+            await asyncio.wait_for(self._redis.ping(), REDIS_TIMEOUT_S * 2)
+        except Exception as exc:
+            if _is_redis_error(exc) or isinstance(exc, (OSError, asyncio.TimeoutError)):
+                raise redis_error(self.a.state_redis_url, exc, self._has_password()) from None
+            raise
 
     async def _publish(self, alerts: list[dict]) -> None:
         if not alerts:
@@ -149,12 +198,46 @@ class AlertingWorker:
         return False
 
 
-async def serve_alerting(settings: Settings, name: str = "alerts-0") -> int:
-    import signal
+def safe_url(url: str) -> str:
+    """A Redis URL without its user and password, fit for a message or a log line."""
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        port = f":{u.port}" if u.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    return f"{u.scheme}://{host}{port}{u.path}" if u.scheme else "<unparsable URL>"
 
-    w = AlertingWorker(settings, name)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, w.stop)
-    await w.run()
-    return 0
+
+def _is_redis_error(exc: BaseException) -> bool:
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.RedisError)
+
+
+def redis_error(url: str, exc: BaseException, has_password: bool, *, running: bool = False) -> StreamlabelError:
+    """One line for a Redis failure: which Redis (no password), what went wrong, what to check."""
+    import os
+    import re
+
+    import redis.exceptions
+
+    where, shown = "alerting.state_redis_url", safe_url(url)
+    text = str(exc).strip()
+    errno = re.match(r"Error (\d+) connecting", text)
+    why = os.strerror(int(errno.group(1))).lower() if errno else (text.split(". ")[0] or type(exc).__name__)[:160]
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        if has_password:
+            return ConfigError(f"Redis at {shown} refused the password", where=where,
+                               hint="check cache.redis_password or STREAMLABEL_CACHE__REDIS_PASSWORD")
+        return ConfigError(f"Redis at {shown} needs a password", where=where,
+                           hint="set cache.redis_password or STREAMLABEL_CACHE__REDIS_PASSWORD")
+    if running:
+        return StreamlabelError(f"lost Redis at {shown}: {why}", where=where,
+                                hint="nothing was committed past the state Redis holds; "
+                                     "start `alerts run` again when Redis is back")
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError)):
+        return ConfigError(f"cannot reach Redis at {shown}: {why or 'timed out'}", where=where,
+                           hint="is redis-server running? check the URL; 'none' runs without saved state")
+    return ConfigError(f"Redis at {shown}: {type(exc).__name__}: {why}", where=where,
+                       hint="check alerting.state_redis_url and the cache.redis_* settings")

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from producers.local_services import LocalKafka, LocalRedis
+from pipeline.cli.local_services import LocalKafka, LocalRedis
 
 
 def _docker_engine() -> bool:

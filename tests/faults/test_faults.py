@@ -10,7 +10,7 @@ import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from producers.local_services import LocalKafka, LocalRedis
+from pipeline.cli.local_services import LocalKafka, LocalRedis
 
 from .scenario import Ctx, run_scenario, wait_exit, wait_for
 

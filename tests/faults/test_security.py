@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import Settings
 from pipeline.kafka import client_kwargs as kafka_client_kwargs
 from pipeline.events import encode_input
-from producers.local_services import LocalKafka, LocalRedis, free_port
+from pipeline.cli.local_services import LocalKafka, LocalRedis, free_port
 from producers.topics import ensure_topics, produce, read_until
 
 pytestmark = pytest.mark.faults

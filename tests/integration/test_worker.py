@@ -12,7 +12,7 @@ import pytest
 from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from pipeline.metrics import Metrics
-from producers.local_services import free_port
+from pipeline.cli.local_services import free_port
 from producers.topics import ensure_topics, produce, read_until
 
 from .helpers import ids_of, read_labels, running_worker, settings_for

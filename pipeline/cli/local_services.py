@@ -1,4 +1,7 @@
-"""Local real services for the demo, the benchmarks and the tests: Apache Kafka (KRaft) and redis-server."""
+"""Local real services for the demo, the benchmarks and the tests: Apache Kafka (KRaft) and redis-server.
+
+Part of the CLI (``demo`` and ``bench`` start them when no broker or Redis is named); the tests use them too.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 
 

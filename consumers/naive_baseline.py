@@ -1,10 +1,12 @@
 """The naive baseline of the load test: the consumer most people write first.
 
 A plain aiokafka loop that calls a ``transformers`` text-classification pipeline (PyTorch FP32) on one
-message at a time and waits for each label's ack before the next. Same architecture as the served model
-(MiniLM-L6 + a 3-label head), so the comparison is of serving, not of models. Needs the train extra.
+message at a time and waits for each label's ack before the next (auto-commit, no batching, no cache).
+Same architecture as the served model (MiniLM-L6 + a 3-label head), so the comparison is of serving, not
+of models. Its clients come from ``pipeline.kafka`` with aiokafka's plain defaults restored, so only the
+connection settings are shared. Needs the train extra. ``streamlabel bench`` starts it as
 
-    python -m producers.naive BOOTSTRAP INPUT OUTPUT DLQ GROUP
+    python -m consumers.naive_baseline BOOTSTRAP INPUT OUTPUT DLQ GROUP
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ def make_classifier():
 
 
 async def main(bootstrap: str, topic_in: str, topic_out: str, group: str) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from pipeline import kafka as K
 
     clf = make_classifier()
-    consumer = AIOKafkaConsumer(topic_in, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    # aiokafka's defaults, as a first consumer would have them: auto-commit, read_uncommitted, plain acks=all.
+    consumer = K.consumer(bootstrap, topic_in, group_id=group, enable_auto_commit=True,
+                          isolation_level="read_uncommitted", auto_offset_reset="earliest")
+    producer = K.producer(bootstrap, enable_idempotence=False, compression_type=None, linger_ms=0)
     await consumer.start()
     await producer.start()
     try:

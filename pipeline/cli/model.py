@@ -1,0 +1,140 @@
+"""``streamlabel model build | eval | info``: artifacts, their quality figures and manifests."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import emit_json, positive
+
+app = typer.Typer(help="Build, evaluate and inspect model artifacts.", no_args_is_help=True)
+
+
+class VariantName(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
+@app.command("build")
+def model_build(
+    out: Annotated[Path, typer.Option("--out", help="Artifact root; the build lands in OUT/NAME/VERSION.")] = Path("models"),
+    preset: Annotated[Optional[str], typer.Option(help="tiny | sentiment-minilm | moderation-minilm")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="A fine-tuned Hugging Face classifier directory.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Label names in the head's output order, comma-separated.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: preset or directory name).")] = None,
+    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Labelled JSONL/CSV for quality figures and the gate.")] = None,
+    max_drop: Annotated[float, typer.Option(help="Refuse a variant whose accuracy is this many points below FP32.")] = 1.0,
+    max_length: Annotated[Optional[int], typer.Option(help="Token cap (default: preset's or the tokenizer's).", callback=positive)] = None,
+    variants: Annotated[str, typer.Option(help="Variants to build, comma-separated.")] = "fp32,int8,fp16",
+    bench: Annotated[bool, typer.Option(help="Measure FP32/INT8 throughput at batch 1 and 32.")] = True,
+    break_variant: Annotated[Optional[VariantName], typer.Option(help="Testing aid: damage this variant to see the gate refuse it.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
+) -> None:
+    """Turn a preset or a Hugging Face classifier into a validated, versioned ONNX artifact."""
+    from pipeline.model.build import Reporter, build
+
+    label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
+    rep = Reporter(quiet=False)
+    res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
+                max_drop=max_drop, max_length=max_length, variants=[v.strip() for v in variants.split(",") if v.strip()],
+                bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep)
+    if json_out:
+        from pipeline.model.build import summary_dict
+
+        emit_json(summary_dict(res.manifest))
+    else:
+        _print_manifest(res.path, res.manifest)
+        rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
+
+
+@app.command("eval")
+def model_eval(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled JSONL ({text,label}) or CSV (text,label).")],
+    variant: Annotated[Optional[VariantName], typer.Option(help="Variant (default: the one meant for this machine).")] = None,
+    provider: Annotated[str, typer.Option(help="auto | cpu | cuda | tensorrt")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Texts per inference call.", callback=positive)] = 64,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Accuracy, macro-F1 and per-class recall of an artifact on a labelled file."""
+    import numpy as np
+
+    from pipeline.engine import OnnxEngine
+    from pipeline.model import data as D
+
+    examples = D.read_labelled(data)
+    engine = OnnxEngine(artifact, variant=variant.value if variant else None, provider=provider, warmup=False)
+    y = D.label_indices(examples, engine.labels, str(data))
+    texts = [e.text for e in examples]
+    pred = np.concatenate([engine.logits(texts[i:i + batch_size]).argmax(1) for i in range(0, len(texts), batch_size)])
+    q = D.quality(y, pred, engine.labels)
+    result = {**q, "variant": engine.variant, "model": engine.model_id, "provider": engine.providers[0]}
+    if json_out:
+        emit_json(result)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{engine.model_id} [{engine.variant}] on {data} (n={q['n']})")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("accuracy", f"{q['accuracy']:.4f}")
+        t.add_row("macro-F1", f"{q['macro_f1']:.4f}")
+        for k, v in q["per_class_recall"].items():
+            t.add_row(f"recall[{k}]", f"{v:.4f}")
+        Console().print(t)
+    engine.close()
+
+
+@app.command("info")
+def model_info(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check every file's sha256.")] = True,
+) -> None:
+    """Show an artifact's manifest readably (and verify its files)."""
+    from pipeline.model.manifest import load_manifest
+
+    root, m = load_manifest(artifact, verify=verify)
+    if json_out:
+        from pipeline.model.build import summary_dict
+
+        emit_json(summary_dict(m))
+    else:
+        _print_manifest(root, m)
+
+
+def _print_manifest(root: Path, m) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{m.model_id}[/]  {root}")
+    c.print(f"  task {m.task}; labels {', '.join(m.labels)}; max length {m.max_length}; inputs {', '.join(m.inputs)}")
+    c.print(f"  base: {m.base_model}")
+    if m.training.get("data"):
+        c.print(f"  trained on: {', '.join(m.training['data'])}  [dim]{m.training.get('licence', '')}[/]")
+    if m.gate.get("eval"):
+        c.print(f"  quality gate: max drop {m.gate['max_drop_points']} points vs fp32 on {m.gate['eval']}: "
+                f"{'passed' if m.gate.get('passed') else 'REFUSED ' + ', '.join(m.gate.get('refused', []))}")
+    t = Table()
+    for col in ("variant", "for", "MB", "|Δlogit|", "agr/torch", "agr/fp32", "acc", "F1", "b1/s", "b32/s"):
+        t.add_column(col, justify="right" if col not in ("variant", "provider") else "left")
+    for v in m.variants.values():
+        p, q, tp = v.parity or {}, v.quality or {}, v.throughput or {}
+        t.add_row(v.name, v.provider.replace("ExecutionProvider", ""), f"{v.bytes / 1e6:.1f}",
+                  _f(p.get("max_abs_logit_diff_vs_torch"), 4), _f(p.get("agreement_vs_torch"), 3),
+                  _f(p.get("agreement_vs_fp32"), 3), _f(q.get("accuracy"), 4), _f(q.get("macro_f1"), 4),
+                  _f(tp.get("batch_1_msgs_per_s"), 0), _f(tp.get("batch_32_msgs_per_s"), 0))
+    c.print(t)
+    for v in m.variants.values():
+        if v.note:
+            c.print(f"  [yellow]{v.name}[/]: {v.note}")
+
+
+def _f(x, nd: int) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
