@@ -89,6 +89,8 @@ def run_async(command: Callable[[asyncio.Event], Awaitable[T]], *, drain_s: floa
     import asyncio
 
     got: list[int] = []
+    # A SIGINT ignored from the start (nohup, a background job of a script) stays ignored, as outside the loop.
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
 
     async def main() -> T | None:
         loop = asyncio.get_running_loop()
@@ -103,7 +105,7 @@ def run_async(command: Callable[[asyncio.Event], Awaitable[T]], *, drain_s: floa
             else:
                 task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in handled:
             loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await task
@@ -112,14 +114,16 @@ def run_async(command: Callable[[asyncio.Event], Awaitable[T]], *, drain_s: floa
                 raise
             return None
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
     try:
         result = asyncio.run(main())
     finally:
-        signal.signal(signal.SIGTERM, previous)  # the loop leaves SIG_DFL behind
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)  # the loop leaves SIG_DFL / default_int_handler behind
     return result, (got[0] if got else None)
 
 
