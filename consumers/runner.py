@@ -7,17 +7,26 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 
 from pipeline import logs
 from pipeline.config import Settings
 
 
 async def serve(settings: Settings, *, name: str = "worker-0", engine=None, install_signals: bool = True,
-                on_ready=None, max_restarts: int = 20) -> int:
-    """Build engine, cache, metrics; run one worker until SIGTERM/SIGINT; returns an exit code."""
+                on_ready=None, max_restarts: int = 20, healthy_after_s: float = 60.0) -> int:
+    """Build engine, cache, metrics; run one worker until SIGTERM/SIGINT; returns an exit code.
+
+    A worker that fails (publish not acknowledged, transaction failed, a supervised task died) is rebuilt
+    with fresh Kafka clients: a new transactional producer fences the old one; uncommitted records are read
+    again. ``max_restarts`` failures in a row (a worker that ran ``healthy_after_s`` resets the count) end
+    with exit code 1. A broker that cannot be reached at the first start is a configuration error (raised);
+    once a worker has run, an unreachable broker is waited out. A broken or hung engine exits with code 4.
+    """
     from consumers.worker import Worker, WorkerError
     from pipeline.cache import make_cache
     from pipeline.engine import OnnxEngine
+    from pipeline.errors import EngineError, KafkaUnreachable
     from pipeline.metrics import Metrics
 
     log = logs.get("streamlabel.runner").bind(worker=name)
@@ -25,8 +34,8 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     own_engine = engine is None
     if engine is None:
         engine = OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length)
-    log.info("engine_ready", model=engine.model_id, variant=engine.variant, provider=engine.providers[0],
-             threads=getattr(engine, "threads", None))
+    log.info("engine_ready", model=engine.model_id, variant=getattr(engine, "variant", None),
+             provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None))
     metrics = Metrics()
     server = None
     if settings.metrics.port is not None:
@@ -48,29 +57,42 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, request_stop)
     code = 0
-    restarts = 0
+    failures = 0
+    has_run = False
     try:
         while not stopping.is_set():
-            # A failed worker (publish not acknowledged, transaction failed) is rebuilt with fresh Kafka
-            # clients: a new transactional producer fences the old one; uncommitted records are re-read.
             worker = Worker(settings, engine, cache=cache, metrics=metrics, name=name)
             current[:] = [worker]
             if on_ready is not None:
                 on_ready(worker)
+            started = time.monotonic()
             try:
                 await worker.run()
                 break
+            except EngineError as exc:
+                log.error("engine_failed", error=exc.render(), note="exiting: a restart would not help")
+                code = exc.exit_code
+                break
+            except KafkaUnreachable as exc:
+                if not has_run:
+                    raise
+                failures += 1
+                log.warning("kafka_unreachable", error=exc.render(), attempt=failures, note="retrying")
             except WorkerError as exc:
-                restarts += 1
-                log.error("worker_failed", error=str(exc)[:300], restart=restarts,
-                          note="uncommitted records will be re-read")
-                if restarts > max_restarts:
+                has_run = True
+                failures = 1 if time.monotonic() - started >= healthy_after_s else failures + 1
+                log.error("worker_failed", error=str(exc)[:300], failures_in_a_row=failures,
+                          note="restarting with fresh clients; uncommitted records will be re-read")
+                if failures > max_restarts:
+                    log.error("worker_gave_up", failures_in_a_row=failures)
                     code = 1
                     break
-                try:
-                    await asyncio.wait_for(stopping.wait(), min(30.0, 0.5 * 2 ** min(restarts, 6)))
-                except asyncio.TimeoutError:
-                    pass
+            if worker.ready.is_set():
+                has_run = True
+            try:
+                await asyncio.wait_for(stopping.wait(), min(30.0, 0.5 * 2 ** min(failures, 6)))
+            except asyncio.TimeoutError:
+                pass
     finally:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,6 +106,8 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
 
 
 def _child(settings: Settings, index: int, threads: int | None) -> None:
+    from pipeline.errors import StreamlabelError
+
     logs.configure(settings.log.level, settings.log.format)
     if threads is not None:
         settings = settings.replace(model={"threads": threads})
@@ -96,13 +120,28 @@ def _child(settings: Settings, index: int, threads: int | None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    sys.exit(asyncio.run(serve(settings, name=f"worker-{index}")))
+    try:
+        code = asyncio.run(serve(settings, name=f"worker-{index}"))
+    except StreamlabelError as exc:
+        print(f"error: worker-{index}: {exc.render()}", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code)
+
+
+async def preflight(settings: Settings) -> None:
+    """What every worker would check at start, once, before processes are spawned: broker and topics."""
+    from pipeline.kafka import check_topics
+
+    t = settings.topics
+    await check_topics(settings, {"input": t.input, "output": t.output, "dlq": t.dlq}, create=t.create,
+                       partitions=t.partitions, replication_factor=t.replication_factor)
 
 
 def run_workers(settings: Settings, workers: int) -> int:
     """Start N worker processes (spawned, one engine each); forward SIGTERM/SIGINT; return the worst exit code."""
     if workers <= 1:
         return asyncio.run(serve(settings))
+    asyncio.run(preflight(settings))
     cores = os.cpu_count() or 1
     threads = settings.model.threads or max(1, cores // workers)
     ctx = mp.get_context("spawn")

@@ -1,27 +1,38 @@
-"""The classify worker: one aiokafka consumer-group member.
+"""The classify worker: one consumer-group member, a thin loop.
 
-poll → decode (bad → DLQ) → cache → micro-batch → engine → publish (key, headers kept; partition order kept)
-→ broker ack → offset done → commit up to each partition's watermark (at-least-once).
+poll → decode (bad → DLQ) → cache → micro-batch → engine → outputs → ``consumers/delivery.py`` (ordered
+publish, acks or transactions, commits, rebalance, failure latch).
+
+Every task the worker starts is supervised: an unexpected exit of any of them (the commit task, the
+batcher, a batch handler, the broker watch) stops the worker without committing anything more, and
+``streamlabel run`` restarts it with fresh clients (uncommitted records are read again). A broken or hung
+engine stops it for good (``EngineError``, exit code 4).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    CorruptRecordException,
+    GroupAuthorizationFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+)
 
+from consumers.delivery import AtLeastOnce, Batch, DeliveryFailed, ExactlyOnce, Lifecycle, Output, PartitionClosed
+from pipeline import kafka as K
 from pipeline import logs
 from pipeline.batcher import EngineFailure, MicroBatcher
 from pipeline.cache import Cache, NullCache, cache_key
 from pipeline.config import Settings
-from pipeline.kafka import client_kwargs as kafka_client_kwargs
 from pipeline.engine import Engine
-from pipeline.errors import BadEvent, ConfigError
+from pipeline.errors import BadEvent, ConfigError, EngineError
 from pipeline.events import Event, Prediction, decode_event, encode_label, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
@@ -31,222 +42,332 @@ H_ERROR = "streamlabel.error"
 H_TOPIC = "streamlabel.source.topic"
 H_PARTITION = "streamlabel.source.partition"
 H_OFFSET = "streamlabel.source.offset"
-SEND_RETRIES = 5
+H_TRUNCATED = "streamlabel.value.truncated"  # the original value's length when the DLQ copy is cut
+H_DROPPED = "streamlabel.dropped"  # what a fallback DLQ record left out, and why
+_RESERVED = "streamlabel."
+_INPUT_PREFIX = "streamlabel.input."  # input headers that would pose as ours are renamed under this
+_RECORD_OVERHEAD = 512  # bytes of batch and record framing allowed for when a record must fit a topic limit
+_UNREADABLE_MAX = 10_000  # offsets dead-lettered at once for one unreadable producer batch
 
 
 class WorkerError(Exception):
     """The worker cannot go on without risking loss (e.g. outputs cannot be published); it stops uncommitted."""
 
 
-@dataclass
-class PartitionState:
-    """Offsets taken from one partition, which are done, and the ordering chain of its publishes."""
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A record the Kafka client could not parse: only its coordinates are known."""
 
-    offsets: deque[int] = field(default_factory=deque)
-    done: set[int] = field(default_factory=set)
-    committed: int | None = None  # the offset last committed (next to read)
-    tail: asyncio.Future | None = None  # resolves when the newest handler has sent all its records
-    inflight: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    last_offset: int = -1
-
-    def add(self, offset: int) -> None:
-        self.offsets.append(offset)
-        self.inflight += 1
-        self.last_offset = offset
-        self.drained.clear()
-
-    def complete(self, offset: int) -> None:
-        self.done.add(offset)
-
-    def finished(self, n: int) -> None:
-        self.inflight -= n
-        if self.inflight <= 0:
-            self.drained.set()
-
-    def watermark(self) -> int | None:
-        """The next offset to commit: one past the longest done prefix; None if nothing new."""
-        last = None
-        while self.offsets and self.offsets[0] in self.done:
-            last = self.offsets.popleft()
-            self.done.discard(last)
-        if last is None:
-            return None
-        return last + 1
+    offset: int
+    reason: str
+    timestamp: int = 0
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple = ()
 
 
 class _Rebalance(ConsumerRebalanceListener):
+    # aiokafka logs and swallows exceptions raised here; the worker turns them into a supervised failure.
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked):
-        await self.worker._on_revoked(revoked)
+        try:
+            await self.worker._on_revoked(revoked)
+        except Exception as exc:  # noqa: BLE001 — reported to the supervisor, which stops the worker
+            self.worker._fail(exc)
 
     async def on_partitions_assigned(self, assigned):
-        self.worker._on_assigned(assigned)
+        try:
+            await self.worker._on_assigned(assigned)
+        except Exception as exc:  # noqa: BLE001
+            self.worker._fail(exc)
 
 
 class Worker:
     def __init__(self, settings: Settings, engine: Engine, *, cache: Cache | None = None,
                  metrics: Metrics | None = None, slo: SloTracker | None = None, name: str = "worker-0") -> None:
         self.s = settings
-        self.engine = engine
+        self.fail = Failpoints(settings.worker.failpoint)
+        self.engine = self.fail.wrap_engine(engine)
         self.metrics = metrics or Metrics()
         self.slo = slo or SloTracker(settings.slo.objective_ms, settings.slo.target)
         self.cache = cache or NullCache()
         self.name = name
         self.log = logs.get("streamlabel.worker").bind(worker=name)
-        self.batcher = MicroBatcher(engine, max_batch=settings.batching.max_batch,
-                                    max_tokens=settings.batching.max_tokens, max_wait_ms=settings.batching.max_wait_ms,
-                                    concurrency=settings.batching.engine_concurrency, metrics=self.metrics)
-        self.parts: dict[TopicPartition, PartitionState] = {}
+        b = settings.batching
+        self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_wait_ms=b.max_wait_ms,
+                                    concurrency=b.engine_concurrency, metrics=self.metrics, timeout_s=b.engine_timeout_s)
+        self.eos = settings.worker.delivery == "exactly_once"
         self.inflight = 0
         self.paused = False
         self.labelled = 0
         self.dead_lettered = 0
+        self.unreadable = 0
         self.cache_hits = 0
         self.cache_lookups = 0
-        self.commits = 0
-        self._tasks: set[asyncio.Task] = set()
+        self.ready = asyncio.Event()  # set once partitions are assigned (exactly-once: and fenced)
+        self.consumer = None
+        self.producer = None
+        self.delivery: AtLeastOnce | ExactlyOnce | None = None
+        self.dlq_cap = settings.worker.dlq_max_bytes
+        self.dlq_limit = K.MAX_REQUEST_BYTES
+        self.output_limit = K.MAX_REQUEST_BYTES
         self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
-        self.ready = asyncio.Event()  # set once partitions are assigned
-        self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
-        self.eos = settings.worker.delivery == "exactly_once"
-        self.fail = Failpoints(settings.worker.failpoint)
-        self._txn: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._handlers: set[asyncio.Task] = set()
+        self._background: list[asyncio.Task] = []
+        self._kafka_down_since: float | None = None
+        self._missing_topics: set[str] = set()
+
+    @property
+    def commits(self) -> int:
+        return self.delivery.commits if self.delivery else 0
 
     # ------------------------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
         """Ask the worker to drain and exit (SIGTERM/SIGINT call this)."""
         self._stopping.set()
 
+    def _fail(self, exc: BaseException) -> None:
+        """The supervisor: the first unexpected failure stops the worker (nothing more is committed)."""
+        if self._fatal is None:
+            self._fatal = exc
+            self.log.error("worker_fatal", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        self._stopping.set()
+
     async def run(self) -> None:
-        k = self.s.kafka
-        common = kafka_client_kwargs(k)
-        self.consumer = AIOKafkaConsumer(
-            **common, group_id=k.group_id, client_id=f"{k.client_id}-{self.name}", enable_auto_commit=False,
-            auto_offset_reset=k.auto_offset_reset, session_timeout_ms=k.session_timeout_ms,
+        s, k, t = self.s, self.s.kafka, self.s.topics
+        info = await K.check_topics(s, {"input": t.input, "output": t.output, "dlq": t.dlq}, create=t.create,
+                                    partitions=t.partitions, replication_factor=t.replication_factor)
+        limit = min(K.MAX_REQUEST_BYTES, info["dlq"].max_message_bytes or K.MAX_REQUEST_BYTES)
+        self.dlq_cap = max(1024, min(s.worker.dlq_max_bytes, limit - 16 * 1024))
+        self.dlq_limit = limit
+        self.output_limit = min(K.MAX_REQUEST_BYTES, info["output"].max_message_bytes or K.MAX_REQUEST_BYTES)
+        self.consumer = K.consumer(
+            s, group_id=k.group_id, client_id=f"{k.client_id}-{self.name}", session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 4), max_poll_interval_ms=k.max_poll_interval_ms,
             max_poll_records=k.fetch_max_records, fetch_max_wait_ms=k.fetch_max_wait_ms, isolation_level="read_committed",
         )
-        self.producer = AIOKafkaProducer(
-            **common, client_id=f"{k.client_id}-{self.name}-out", acks="all", enable_idempotence=True,
-            linger_ms=k.linger_ms, compression_type=None if k.compression == "none" else k.compression,
-            request_timeout_ms=30_000,
-        )
+        common = dict(consumer=self.consumer, group_id=k.group_id, commit_interval_s=s.worker.commit_interval_ms / 1000,
+                      log=self.log, on_point=self.fail.hit)
+        if self.eos:
+            self.delivery = ExactlyOnce(
+                make_producer=lambda tp: K.transactional_producer(
+                    s, f"{k.group_id}.{tp.topic}.{tp.partition}", client_id=f"{k.client_id}-{self.name}-tx{tp.partition}",
+                    request_timeout_ms=30_000),
+                can_resume=lambda tp: not self.paused, **common)
+        else:
+            self.producer = K.producer(s, client_id=f"{k.client_id}-{self.name}-out", request_timeout_ms=30_000)
+            self.delivery = AtLeastOnce(producer=self.producer, **common)
         try:
-            await self.producer.start()
-        except (KafkaError, OSError) as exc:
-            raise ConfigError(f"cannot connect to Kafka at {k.bootstrap_servers} ({type(exc).__name__}: {exc})",
-                              hint="check kafka.bootstrap_servers, security_protocol and the SASL/TLS settings") from None
-        try:
-            self.consumer.subscribe([self.s.topics.input], listener=_Rebalance(self))
             try:
-                await self.consumer.start()
-            except (KafkaError, OSError) as exc:
-                raise ConfigError(f"cannot connect to Kafka at {k.bootstrap_servers} ({type(exc).__name__}: {exc})",
-                                  hint="check kafka.bootstrap_servers, security_protocol and the SASL/TLS settings") from None
+                if self.producer is not None:
+                    await asyncio.wait_for(self.producer.start(), K.START_TIMEOUT_S)
+                self.consumer.subscribe([t.input], listener=_Rebalance(self))
+                await asyncio.wait_for(self.consumer.start(), K.START_TIMEOUT_S)
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                raise K.connection_error(s, exc) from None
             self.batcher.start()
-            self.log.info("worker_started", input=self.s.topics.input, output=self.s.topics.output,
-                          dlq=self.s.topics.dlq, group=k.group_id, model=self.engine.model_id)
-            background = [asyncio.create_task(self._commit_loop(), name="commit"),
-                          asyncio.create_task(self._summary_loop(), name="summary")]
+            self.log.info("worker_started", input=t.input, output=t.output, dlq=t.dlq, group=k.group_id,
+                          model=self.engine.model_id, delivery=self.delivery.mode)
+            self._background = [self._supervise(self._commit_loop(), "commit"),
+                                self._supervise(self._summary_loop(), "summary"),
+                                self._supervise(self._watch_loop(), "kafka-watch")]
+            self.batcher.task.add_done_callback(lambda task: self._background_done("batcher", task))
             try:
                 await self._poll_loop()
+            except Exception as exc:  # noqa: BLE001 — stop uncommitted; run() re-raises it below
+                self._fail(exc)
             finally:
-                await self._drain()
-                for t in background:
-                    t.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
-                await self._commit()
+                await self._shutdown()
         finally:
-            await self.batcher.close()
-            await self._close_clients()
-            self.log.info("worker_stopped", labelled=self.labelled, dlq=self.dead_lettered, commits=self.commits)
+            await self._close_clients(time.monotonic() + 5.0)
+            self.log.info("worker_stopped", labelled=self.labelled, dlq=self.dead_lettered, unreadable=self.unreadable,
+                          commits=self.commits, refused_after_revoke=self.delivery.refused)
         if self._fatal is not None:
-            raise WorkerError(str(self._fatal)) from self._fatal
+            if isinstance(self._fatal, (EngineError, ConfigError)):
+                raise self._fatal
+            raise WorkerError(f"{type(self._fatal).__name__}: {self._fatal}") from self._fatal
 
-    async def _close_clients(self) -> None:
-        for client in (self.consumer, self.producer, *self._txn.values()):
+    def _supervise(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(lambda tk: self._background_done(name, tk))
+        return task
+
+    def _background_done(self, name: str, task: asyncio.Task) -> None:
+        if task.cancelled():
+            if not self._stopping.is_set():
+                self._fail(RuntimeError(f"the {name} task was cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fail(exc)
+        elif not self._stopping.is_set():
+            self._fail(RuntimeError(f"the {name} task exited"))
+
+    async def _shutdown(self) -> None:
+        """Drain, commit what is complete and close, all within ``worker.drain_timeout_s``."""
+        self._stopping.set()
+        deadline = time.monotonic() + self.s.worker.drain_timeout_s
+        try:
+            if self._fatal is None:
+                await self.delivery.close(deadline)
+            else:
+                await self.delivery.abandon(deadline)
+        except Exception as exc:  # noqa: BLE001 — a failed drain must not leave tasks and clients behind
+            self._fail(exc)
+            await self.delivery.abandon(deadline)
+        for task in self._handlers:
+            task.cancel()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.batcher.close(timeout_s=max(0.05, deadline - time.monotonic() - 1.0))
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+        await self._close_clients(deadline)
+
+    async def _close_clients(self, deadline: float) -> None:
+        for client in (self.consumer, self.producer):
             if client is not None:
                 try:
-                    await asyncio.wait_for(client.stop(), 15)
+                    await asyncio.wait_for(client.stop(), max(0.5, deadline - time.monotonic()))
                 except (KafkaError, asyncio.TimeoutError, OSError) as exc:
                     self.log.warning("client_stop_failed", error=type(exc).__name__)
 
-    async def _drain(self) -> None:
-        """Let in-flight records finish (bounded), so that what is done gets committed."""
-        deadline = time.monotonic() + self.s.worker.drain_timeout_s
-        while self.inflight > 0 and time.monotonic() < deadline and self._fatal is None:
-            waits = [st.drained.wait() for st in self.parts.values() if st.inflight > 0]
-            if not waits:
-                break
-            try:
-                await asyncio.wait_for(asyncio.gather(*waits), max(0.01, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break
-        if self.inflight > 0:
-            self.log.warning("drain_incomplete", inflight=self.inflight, note="uncommitted records will be re-read")
-
     # ------------------------------------------------------------------------------------ polling
     async def _poll_loop(self) -> None:
-        assert self.consumer is not None
         w = self.s.worker
-        while not self._stopping.is_set() and self._fatal is None:
-            # getmany keeps the group membership alive even while every partition is paused.
-            batches = await self.consumer.getmany(timeout_ms=50, max_records=self.s.kafka.fetch_max_records)
+        while not self._stopping.is_set():
+            try:
+                # getmany keeps the group membership alive even while every partition is paused.
+                batches = await self.consumer.getmany(timeout_ms=50, max_records=self.s.kafka.fetch_max_records)
+            except (TopicAuthorizationFailedError, GroupAuthorizationFailedError) as exc:
+                raise K.connection_error(self.s, exc) from None
+            except CorruptRecordException as exc:
+                await self._unreadable(exc)
+                continue
+            except KafkaError as exc:
+                self._fail(exc)
+                break
+            except Exception as exc:  # noqa: BLE001 — the client could not parse a record (e.g. a non-UTF-8 header key)
+                await self._unreadable(exc)
+                continue
             t_poll = time.perf_counter()
             for tp, records in batches.items():
-                st = self.parts.get(tp)
-                if st is None or not records:
-                    continue  # revoked between fetch and now: the new owner reads them
-                for r in records:
-                    st.add(r.offset)
-                self.inflight += len(records)
-                self.fail.hit("after_poll")
-                prev, mine = st.tail, asyncio.get_running_loop().create_future()
-                st.tail = mine
-                self._spawn(self._handle(tp, st, records, prev, mine, t_poll))
+                if records:
+                    self._take(tp, records, t_poll)
             self.metrics.inflight.set(self.inflight)
             if not self.paused and self.inflight >= w.max_inflight:
                 self.consumer.pause(*self.consumer.assignment())
                 self.paused = True
                 self.log.info("backpressure_pause", inflight=self.inflight)
             elif self.paused and self.inflight <= w.max_inflight // 2:
-                self.consumer.resume(*self.consumer.assignment())
                 self.paused = False
+                open_ = [tp for tp, p in self.delivery.parts.items() if p.state is Lifecycle.ASSIGNED]
+                self.consumer.resume(*open_)
                 self.log.info("backpressure_resume", inflight=self.inflight)
 
-    def _spawn(self, coro) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._task_done)
+    def _take(self, tp: TopicPartition, records: list, t_poll: float) -> None:
+        batch = self.delivery.admit(tp, records)
+        if batch is None:
+            # Not open yet (exactly-once: still being fenced) or being revoked: read these again later.
+            if tp in self.consumer.assignment():
+                try:
+                    self.consumer.seek(tp, records[0].offset)
+                except IllegalStateError:
+                    pass
+            return
+        self.inflight += len(records)
+        self.fail.hit("after_poll")
+        task = asyncio.get_running_loop().create_task(self._handle(tp, batch, records, t_poll))
+        self.delivery.track(batch, task)
+        self._handlers.add(task)
+        task.add_done_callback(self._handler_done)
 
-    def _task_done(self, t: asyncio.Task) -> None:
-        self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None and self._fatal is None:
-            self._fatal = t.exception()
-            self.log.error("worker_fatal", error=repr(t.exception())[:300])
-            self._stopping.set()
+    def _handler_done(self, task: asyncio.Task) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    # ------------------------------------------------------------------------------------ unreadable records
+    async def _unreadable(self, exc: BaseException) -> None:
+        """The client raised while parsing a fetch. Find the record, dead-letter it by its coordinates, skip it.
+
+        aiokafka cannot iterate a record batch past a record it cannot parse, so the records of the same
+        producer batch from that one on are dead-lettered too (value not available to this client; the
+        reason says how to read them with kcat). Records before it are labelled as usual.
+        """
+        loc = _locate(exc)
+        candidates = [loc[0]] if loc else [tp for tp, p in self.delivery.parts.items() if p.state is Lifecycle.ASSIGNED]
+        for tp in candidates:
+            if await self._step_to_unreadable(tp):
+                return
+        self._fail(WorkerError(f"the Kafka client failed to read a fetch and the record was not found: {exc!r}"))
+
+    async def _step_to_unreadable(self, tp: TopicPartition) -> bool:
+        for _ in range(100_000):
+            if self._stopping.is_set():
+                return True
+            try:
+                got = await self.consumer.getmany(tp, timeout_ms=2000, max_records=1)
+            except KafkaError as exc:
+                if not isinstance(exc, CorruptRecordException):
+                    raise
+                err: BaseException = exc
+            except Exception as exc:  # noqa: BLE001 — the parse failure, now pinned to this partition
+                err = exc
+            else:
+                if not got:
+                    return False
+                for tp2, recs in got.items():
+                    if recs:
+                        self._take(tp2, recs, time.perf_counter())
+                continue
+            loc = _locate(err)
+            pos = await self.consumer.position(tp)
+            first = max(pos, loc[1]) if loc and loc[0] == tp else pos
+            last = max(first, min(loc[2] - 1, first + _UNREADABLE_MAX - 1)) if loc and loc[0] == tp else first
+            why = f"{type(err).__name__}: {str(err)[:160]}"
+            recs = [Unreadable(o, f"unreadable: the Kafka client cannot parse this record or the rest of its producer "
+                                  f"batch ({why}); value not available here: kcat -C -t {tp.topic} -p {tp.partition} "
+                                  f"-o {o} -c 1", timestamp=now_ms())
+                    for o in range(first, last + 1)]
+            self.unreadable += len(recs)
+            self.log.error("unreadable_records", topic=tp.topic, partition=tp.partition, offsets=f"{first}-{last}",
+                           error=why, note="dead-lettered by offset and skipped; the partition goes on")
+            self.consumer.seek(tp, last + 1)
+            self._take(tp, recs, time.perf_counter())
+            return True
+        return False
 
     # ------------------------------------------------------------------------------------ handling
-    async def _handle(self, tp: TopicPartition, st: PartitionState, records: list, prev: asyncio.Future | None,
-                      mine: asyncio.Future, t_poll: float) -> None:
+    async def _handle(self, tp: TopicPartition, batch: Batch, records: list, t_poll: float) -> None:
         try:
-            await self._handle_inner(tp, st, records, prev, mine, t_poll)
+            outputs, answered, fresh = await self._outputs(tp, records)
+            if self.fail:
+                for _ in records:
+                    self.fail.hit("after_inference")
+                await self.fail.stall()
+            await self.delivery.publish(batch, outputs)
+            self._count(answered)
+            if fresh:
+                await self.cache.put_many(fresh)
+        except PartitionClosed:
+            pass  # revoked or failed: not published, not committed; whoever owns it next reads it again
         finally:
-            if not mine.done():
-                mine.set_result(None)
-            st.finished(len(records))
+            self.delivery.settle(batch)
             self.inflight -= len(records)
 
-    async def _handle_inner(self, tp, st, records, prev, mine, t_poll) -> None:
+    async def _outputs(self, tp: TopicPartition, records: list) -> tuple[list[Output], list, list]:
         w = self.s.worker
         poll_ms = now_ms()
         events: list[Event | BadEvent] = []
         for r in records:
+            if isinstance(r, Unreadable):
+                events.append(BadEvent(r.reason))
+                continue
             try:
                 events.append(decode_event(r.value, default_id=f"{tp.topic}-{tp.partition}-{r.offset}",
                                            record_ts_ms=r.timestamp, key=r.key, headers=r.headers or (),
@@ -255,216 +376,155 @@ class Worker:
                 events.append(bad)
             self.slo.record_stage("queue", max(0.0, (poll_ms - r.timestamp) / 1000.0))
 
-        good_idx = [i for i, e in enumerate(events) if isinstance(e, Event)]
-        keys = [cache_key(self.engine.model_id, events[i].text) for i in good_idx]
+        good = [i for i, e in enumerate(events) if isinstance(e, Event)]
+        keys = [cache_key(self.engine.model_id, events[i].text) for i in good]
         t0 = time.perf_counter()
         cached = await self.cache.get_many(keys) if keys else []
         self.slo.record_stage("cache", time.perf_counter() - t0)
         self.cache_lookups += len(keys)
-
-        futures: dict[int, asyncio.Future] = {}
-        misses: list[tuple[str, int]] = []
-        for j, i in enumerate(good_idx):
+        answers: dict[int, Any] = {}
+        miss_key: dict[int, str] = {}
+        for j, i in enumerate(good):
             if cached[j] is not None:
                 self.cache_hits += 1
-                f = asyncio.get_running_loop().create_future()
-                f.set_result(cached[j])
-                futures[i] = f
+                answers[i] = cached[j]
             else:
-                futures[i] = self.batcher.submit(events[i].text)
-                misses.append((keys[j], i))
+                answers[i] = self.batcher.submit(events[i].text)
+                miss_key[i] = keys[j]
 
-        if prev is not None:
-            await prev  # publish after every earlier record of this partition has been sent: per-key order
-        if self.eos:
-            await self._deliver_transaction(tp, st, records, events, futures, dict((i, k) for k, i in misses), mine)
-            return
-        acks: list[tuple[int, int, Any, Event | BadEvent, float]] = []
+        outputs: list[Output] = []
+        answered: list[tuple[bool, int, str]] = []  # (labelled?, record ts, dlq reason)
         fresh: list[tuple[str, Prediction]] = []
-        miss_keys = dict((i, k) for k, i in misses)
         for i, (r, ev) in enumerate(zip(records, events)):
-            topic, value, headers, ev = await self._output_for(tp, r, ev, futures.get(i), miss_keys.get(i), fresh)
-            self.fail.hit("after_inference")
-            t_send = time.perf_counter()
-            fut = await self._send(topic, r.key, value, headers)
-            acks.append((r.offset, r.timestamp, fut, ev, t_send))
-        mine.set_result(None)  # the next handler of this partition may send now
+            if isinstance(ev, Event):
+                a = answers[i]
+                if isinstance(a, asyncio.Future):
+                    try:
+                        a = await a
+                    except EngineFailure as fail:
+                        ev = BadEvent(fail.reason)
+                if isinstance(ev, Event):
+                    if i in miss_key:  # computed by the engine, not the cache: write it back
+                        fresh.append((miss_key[i], a))
+                        for stage in ("batch_wait", "tokenize", "infer"):
+                            if stage in a.timings:
+                                self.slo.record_stage(stage, a.timings[stage])
+                    outputs.append(self._label(tp, r, ev, a))
+                    answered.append((True, r.timestamp, ""))
+                    continue
+            outputs.append(self._dlq(tp, r, ev.reason))
+            answered.append((False, r.timestamp, ev.reason))
+        return outputs, answered, fresh
 
-        put = asyncio.create_task(self.cache.put_many(fresh)) if fresh else None
-        for offset, ts, fut, ev, t_send in acks:
-            await self._await_ack(fut)
-            self.slo.record_stage("publish", time.perf_counter() - t_send)
-            self._count(ev, ts)
-            st.complete(offset)
-            self.fail.hit("after_publish")
-        if put is not None:
-            await put
+    def _label(self, tp: TopicPartition, r, ev: Event, pred: Prediction) -> Output:
+        labeled = now_ms()
+        lat = {"e2e": labeled - r.timestamp}
+        if not pred.cached:
+            lat["batch_wait"] = round(pred.timings.get("batch_wait", 0.0) * 1000, 3)
+            lat["infer"] = round(pred.timings.get("infer", 0.0) * 1000, 3)
+        value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
+        headers = list(r.headers or ())
+        fallback = self._fallback(tp, r, "publish: the label record is larger than the output topic allows "
+                                         "(input key and headers are kept on labels)")
+        out = Output(self.s.topics.output, r.key, value, headers, fallback)
+        return out if _size(out) <= self.output_limit - _RECORD_OVERHEAD else fallback
 
-    async def _output_for(self, tp, r, ev, fut, miss_key: str | None, fresh: list):
-        """(topic, value, headers, final event-or-BadEvent) of one input record's output."""
-        if isinstance(ev, Event):
-            try:
-                pred = await fut
-            except EngineFailure as fail:
-                ev = BadEvent(fail.reason)
+    def _ours(self, tp: TopicPartition, r, reason: str) -> list:
+        return [(H_ERROR, reason.encode()), (H_TOPIC, tp.topic.encode()),
+                (H_PARTITION, str(tp.partition).encode()), (H_OFFSET, str(r.offset).encode())]
+
+    def _dlq(self, tp: TopicPartition, r, reason: str) -> Output:
+        """The DLQ copy: our headers first, then the input's (any posing as ours renamed), the value capped."""
+        headers = self._ours(tp, r, reason)
+        value = r.value if r.value is not None else b""
+        if len(value) > self.dlq_cap:
+            headers.append((H_TRUNCATED, str(len(value)).encode()))
+            value = value[: self.dlq_cap]
+        for k, v in r.headers or ():
+            headers.append((_INPUT_PREFIX + k[len(_RESERVED):] if k.startswith(_RESERVED) else k, v))
+        fallback = self._fallback(tp, r, reason)
+        out = Output(self.s.topics.dlq, r.key, value, headers, fallback)
+        return out if _size(out) <= self.dlq_limit - _RECORD_OVERHEAD else fallback
+
+    def _fallback(self, tp: TopicPartition, r, reason: str) -> Output:
+        """A DLQ record that always fits: reason and coordinates only (the input stays in its topic)."""
+        headers = self._ours(tp, r, reason[:2000])
+        key = r.key if r.key is None or len(r.key) <= 4096 else None
+        headers.append((H_DROPPED, f"value ({len(r.value or b'')} bytes) and input headers: the record would "
+                                   f"exceed the topic's size limit".encode()))
+        return Output(self.s.topics.dlq, key, b"", headers)
+
+    def _count(self, answered: list) -> None:
+        now = now_ms()
+        for labelled, ts, reason in answered:
+            if labelled:
+                self.labelled += 1
+                self.metrics.events.labels("labelled").inc()
+                e2e = max(0, now - ts)
+                self.slo.record_e2e(e2e)
+                self.metrics.e2e.observe(e2e / 1000.0)
             else:
-                if miss_key is not None:  # computed by the engine, not the cache: write it back
-                    fresh.append((miss_key, pred))
-                    for stage in ("batch_wait", "tokenize", "infer"):
-                        if stage in pred.timings:
-                            self.slo.record_stage(stage, pred.timings[stage])
-                labeled = now_ms()
-                lat = {"e2e": labeled - r.timestamp}
-                if not pred.cached:
-                    lat["batch_wait"] = round(pred.timings.get("batch_wait", 0.0) * 1000, 3)
-                    lat["infer"] = round(pred.timings.get("infer", 0.0) * 1000, 3)
-                value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
-                return self.s.topics.output, value, list(r.headers or ()), ev
-        self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=ev.reason)
-        headers = list(r.headers or ()) + [
-            (H_ERROR, ev.reason.encode()), (H_TOPIC, tp.topic.encode()),
-            (H_PARTITION, str(tp.partition).encode()), (H_OFFSET, str(r.offset).encode()),
-        ]
-        return self.s.topics.dlq, (r.value if r.value is not None else b""), headers, ev
+                self.dead_lettered += 1
+                self.metrics.events.labels("dlq").inc()
+                self.metrics.dlq_reasons.labels(reason.split(":")[0]).inc()
 
-    def _count(self, ev, record_ts: int) -> None:
-        if isinstance(ev, BadEvent):
-            self.dead_lettered += 1
-            self.metrics.events.labels("dlq").inc()
-            self.metrics.dlq_reasons.labels(ev.reason.split(":")[0]).inc()
-        else:
-            self.labelled += 1
-            self.metrics.events.labels("labelled").inc()
-            e2e = max(0, now_ms() - record_ts)
-            self.slo.record_e2e(e2e)
-            self.metrics.e2e.observe(e2e / 1000.0)
-
-    # ------------------------------------------------------------------------------------ exactly-once
-    async def _txn_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
-        p = self._txn.get(tp)
-        if p is None:
-            k = self.s.kafka
-            # aiokafka has no KIP-447: one transactional id per input partition fences a zombie owner of it.
-            p = AIOKafkaProducer(**kafka_client_kwargs(k), client_id=f"{k.client_id}-{self.name}-tx{tp.partition}",
-                                 transactional_id=f"{k.group_id}.{tp.topic}.{tp.partition}", enable_idempotence=True,
-                                 acks="all", linger_ms=k.linger_ms, request_timeout_ms=30_000,
-                                 compression_type=None if k.compression == "none" else k.compression)
-            await p.start()
-            self._txn[tp] = p
-        return p
-
-    async def _deliver_transaction(self, tp, st, records, events, futures, miss_keys, mine) -> None:
-        """Outputs and the input offsets in one Kafka transaction: all visible to read_committed, or none."""
-        fresh: list[tuple[str, Prediction]] = []
-        outs = []
-        for i, (r, ev) in enumerate(zip(records, events)):
-            outs.append((r, *await self._output_for(tp, r, ev, futures.get(i), miss_keys.get(i), fresh)))
-            self.fail.hit("after_inference")
-        t_send = time.perf_counter()
-        try:
-            prod = await self._txn_producer(tp)
-            async with prod.transaction():
-                sends = [await prod.send(topic, value=value, key=r.key, headers=headers)
-                         for r, topic, value, headers, _ in outs]
-                await asyncio.gather(*sends)
-                self.fail.hit("in_transaction")
-                await prod.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.s.kafka.group_id)
-        except (KafkaError, asyncio.TimeoutError) as exc:
-            # Indefinite outcome: the producer is re-created by a worker restart (fencing the old one); the
-            # aborted or committed transaction decides, and read_committed readers never see a half.
-            raise WorkerError(f"transaction for partition {tp.partition} failed: {exc!r}") from exc
-        finally:
-            if not mine.done():
-                mine.set_result(None)
-        self.slo.record_stage("publish", time.perf_counter() - t_send)
-        for r, _, _, _, ev in outs:
-            self._count(ev, r.timestamp)
-            st.complete(r.offset)
-        st.committed = records[-1].offset + 1
-        if fresh:
-            await self.cache.put_many(fresh)
-
-    async def _send(self, topic: str, key, value: bytes, headers: list) -> asyncio.Future:
-        assert self.producer is not None
-        for attempt in range(SEND_RETRIES):
-            try:
-                return await self.producer.send(topic, value=value, key=key, headers=headers)
-            except KafkaError as exc:
-                if attempt == SEND_RETRIES - 1:
-                    raise WorkerError(f"cannot publish to '{topic}': {exc!r}") from exc
-                await asyncio.sleep(0.2 * 2 ** attempt)  # backoff between retries, not synchronisation
-        raise AssertionError("unreachable")
-
-    async def _await_ack(self, fut: asyncio.Future) -> None:
-        try:
-            await fut
-        except KafkaError as exc:
-            # The producer already retried for request_timeout; without an ack the offset must not be
-            # committed, and going on would let the watermark stall: stop and let a restart re-read.
-            raise WorkerError(f"output not acknowledged: {exc!r}") from exc
-
-    # ------------------------------------------------------------------------------------ commits
+    # ------------------------------------------------------------------------------------ background
     async def _commit_loop(self) -> None:
+        # Exactly-once checks four times per interval, so a transaction commits soon after it is due.
+        period = self.s.worker.commit_interval_ms / 1000 / (4 if self.eos else 1)
         while True:
-            await asyncio.sleep(self.s.worker.commit_interval_ms / 1000)  # a period, not synchronisation
-            await self._commit()
+            await asyncio.sleep(period)  # a period, not synchronisation
+            await self.delivery.tick()
 
-    async def _commit(self, only: set | None = None) -> None:
-        if self.consumer is None or self.eos:  # exactly-once: offsets are committed inside each transaction
-            return
-        offsets = {}
-        for tp, st in self.parts.items():
-            if only is not None and tp not in only:
+    async def _watch_loop(self) -> None:
+        """Log a broker outage once when it starts and once when it ends; a deleted output topic once."""
+        while True:
+            await asyncio.sleep(2.0)  # a period, not synchronisation
+            try:
+                topics = await asyncio.wait_for(self.consumer.topics(), 5.0)
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                if self._kafka_down_since is None:
+                    self._kafka_down_since = time.monotonic()
+                    self.log.warning("kafka_unreachable", bootstrap=self.s.kafka.bootstrap_servers,
+                                     error=type(exc).__name__, note="retrying; records stay uncommitted meanwhile")
                 continue
-            wm = st.watermark()
-            if wm is not None and (st.committed is None or wm > st.committed):
-                offsets[tp] = wm
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            self.log.warning("commit_failed", error=type(exc).__name__, partitions=len(offsets))
-            return
-        for tp, wm in offsets.items():
-            self.parts[tp].committed = wm
-        self.commits += 1
+            if self._kafka_down_since is not None:
+                self.log.warning("kafka_reachable", bootstrap=self.s.kafka.bootstrap_servers,
+                                 outage_s=round(time.monotonic() - self._kafka_down_since, 1))
+                self._kafka_down_since = None
+            for role in ("input", "output", "dlq"):
+                name = getattr(self.s.topics, role)
+                if name not in topics and name not in self._missing_topics:
+                    self._missing_topics.add(name)
+                    self.log.error("topic_missing", role=role, topic=name,
+                                   note="publishes to it fail after the producer's timeout; the worker then restarts")
+                elif name in topics:
+                    self._missing_topics.discard(name)
 
     # ------------------------------------------------------------------------------------ rebalance
     async def _on_revoked(self, revoked) -> None:
-        revoked = set(revoked)
-        mine = [self.parts[tp] for tp in revoked if tp in self.parts]
-        busy = [st.drained.wait() for st in mine if st.inflight > 0]
-        if busy:
-            try:
-                await asyncio.wait_for(asyncio.gather(*busy), self.s.worker.drain_timeout_s)
-            except asyncio.TimeoutError:
-                self.log.warning("revoke_drain_timeout", note="incomplete records stay uncommitted")
-        await self._commit(only=revoked)
-        for tp in revoked:
-            self.parts.pop(tp, None)
-            prod = self._txn.pop(tp, None)
-            if prod is not None:
-                await prod.stop()
+        revoked = [tp for tp in revoked if tp in self.delivery.parts]
+        if not revoked:
+            return
+        await self.delivery.revoke(revoked, time.monotonic() + self.s.worker.drain_timeout_s)
         self.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
-    def _on_assigned(self, assigned) -> None:
-        for tp in assigned:
-            self.parts.setdefault(tp, PartitionState())
-        if self.paused and self.consumer is not None and assigned:
+    async def _on_assigned(self, assigned) -> None:
+        if self.paused and assigned:
             self.consumer.pause(*assigned)
+        await self.delivery.assign(assigned)
         self.ready.set()
         self.log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     # ------------------------------------------------------------------------------------ reporting
     def lag(self) -> int:
         total = 0
-        if self.consumer is None:
+        if self.consumer is None or self.delivery is None:
             return 0
-        for tp, st in self.parts.items():
+        for tp, p in list(self.delivery.parts.items()):
             hw = self.consumer.highwater(tp)
             if hw is not None:
-                lag = max(0, hw - (st.last_offset + 1)) if st.last_offset >= 0 else hw
+                lag = max(0, hw - (p.last_offset + 1)) if p.last_offset >= 0 else hw
                 self.metrics.lag.labels(str(tp.partition)).set(lag)
                 total += lag
         return total
@@ -486,3 +546,31 @@ class Worker:
         while True:
             await asyncio.sleep(self.s.metrics.summary_interval_s)  # a period, not synchronisation
             self.log.info("summary", **self.summary())
+
+
+def _size(o: Output) -> int:
+    return len(o.value) + len(o.key or b"") + sum(len(k) + len(v or b"") + 2 for k, v in o.headers)
+
+
+def _locate(exc: BaseException) -> tuple[TopicPartition, int, int] | None:
+    """(partition, batch base offset, batch next offset) of the record batch aiokafka failed to parse.
+
+    Read from the traceback of aiokafka's record iterator (``PartitionRecords._unpack_records``): its locals
+    name the partition and the batch. None if the traceback does not show it (another aiokafka version);
+    the caller then steps every partition instead.
+    """
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_name == "_unpack_records" and "tp" in f.f_locals:
+            tp = f.f_locals["tp"]
+            nb = f.f_locals.get("next_batch")
+            try:
+                found = (tp, int(nb.base_offset), int(nb.next_offset)) if nb is not None else (tp, -1, -1)
+            except (AttributeError, TypeError, ValueError):
+                found = (tp, -1, -1)
+        tb = tb.tb_next
+    if found is not None and found[1] < 0:
+        return (found[0], 0, 0)
+    return found

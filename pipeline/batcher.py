@@ -4,7 +4,10 @@ Policy: a batch leaves as soon as the engine has a free slot (no fixed wait at l
 is busy, arrivals queue and the next batch takes as many as ``max_batch`` and ``max_tokens`` allow, so
 batches grow with load. ``max_wait_ms`` > 0 lets a small batch wait that long for company when idle.
 Identical texts in flight share one answer. A batch the engine fails on is split in halves until the
-failing text is alone; only that text fails (poison isolation).
+failing text is alone; that text is poison only if the engine still answers a text it answered before
+(the canary). If it does not, the engine is broken: every waiting text fails with ``EngineError`` and the
+worker stops instead of dead-lettering the stream. Every engine call has a timeout; a call that outlives
+it means a hung engine, which is ``EngineError`` too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pipeline.engine import Engine
+from pipeline.errors import EngineError
 from pipeline.events import Prediction
+
+CANARY = "ok"  # asked when no text has been answered yet
 
 
 class EngineFailure(Exception):
@@ -38,8 +44,11 @@ class _Item:
 
 class MicroBatcher:
     def __init__(self, engine: Engine, *, max_batch: int = 64, max_tokens: int = 8192, max_wait_ms: float = 0.0,
-                 concurrency: int = 1, metrics=None) -> None:
+                 concurrency: int = 1, metrics=None, timeout_s: float = 30.0) -> None:
         self.engine = engine
+        self.timeout_s = timeout_s
+        self.broken: EngineError | None = None
+        self._canary: str | None = None  # the latest text the engine answered
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self.max_wait = max_wait_ms / 1000.0
@@ -62,8 +71,17 @@ class MicroBatcher:
         if self._dispatcher is None:
             self._dispatcher = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The dispatcher task (for the owner's supervision)."""
+        return self._dispatcher
+
     def submit(self, text: str) -> asyncio.Future:
-        """Queue a text; the future resolves to its ``Prediction`` (or raises ``EngineFailure``)."""
+        """Queue a text; the future resolves to its ``Prediction`` (or raises ``EngineFailure`` / ``EngineError``)."""
+        if self.broken is not None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(self.broken)
+            return fut
         item = self._inflight.get(text)
         if item is not None and not item.future.done():
             self.coalesced += 1
@@ -128,16 +146,53 @@ class MicroBatcher:
         finally:
             self._slots.release()
 
-    async def _infer(self, batch: list[_Item]) -> None:
+    async def _call(self, texts: list[str]):
         try:
-            preds = await self.engine.predict([it.text for it in batch])
+            return await asyncio.wait_for(self.engine.predict(texts), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineError(f"an engine call on {len(texts)} text(s) did not return within {self.timeout_s:g} s",
+                              hint="the model or its execution provider is hung; raise batching.engine_timeout_s "
+                                   "only if batches legitimately take that long") from None
+
+    async def _healthy(self) -> bool:
+        """Does the engine still answer a text it answered before? (poison text vs broken engine)"""
+        try:
+            await self._call([self._canary or CANARY])
         except asyncio.CancelledError:
             raise
+        except Exception:  # noqa: BLE001 — any failure of the canary means the engine is broken
+            return False
+        return True
+
+    def _break(self, err: EngineError, batch: list[_Item]) -> None:
+        if self.broken is None:
+            self.broken = err
+        for it in list(batch) + list(self._queue):
+            if not it.future.done():
+                it.future.set_exception(self.broken)
+        self._queue.clear()
+
+    async def _infer(self, batch: list[_Item]) -> None:
+        if self.broken is not None:
+            self._break(self.broken, batch)
+            return
+        try:
+            preds = await self._call([it.text for it in batch])
+        except asyncio.CancelledError:
+            raise
+        except EngineError as err:
+            self._break(err, batch)
+            return
         except Exception as exc:
             if len(batch) == 1:
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if not await self._healthy():
+                    self._break(EngineError(f"the engine fails every text, even one it answered before ({why})",
+                                            hint="check the model artifact and the execution provider"), batch)
+                    return
                 it = batch[0]
                 if not it.future.done():
-                    it.future.set_exception(EngineFailure(f"engine: {type(exc).__name__}: {str(exc)[:200]}"))
+                    it.future.set_exception(EngineFailure(f"engine: {why}"))
                 return
             mid = len(batch) // 2
             await self._infer(batch[:mid])
@@ -152,18 +207,23 @@ class MicroBatcher:
                 if not it.future.done():
                     it.future.set_exception(EngineFailure(str(p)))
                 continue
+            self._canary = it.text
             if not it.future.done():
                 timings = {**p.timings, "batch_wait": it.timings.get("batch_wait", 0.0)}
                 it.future.set_result(Prediction(p.label, p.score, p.scores, p.model, False, timings))
 
-    async def close(self) -> None:
-        """Cancel the dispatcher; let running engine calls finish; fail what is still queued."""
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel the dispatcher; let running engine calls finish (bounded, then cancelled); fail what is queued."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
             self._dispatcher = None
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            _, late = await asyncio.wait(list(self._tasks), timeout=max(0.01, timeout_s))
+            for t in late:  # a hung engine call: its thread is abandoned, the coroutine is cancelled
+                t.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
         while self._queue:
             it = self._queue.popleft()
             if not it.future.done():

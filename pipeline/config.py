@@ -58,6 +58,7 @@ class BatchingSettings:
     max_tokens: int = 8192  # padded tokens per batch (batch × bucket width)
     max_wait_ms: float = 0.0  # 0: dispatch at once when the engine is idle; >0: let small batches grow this long
     engine_concurrency: int = 1  # concurrent engine calls; 1 is right for CPU (ORT parallelises inside a call)
+    engine_timeout_s: float = 30.0  # an engine call longer than this means a hung engine: the worker stops (exit 4)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class WorkerSettings:
     max_inflight: int = 4096  # records taken from Kafka but not yet committed; pause partitions above it
     max_bytes: int = 64 * 1024
     max_chars: int = 10_000
+    dlq_max_bytes: int = 512 * 1024  # DLQ copies keep at most this much of the value (and say so in a header)
     commit_interval_ms: int = 200
     drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
@@ -248,6 +250,8 @@ def _check(s: Settings, where: str) -> None:
         "batching.engine_concurrency": s.batching.engine_concurrency, "worker.max_inflight": s.worker.max_inflight,
         "worker.max_bytes": s.worker.max_bytes, "worker.max_chars": s.worker.max_chars,
         "slo.objective_ms": s.slo.objective_ms, "cache.ttl_s": s.cache.ttl_s,
+        "batching.engine_timeout_s": s.batching.engine_timeout_s, "worker.dlq_max_bytes": s.worker.dlq_max_bytes,
+        "worker.drain_timeout_s": s.worker.drain_timeout_s, "worker.commit_interval_ms": s.worker.commit_interval_ms,
         "topics.partitions": s.topics.partitions, "topics.replication_factor": s.topics.replication_factor,
     }
     for key, v in positive.items():

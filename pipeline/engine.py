@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +130,7 @@ class OnnxEngine:
             raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0]}",
                              where=str(root), hint="rebuild the artifact or pick another --variant") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._executor = DaemonExecutor("onnx")
         if warmup:
             self.warmup()
 
@@ -206,7 +208,57 @@ class OnnxEngine:
                 self.session.run(None, {k: arrays[k] for k in self.input_names})
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DaemonExecutor(concurrent.futures.Executor):
+    """One daemon thread running calls in order.
+
+    Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit), a call that never returns
+    (a hung native kernel) cannot keep the process alive after the worker has stopped on its own timeout.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put((fut, fn, args, kwargs))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fut, fn, args, kwargs = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 — handed to the caller through the future
+                fut.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._q.put(None)
+        if wait:
+            self._thread.join()
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

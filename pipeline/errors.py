@@ -31,6 +31,10 @@ class ConfigError(UsageError):
     """A configuration key is missing, mistyped or out of range."""
 
 
+class KafkaUnreachable(ConfigError):
+    """No broker answered (or it refused the connection). Fatal at start; retried once a worker has run."""
+
+
 class ModelError(UsageError):
     """A model directory or artifact is missing, incomplete, corrupt or does not fit."""
 
@@ -39,6 +43,15 @@ class QualityGateError(StreamlabelError):
     """A built variant lost more accuracy than allowed; the artifact is not published. Exit code 3."""
 
     exit_code = 3
+
+
+class EngineError(StreamlabelError):
+    """The model engine is broken (fails even a text it answered before) or hung (a call outlived its timeout).
+
+    Not retriable in-process: the worker stops and ``streamlabel run`` exits with code 4.
+    """
+
+    exit_code = 4
 
 
 class BadEvent(Exception):

@@ -59,6 +59,8 @@ def decode_event(
     """Decode one record value. Raises ``BadEvent(reason)`` for anything that cannot be labelled."""
     if value is None:
         raise BadEvent("tombstone: the record value is null")
+    if value[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark (editors, Windows tools): not part of the event
+        value = value[3:]
     if len(value) > max_bytes:
         raise BadEvent(f"oversized: value is {len(value)} bytes, the cap is {max_bytes}")
     if not value.strip():

@@ -30,7 +30,7 @@ from aiokafka.errors import (
 )
 
 from pipeline.config import KafkaSettings, Settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, KafkaUnreachable
 
 # The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.
 MAX_REQUEST_BYTES = 1_048_576
@@ -117,7 +117,7 @@ def connection_error(s: Settings | KafkaSettings | str, exc: BaseException) -> C
             hint += f" and that the listener speaks {k.security_protocol}"
         why = ("no broker answered" if isinstance(exc, KafkaConnectionError)
                else "timed out" if isinstance(exc, asyncio.TimeoutError) else _short(exc))
-        return ConfigError(f"cannot reach {where} ({why})", hint=hint)
+        return KafkaUnreachable(f"cannot reach {where} ({why})", hint=hint)
     return ConfigError(f"{where}: {type(exc).__name__}: {_short(exc)}", hint="check the [kafka] settings")
 
 

@@ -1,0 +1,619 @@
+"""Delivery: publish each poll batch's outputs in partition order, then commit its input offsets.
+
+Three parts, each small enough to check by reading it:
+
+- ``OffsetTracker`` (state only, no I/O): the poll batches taken from one partition, which are done
+  (outputs durable) or failed, and the offset that may be committed: one past the longest done prefix.
+  It is never destructive: asking what may be committed changes nothing, so a failed commit is retried
+  with the same offset, and a failed batch stops the prefix for good (the failure latch).
+- ``AtLeastOnce`` and ``ExactlyOnce``: the two protocols, each with its steps in its docstring.
+- ``Partition``: the lifecycle every protocol checks before producing anything for a partition:
+
+      STARTING ──► ASSIGNED ──► REVOKING ──► REVOKED
+                       │                        ▲
+                       └──► FAILED ─────────────┘   (a failed publish or transaction; latched)
+
+  Only ASSIGNED and REVOKING partitions produce. REVOKED is final for this worker instance: a handler that
+  outlives its partition's revoke deadline is cancelled and, should it still reach ``publish``, is refused.
+
+Batches of one partition publish strictly in the order they were polled (a chain of "turns"), so the
+outputs of one key keep the input order. The worker calls ``admit`` when it polls records, ``publish``
+when their outputs are ready, and ``settle`` in its ``finally``; everything else happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from aiokafka import TopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
+
+from pipeline import logs
+from pipeline.failpoints import InjectedFault
+
+SEND_RETRIES = 5
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class PartitionClosed(Exception):
+    """The partition is revoked or failed: this batch is not published (the next owner re-reads it)."""
+
+
+class DeliveryFailed(Exception):
+    """A publish or a transaction failed. Retriable: the worker stops uncommitted and a restart re-reads."""
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass(eq=False, slots=True)
+class Batch:
+    """One poll batch of one partition: offsets ``first``..``last`` (``size`` records, maybe with gaps)."""
+
+    first: int
+    last: int
+    size: int
+    done: bool = False
+    failed: bool = False
+    settled: bool = False
+    prev: asyncio.Future | None = None  # the previous batch's turn: resolved once its outputs are sent
+    turn: asyncio.Future | None = None  # this batch's turn, resolved by ``release_turn``
+    owner: Partition | None = None  # the partition incarnation it was taken from (not a later re-assignment)
+
+    def release_turn(self) -> None:
+        if self.turn is not None and not self.turn.done():
+            self.turn.set_result(None)
+
+
+class OffsetTracker:
+    """What was taken from one partition, what is done, and what may be committed. No I/O.
+
+    Invariant (checked by a property test): ``committable()`` never reaches past the first offset of a
+    batch that is not done, so no offset is committed before its outputs are durable, and nothing at or
+    after a failed batch is ever committed by this tracker (the latch). Done batches at the head are
+    folded into ``done_upto`` as they complete, so memory is bounded by the batches in flight.
+    """
+
+    __slots__ = ("_open", "_done_upto", "_committed", "failure", "inflight")
+
+    def __init__(self) -> None:
+        self._open: deque[Batch] = deque()
+        self._done_upto: int | None = None  # one past the last offset of the done prefix
+        self._committed: int | None = None
+        self.failure: str | None = None
+        self.inflight = 0  # records in batches neither done nor failed
+
+    def take(self, first: int, last: int, size: int) -> Batch:
+        tail = self._open[-1].last if self._open else (self._done_upto - 1 if self._done_upto is not None else -1)
+        if first <= tail or last < first:
+            raise ValueError(f"offsets must increase: batch {first}..{last} after {tail}")
+        b = Batch(first, last, size)
+        self._open.append(b)
+        self.inflight += size
+        return b
+
+    def done(self, b: Batch) -> None:
+        if b.done or b.failed:
+            return
+        b.done = True
+        self.inflight -= b.size
+        while self._open and self._open[0].done:
+            self._done_upto = self._open.popleft().last + 1
+
+    def fail(self, b: Batch, reason: str) -> None:
+        if not (b.done or b.failed):
+            b.failed = True
+            self.inflight -= b.size
+        if self.failure is None:
+            self.failure = reason
+
+    def committable(self) -> int | None:
+        """The next offset to commit (one past the done prefix) if it is beyond the last commit, else None."""
+        if self._done_upto is None or (self._committed is not None and self._done_upto <= self._committed):
+            return None
+        return self._done_upto
+
+    def committed(self, offset: int) -> None:
+        if self._committed is None or offset > self._committed:
+            self._committed = offset
+
+    @property
+    def last_committed(self) -> int | None:
+        return self._committed
+
+    def heads(self, batches: Sequence[Batch]) -> bool:
+        """True when ``batches`` are exactly the oldest not-done batches, in order (a transaction may commit them)."""
+        if len(batches) > len(self._open):
+            return False
+        return all(self._open[i] is b for i, b in enumerate(batches))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class Lifecycle(enum.Enum):
+    STARTING = "starting"  # assigned; exactly-once: its producer is being initialised, nothing is read yet
+    ASSIGNED = "assigned"
+    REVOKING = "revoking"  # in-flight batches may still publish, until the revoke deadline
+    REVOKED = "revoked"  # final: nothing is produced for it by this worker instance again
+    FAILED = "failed"  # a publish or transaction failed: latched until the partition is re-read
+
+
+@dataclass(eq=False)
+class _Txn:
+    started: float
+    batches: list[Batch] = field(default_factory=list)
+    acks: list[asyncio.Future] = field(default_factory=list)
+    waiters: list[asyncio.Future] = field(default_factory=list)
+    dirty: bool = False  # a batch was cut off mid-send: this transaction may only be aborted
+
+
+class Partition:
+    """One assigned input partition: lifecycle, offset tracker, publish turns, handler tasks."""
+
+    def __init__(self, tp: TopicPartition, state: Lifecycle = Lifecycle.ASSIGNED) -> None:
+        self.tp = tp
+        self.state = state
+        self.tracker = OffsetTracker()
+        self.tail: asyncio.Future | None = None  # the newest batch's turn
+        self.tasks: set[asyncio.Task] = set()
+        self.pending = 0  # batches admitted and not yet settled
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_offset = -1
+        self.producer = None  # exactly-once: this partition's transactional producer
+        self.lock = asyncio.Lock()  # exactly-once: sends and the commit of the open transaction take turns
+        self.txn: _Txn | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.state in (Lifecycle.ASSIGNED, Lifecycle.REVOKING)
+
+    def check_open(self) -> None:
+        if not self.open:
+            raise PartitionClosed(f"partition {self.tp.partition} is {self.state.value}")
+
+    def fail(self, batch: Batch | None, reason: str) -> None:
+        if batch is not None:
+            self.tracker.fail(batch, reason)
+        elif self.tracker.failure is None:
+            self.tracker.failure = reason
+        if self.state is not Lifecycle.REVOKED:
+            self.state = Lifecycle.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to publish. ``fallback`` is sent instead if the broker or client refuses it as too large."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list
+    fallback: Output | None = None
+
+
+# ---------------------------------------------------------------------------------------------- protocols
+class _Protocol:
+    """What both protocols share: the partitions, admission with publish turns, settle, revoke, close."""
+
+    mode = "?"
+
+    def __init__(self, consumer, *, group_id: str, commit_interval_s: float, log=None,
+                 on_point: Callable[[str], None] | None = None) -> None:
+        self.consumer = consumer
+        self.group_id = group_id
+        self.commit_interval_s = commit_interval_s
+        self.parts: dict[TopicPartition, Partition] = {}
+        self.log = log or logs.get("streamlabel.delivery")
+        self._point = on_point or (lambda _name: None)
+        self.commits = 0
+        self.dropped_after_revoke = 0  # records whose handlers were cancelled at a revoke deadline
+        self.refused = 0  # batches that reached publish after their partition was revoked or failed
+
+    # -- admission ---------------------------------------------------------------------------------
+    def admit(self, tp: TopicPartition, records: Sequence) -> Batch | None:
+        """Take a poll batch: returns its ``Batch`` (with its publish turn), or None if the partition is not open."""
+        part = self.parts.get(tp)
+        if part is None or part.state is not Lifecycle.ASSIGNED:
+            return None
+        b = part.tracker.take(records[0].offset, records[-1].offset, len(records))
+        b.owner = part
+        b.prev, b.turn = part.tail, asyncio.get_running_loop().create_future()
+        part.tail = b.turn
+        part.pending += 1
+        part.idle.clear()
+        part.last_offset = records[-1].offset
+        return b
+
+    def track(self, batch: Batch, task: asyncio.Task) -> None:
+        part = batch.owner
+        part.tasks.add(task)
+        task.add_done_callback(part.tasks.discard)
+
+    def settle(self, batch: Batch) -> None:
+        """The batch needs nothing more from its partition's drain (published, failed or abandoned). Idempotent."""
+        batch.release_turn()
+        if batch.settled:
+            return
+        batch.settled = True
+        part = batch.owner
+        part.pending -= 1
+        if part.pending <= 0:
+            part.idle.set()
+
+    @property
+    def inflight_records(self) -> int:
+        return sum(p.tracker.inflight for p in self.parts.values())
+
+    async def _await_turn(self, part: Partition, batch: Batch) -> None:
+        if batch.prev is not None:
+            await batch.prev
+        if not part.open:
+            self.refused += 1
+            self.log.warning("publish_refused", partition=part.tp.partition, state=part.state.value,
+                             offsets=f"{batch.first}-{batch.last}", note="not published; the owner re-reads them")
+        part.check_open()
+
+    async def _send(self, producer, o: Output) -> asyncio.Future:
+        """Enqueue one record (retrying a busy client); a record refused as too large is replaced by its fallback."""
+        for attempt in range(SEND_RETRIES):
+            try:
+                return await producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+            except _TOO_LARGE as exc:
+                if o.fallback is None:
+                    raise DeliveryFailed(f"record for '{o.topic}' refused as too large: {exc!r}") from exc
+                o = o.fallback
+            except KafkaError as exc:
+                if attempt == SEND_RETRIES - 1:
+                    raise DeliveryFailed(f"cannot publish to '{o.topic}': {exc!r}") from exc
+                await asyncio.sleep(0.2 * 2 ** attempt)  # backoff between retries, not synchronisation
+        raise DeliveryFailed(f"cannot publish to '{o.topic}'")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def assign(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            if tp not in self.parts or self.parts[tp].state is Lifecycle.REVOKED:
+                self.parts[tp] = Partition(tp)
+
+    async def revoke(self, tps: Iterable[TopicPartition], deadline: float) -> None:
+        """Give partitions up within one deadline: drain, commit what is complete, cancel the rest, close.
+
+        1. REVOKING: nothing new is admitted; batches in flight may still publish.
+        2. Wait (until the deadline, less a reserve for steps 3-5) for every admitted batch to settle.
+        3. Cancel the handlers still running (stuck engine, slow broker): REVOKED, they can never produce.
+        4. Commit what is complete (at-least-once: the done prefix; exactly-once: the open transaction,
+           unless a cancelled handler cut a batch in half, then it is aborted).
+        5. Close per-partition clients (exactly-once producers).
+        """
+        parts = [self.parts[tp] for tp in tps if tp in self.parts]
+        if not parts:
+            return
+        for p in parts:
+            if p.state in (Lifecycle.ASSIGNED, Lifecycle.STARTING):
+                p.state = Lifecycle.REVOKING
+        reserve = min(2.0, 0.3 * max(0.0, deadline - time.monotonic()))
+        busy = [p.idle.wait() for p in parts if not p.idle.is_set()]
+        if busy:
+            try:
+                await asyncio.wait_for(asyncio.gather(*busy), max(0.0, deadline - reserve - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+        cancelled = 0
+        for p in parts:
+            left = [t for t in p.tasks if not t.done()]
+            if left:
+                cancelled += sum(1 for t in left if t.cancel())
+            if p.state is Lifecycle.REVOKING:
+                p.state = Lifecycle.REVOKED
+        waits = [t for p in parts for t in p.tasks]
+        if waits:
+            await asyncio.wait(waits, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+        await self._finish(parts, deadline)
+        if cancelled:
+            n = sum(p.tracker.inflight for p in parts)
+            self.dropped_after_revoke += n
+            self.log.warning("revoke_deadline", partitions=sorted(p.tp.partition for p in parts), handlers=cancelled,
+                             records=n, note="cancelled at the drain deadline; uncommitted, the next owner re-reads them")
+        for p in parts:
+            p.state = Lifecycle.REVOKED
+            if self.parts.get(p.tp) is p:
+                del self.parts[p.tp]
+
+    async def close(self, deadline: float) -> None:
+        """Stop: every partition goes through the revoke path with this deadline."""
+        await self.revoke(list(self.parts), deadline)
+
+    async def abandon(self, deadline: float) -> None:
+        """After a failure: produce nothing more, commit nothing more, cancel handlers, close clients."""
+        parts = list(self.parts.values())
+        for p in parts:
+            p.state = Lifecycle.REVOKED
+            for t in p.tasks:
+                t.cancel()
+        waits = [t for p in parts for t in p.tasks]
+        if waits:
+            await asyncio.wait(waits, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+        await self._close_clients(parts, deadline)
+        self.parts.clear()
+
+    async def _finish(self, parts: list[Partition], deadline: float) -> None:
+        raise NotImplementedError
+
+    async def _close_clients(self, parts: list[Partition], deadline: float) -> None:
+        pass
+
+    async def tick(self) -> None:
+        """Called every commit interval by the worker's commit task."""
+        raise NotImplementedError
+
+    async def publish(self, batch: Batch, outputs: Sequence[Output]) -> None:
+        """Publish one batch's outputs (one per input record, in order); returns once they are durable."""
+        raise NotImplementedError
+
+
+class AtLeastOnce(_Protocol):
+    """At-least-once: outputs acknowledged first, offsets committed after.
+
+    1. ``publish``: wait for the previous batch of the partition to have sent (per-key order), refuse if the
+       partition is not open, enqueue every output, release the turn, await every ack.
+    2. All acks in: the batch is done. One ack failed (the producer gave up after its own retries): the
+       batch fails, the partition is latched (nothing at or after it is committed), ``DeliveryFailed``
+       stops the worker and the restart re-reads from the last commit. A record the broker refuses as too
+       large is replaced by its fallback (a DLQ record without the value).
+    3. ``tick`` (every commit interval): commit each open partition's ``committable()``; a commit that
+       fails (rebalance in progress) is retried next tick with the same offsets.
+    4. Revoke: drain, then commit the done prefix (see ``_Protocol.revoke``).
+    Duplicates happen only after a crash or a cancelled drain: outputs acked but not yet committed.
+    """
+
+    mode = "at_least_once"
+
+    def __init__(self, consumer, producer, **kw) -> None:
+        super().__init__(consumer, **kw)
+        self.producer = producer
+
+    async def publish(self, batch: Batch, outputs: Sequence[Output]) -> None:
+        part = batch.owner
+        try:
+            await self._await_turn(part, batch)
+            sent = [(o, await self._send(self.producer, o)) for o in outputs]
+        finally:
+            batch.release_turn()
+        for o, fut in sent:
+            try:
+                await fut
+            except _TOO_LARGE as exc:
+                if o.fallback is None:
+                    part.fail(batch, f"output refused as too large: {exc!r}")
+                    raise DeliveryFailed(f"output to '{o.topic}' refused as too large: {exc!r}") from exc
+                await self._ack(part, batch, await self._send(self.producer, o.fallback))
+            except KafkaError as exc:
+                part.fail(batch, f"not acknowledged: {exc!r}")
+                raise DeliveryFailed(f"output to '{o.topic}' not acknowledged: {exc!r}") from exc
+        part.tracker.done(batch)
+        for _ in outputs:
+            self._point("after_publish")
+
+    async def _ack(self, part: Partition, batch: Batch, fut: asyncio.Future) -> None:
+        try:
+            await fut
+        except KafkaError as exc:
+            part.fail(batch, f"not acknowledged: {exc!r}")
+            raise DeliveryFailed(f"output not acknowledged: {exc!r}") from exc
+
+    async def tick(self) -> None:
+        await self.commit()
+
+    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        wanted = set(only) if only is not None else None
+        offsets = {}
+        for tp, p in self.parts.items():
+            if wanted is not None and tp not in wanted:
+                continue
+            if p.state in (Lifecycle.ASSIGNED, Lifecycle.REVOKING):
+                c = p.tracker.committable()
+                if c is not None:
+                    offsets[tp] = c
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            self.log.warning("commit_failed", error=type(exc).__name__, partitions=len(offsets),
+                             note="retried with the same offsets")
+            return
+        for tp, off in offsets.items():
+            if tp in self.parts:
+                self.parts[tp].tracker.committed(off)
+        self.commits += 1
+
+    async def _finish(self, parts: list[Partition], deadline: float) -> None:
+        try:
+            await asyncio.wait_for(self.commit(only=[p.tp for p in parts]), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.log.warning("revoke_commit_timeout", note="uncommitted records will be re-read")
+
+
+class ExactlyOnce(_Protocol):
+    """Exactly-once: outputs and input offsets in one Kafka transaction per partition per commit interval.
+
+    aiokafka has no KIP-447, so each input partition has its own transactional producer
+    (``transactional.id = GROUP.TOPIC.PARTITION``).
+
+    0. ``assign``: the partition is paused, its producer is created and started (InitProducerId fences any
+       older owner and waits for its open transaction to end), the committed offset is read again and
+       the consumer seeks to it, then the partition is resumed. Nothing is read before it is fenced.
+    1. ``publish``: wait for the previous batch's turn, take the partition lock, refuse if not open, begin a
+       transaction if none is open, enqueue the outputs into it, release the turn and the lock; then wait
+       until the transaction holding the batch commits (or fails).
+    2. ``tick``: a partition whose transaction is older than the commit interval commits it under the lock
+       (no sends in between): await every ack, check the transaction's batches are exactly the oldest
+       batches not yet done (so its end offset passes nothing incomplete), ``send_offsets_to_transaction``
+       (end of its last batch), ``commit_transaction``. Then its batches are done and committed.
+    3. A failed transaction is aborted, the partition is FAILED (latched: later batches are refused and
+       never committed), ``DeliveryFailed`` stops the worker, and the restart re-reads from the last
+       committed transaction. read_committed readers never see an aborted output.
+    4. Revoke: drain (batches inside the open transaction count as settled), cancel what is left, commit
+       the transaction (or abort it if a cancelled handler left a batch half-sent), stop the producer.
+       A revoked partition's producer is closed, so a late handler cannot produce for it.
+    """
+
+    mode = "exactly_once"
+
+    def __init__(self, consumer, make_producer: Callable[[TopicPartition], object], *,
+                 can_resume: Callable[[TopicPartition], bool] = lambda tp: True, txn_timeout_s: float = 30.0,
+                 **kw) -> None:
+        super().__init__(consumer, **kw)
+        self.make_producer = make_producer
+        self.can_resume = can_resume
+        self.txn_timeout_s = txn_timeout_s
+        self.aborted = 0
+
+    async def assign(self, tps: Iterable[TopicPartition]) -> None:
+        new = []
+        for tp in tps:
+            old = self.parts.get(tp)
+            if old is not None and old.state is not Lifecycle.REVOKED:
+                continue
+            part = self.parts[tp] = Partition(tp, Lifecycle.STARTING)
+            new.append(part)
+        if not new:
+            return
+        self.consumer.pause(*[p.tp for p in new])  # before any await: nothing is read before the fence
+        await asyncio.gather(*(self._start(p) for p in new))
+
+    async def _start(self, part: Partition) -> None:
+        prod = self.make_producer(part.tp)
+        try:
+            await asyncio.wait_for(prod.start(), self.txn_timeout_s)
+        except BaseException:
+            await _stop_quietly(prod, 2.0)
+            raise
+        part.producer = prod
+        committed = await self.consumer.committed(part.tp)
+        if part.state is not Lifecycle.STARTING:  # revoked while starting
+            await _stop_quietly(prod, 2.0)
+            return
+        if committed is not None:
+            self.consumer.seek(part.tp, committed)
+            part.tracker.committed(committed)
+        part.state = Lifecycle.ASSIGNED
+        if self.can_resume(part.tp):
+            self.consumer.resume(part.tp)
+
+    async def publish(self, batch: Batch, outputs: Sequence[Output]) -> None:
+        part = batch.owner
+        done = asyncio.get_running_loop().create_future()
+        try:
+            await self._await_turn(part, batch)
+            async with part.lock:
+                part.check_open()
+                if part.txn is None:
+                    await part.producer.begin_transaction()
+                    part.txn = _Txn(started=time.monotonic())
+                txn = part.txn
+                try:
+                    for o in outputs:
+                        txn.acks.append(await self._send(part.producer, o))
+                except BaseException:
+                    txn.dirty = True
+                    raise
+                txn.batches.append(batch)
+                txn.waiters.append(done)
+                self._point("in_transaction")
+        finally:
+            batch.release_turn()
+        self.settle(batch)  # inside the transaction: the drain need not wait for the commit
+        await done
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        due = [p for p in self.parts.values()
+               if p.txn is not None and p.state is Lifecycle.ASSIGNED and now - p.txn.started >= self.commit_interval_s]
+        if due:
+            await asyncio.gather(*(self._commit(p) for p in due))
+
+    async def _commit(self, part: Partition, *, revoking: bool = False, timeout: float | None = None) -> None:
+        async with part.lock:
+            txn, part.txn = part.txn, None
+            if txn is None:
+                return
+            tp = part.tp
+            try:
+                if txn.dirty or not txn.batches or not part.tracker.heads(txn.batches):
+                    raise _MustAbort("a batch in this transaction is incomplete" if txn.dirty
+                                     else "the transaction does not continue the committed prefix")
+                end = txn.batches[-1].last + 1
+
+                async def commit() -> None:
+                    await asyncio.gather(*txn.acks)  # per-record errors surface here
+                    self._point("txn_fail")
+                    await part.producer.send_offsets_to_transaction({tp: end}, self.group_id)
+                    await part.producer.commit_transaction()
+
+                await asyncio.wait_for(commit(), timeout or self.txn_timeout_s)
+            except (KafkaError, asyncio.TimeoutError, _MustAbort, InjectedFault) as exc:
+                await self._abort(part, exc)
+                err = DeliveryFailed(f"transaction for partition {tp.partition} failed and was aborted: {exc!r}")
+                for b in txn.batches:
+                    part.tracker.fail(b, str(err))
+                if not revoking:
+                    part.fail(None, str(err))
+                for w in txn.waiters:
+                    if not w.done():
+                        w.set_exception(err)
+                if revoking:
+                    self.log.warning("revoke_transaction_aborted", partition=tp.partition, error=repr(exc)[:200],
+                                     note="the next owner re-reads these records")
+                    return
+                raise err from exc
+            for b in txn.batches:
+                part.tracker.done(b)
+            part.tracker.committed(end)
+            for w in txn.waiters:
+                if not w.done():
+                    w.set_result(None)
+            self.commits += 1
+
+    async def _abort(self, part: Partition, exc: BaseException) -> None:
+        self.aborted += 1
+        try:
+            await asyncio.wait_for(part.producer.abort_transaction(), 5.0)
+        except BaseException as abort_exc:  # noqa: BLE001 — the producer is closed below either way
+            if isinstance(abort_exc, asyncio.CancelledError):
+                raise
+            self.log.warning("abort_failed", partition=part.tp.partition, error=repr(abort_exc)[:200],
+                             note="a new producer for this partition fences and aborts it")
+
+    async def _finish(self, parts: list[Partition], deadline: float) -> None:
+        await asyncio.gather(*(self._commit(p, revoking=True, timeout=max(0.1, deadline - time.monotonic()))
+                               for p in parts if p.producer is not None))
+        await self._close_clients(parts, deadline)
+
+    async def _close_clients(self, parts: list[Partition], deadline: float) -> None:
+        prods = [p.producer for p in parts if p.producer is not None]
+        for p in parts:
+            p.producer = None
+        await asyncio.gather(*(_stop_quietly(prod, max(0.5, deadline - time.monotonic())) for prod in prods))
+
+
+class _MustAbort(Exception):
+    pass
+
+
+async def _stop_quietly(client, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(client.stop(), timeout)
+    except (KafkaError, OSError, asyncio.TimeoutError):
+        pass

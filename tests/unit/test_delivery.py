@@ -1,0 +1,409 @@
+"""The delivery protocol without a broker: the offset tracker and both protocols against in-memory clients.
+
+The clients here are small stand-ins that keep the same contract as aiokafka's (send → future of an ack;
+transactions that become visible on commit and vanish on abort), so random completion and failure orders
+can be explored by hypothesis in milliseconds. The real-broker counterparts are in tests/faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumers.delivery import (
+    AtLeastOnce,
+    DeliveryFailed,
+    ExactlyOnce,
+    Lifecycle,
+    OffsetTracker,
+    Output,
+    PartitionClosed,
+)
+
+TP = TopicPartition("in", 0)
+
+
+# ---------------------------------------------------------------------------------------------- tracker
+@st.composite
+def tracker_runs(draw):
+    sizes = draw(st.lists(st.integers(1, 5), min_size=1, max_size=30))
+    gaps = draw(st.lists(st.integers(0, 3), min_size=len(sizes), max_size=len(sizes)))
+    order = draw(st.permutations(range(len(sizes))))
+    fail_at = draw(st.one_of(st.none(), st.integers(0, len(sizes) - 1)))
+    commit_every = draw(st.integers(1, 4))
+    return sizes, gaps, order, fail_at, commit_every
+
+
+@given(tracker_runs())
+@settings(max_examples=400, deadline=None)
+def test_tracker_never_commits_past_an_incomplete_or_failed_batch(run):
+    sizes, gaps, order, fail_at, commit_every = run
+    t = OffsetTracker()
+    batches, off = [], 0
+    for size, gap in zip(sizes, gaps):
+        off += gap
+        batches.append(t.take(off, off + size - 1, size))
+        off += size
+    last_commit = None
+    for step, i in enumerate(order):
+        b = batches[i]
+        if i == fail_at:
+            t.fail(b, "boom")
+        else:
+            t.done(b)
+        if step % commit_every == 0:
+            c = t.committable()
+            if c is not None:
+                # every batch starting below the commit point is done, none failed or pending
+                assert all(x.done for x in batches if x.first < c), (c, [(x.first, x.done) for x in batches])
+                if fail_at is not None:
+                    assert c <= batches[fail_at].first
+                assert last_commit is None or c > last_commit
+                t.committed(c)
+                last_commit = c
+            elif last_commit is not None:
+                assert t.committable() is None  # nothing new: asking changes nothing
+    # all answered: without a failure everything is committable and the tracker holds nothing
+    c = t.committable()
+    final = c if c is not None else last_commit
+    if fail_at is None:
+        assert final == batches[-1].last + 1
+        assert len(t) == 0 and t.inflight == 0
+    else:
+        assert (final or 0) <= batches[fail_at].first
+        assert t.failure == "boom"
+
+
+def test_tracker_failed_commit_is_retried_with_the_same_offset():
+    t = OffsetTracker()
+    b = t.take(0, 9, 10)
+    t.done(b)
+    assert t.committable() == 10
+    assert t.committable() == 10  # asking twice (a commit that failed in between) gives the same answer
+    t.committed(10)
+    assert t.committable() is None
+
+
+def test_tracker_refuses_offsets_going_back():
+    t = OffsetTracker()
+    t.take(5, 9, 5)
+    with pytest.raises(ValueError):
+        t.take(9, 12, 4)
+
+
+# ---------------------------------------------------------------------------------------------- stand-ins
+@dataclass
+class Rec:
+    offset: int
+
+
+class MemConsumer:
+    """The consumer calls delivery makes: commit, committed, pause/resume, seek."""
+
+    def __init__(self, fail_commits: int = 0) -> None:
+        self.commits: list[dict] = []
+        self.fail_commits = fail_commits
+        self.paused: set = set()
+        self.seeks: dict = {}
+        self.stored: dict = {}
+
+    async def commit(self, offsets):
+        if self.fail_commits:
+            self.fail_commits -= 1
+            from aiokafka.errors import CommitFailedError
+
+            raise CommitFailedError("rebalance in progress")
+        self.commits.append(dict(offsets))
+        self.stored.update(offsets)
+
+    async def committed(self, tp):
+        return self.stored.get(tp)
+
+    def pause(self, *tps):
+        self.paused.update(tps)
+
+    def resume(self, *tps):
+        self.paused.difference_update(tps)
+
+    def seek(self, tp, offset):
+        self.seeks[tp] = offset
+
+
+class MemProducer:
+    """Sends resolve (or fail) when ``flush_acks`` says; transactions are visible only once committed."""
+
+    def __init__(self, log: list, consumer: MemConsumer | None = None, fail_ack: set | None = None,
+                 fail_commit_at: int | None = None) -> None:
+        self.log = log  # committed (or, without transactions, acknowledged) values in order
+        self.consumer = consumer
+        self.fail_ack = fail_ack or set()
+        self.fail_commit_at = fail_commit_at
+        self.txn: list | None = None
+        self.txn_offsets: dict | None = None
+        self.commits = 0
+        self.pending: list[tuple[asyncio.Future, bytes]] = []
+        self.stopped = False
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        self.stopped = True
+
+    async def send(self, topic, value, key=None, headers=None):
+        if self.stopped:
+            raise KafkaTimeoutError("producer closed")
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((fut, value))
+        if self.txn is not None:
+            self.txn.append(value)
+        asyncio.get_running_loop().call_soon(self._ack, fut, value)
+        return fut
+
+    def _ack(self, fut, value):
+        if fut.done():
+            return
+        if value in self.fail_ack:
+            fut.set_exception(KafkaTimeoutError("not acknowledged"))
+        else:
+            fut.set_result(None)
+            if self.txn is None:
+                self.log.append(value)
+
+    async def begin_transaction(self):
+        assert self.txn is None
+        self.txn, self.txn_offsets = [], None
+
+    async def send_offsets_to_transaction(self, offsets, group_id):
+        self.txn_offsets = dict(offsets)
+
+    async def commit_transaction(self):
+        self.commits += 1
+        if self.fail_commit_at is not None and self.commits == self.fail_commit_at:
+            raise KafkaTimeoutError("transaction commit timed out")
+        self.log.extend(self.txn)
+        if self.consumer is not None and self.txn_offsets:
+            self.consumer.stored.update(self.txn_offsets)
+        self.txn = None
+
+    async def abort_transaction(self):
+        self.txn = None
+
+
+def batches_of(sizes):
+    off, out = 0, []
+    for n in sizes:
+        out.append([Rec(o) for o in range(off, off + n)])
+        off += n
+    return out
+
+
+async def run_handlers(proto, recs_list, *, delays, ticks: int = 0):
+    """Admit every batch in poll order, then let handlers finish in the order ``delays`` gives."""
+    handlers = []
+
+    async def handler(batch, recs, delay):
+        try:
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            await proto.publish(batch, [Output("out", None, f"{r.offset}".encode(), []) for r in recs])
+        except (PartitionClosed, DeliveryFailed):
+            pass
+        finally:
+            proto.settle(batch)
+
+    for recs, d in zip(recs_list, delays):
+        b = proto.admit(TP, recs)
+        assert b is not None
+        t = asyncio.ensure_future(handler(b, recs, d))
+        proto.track(b, t)
+        handlers.append(t)
+
+    async def ticker():
+        # commit ticks interleave with the handlers (``ticks`` event-loop turns first), until all are done
+        for _ in range(ticks):
+            await asyncio.sleep(0)
+        for _ in range(5000):  # bounded: a handler left waiting forever is a failure, not a hang
+            if all(h.done() for h in handlers):
+                break
+            await asyncio.sleep(0)
+            try:
+                await proto.tick()
+            except DeliveryFailed:
+                pass
+
+    tk = asyncio.ensure_future(ticker())
+    await tk
+    stuck = [h for h in handlers if not h.done()]
+    for h in stuck:
+        h.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    assert not stuck, f"{len(stuck)} handlers never finished"
+
+
+
+# ---------------------------------------------------------------------------------------------- protocols
+@st.composite
+def protocol_runs(draw):
+    sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=12))
+    delays = draw(st.lists(st.integers(0, 6), min_size=len(sizes), max_size=len(sizes)))
+    total = sum(sizes)
+    fail_ack = draw(st.one_of(st.none(), st.integers(0, total - 1)))
+    fail_commit_at = draw(st.one_of(st.none(), st.integers(1, 4)))
+    ticks = draw(st.integers(0, 20))
+    return sizes, delays, fail_ack, fail_commit_at, ticks
+
+
+@given(protocol_runs())
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_at_least_once_commits_never_pass_an_unacknowledged_output(run):
+    sizes, delays, fail_ack, _, ticks = run
+
+    async def go():
+        consumer = MemConsumer()
+        acked: list = []
+        prod = MemProducer(acked, fail_ack={str(fail_ack).encode()} if fail_ack is not None else set())
+        proto = AtLeastOnce(consumer, prod, group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        await run_handlers(proto, batches_of(sizes), delays=delays, ticks=ticks)
+        await proto.tick()
+        return consumer, acked, proto
+
+    consumer, acked, proto = asyncio.run(go())
+    acked_offsets = {int(v) for v in acked}
+    assert [int(v) for v in acked] == sorted(int(v) for v in acked), "outputs published in partition order"
+    committed = [c[TP] for c in consumer.commits]
+    assert committed == sorted(committed)
+    if committed:
+        assert set(range(committed[-1])) <= acked_offsets, "an offset was committed before its output was acked"
+    if fail_ack is not None:
+        assert not committed or committed[-1] <= fail_ack
+        assert proto.parts[TP].state is Lifecycle.FAILED
+    else:
+        assert committed and committed[-1] == sum(sizes)
+
+
+@given(protocol_runs())
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_exactly_once_outputs_and_offsets_commit_together(run):
+    sizes, delays, _, fail_commit_at, ticks = run
+
+    async def go():
+        consumer = MemConsumer()
+        visible: list = []
+        prods = []
+
+        def make(tp):
+            p = MemProducer(visible, consumer, fail_commit_at=fail_commit_at)
+            prods.append(p)
+            return p
+
+        proto = ExactlyOnce(consumer, make, group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        assert TP not in consumer.paused, "resumed once fenced"
+        await run_handlers(proto, batches_of(sizes), delays=delays, ticks=ticks)
+        try:
+            await proto.tick()
+        except DeliveryFailed:
+            pass
+        await proto.close(asyncio.get_running_loop().time() + 5)
+        return consumer, visible, proto
+
+    consumer, visible, proto = asyncio.run(go())
+    seen = [int(v) for v in visible]
+    assert len(seen) == len(set(seen)), "an output became visible twice"
+    stored = consumer.stored.get(TP, 0)
+    # read_committed view: exactly the outputs of the committed offsets, in order, nothing more
+    assert seen == list(range(stored)), (seen, stored)
+    if fail_commit_at is None:
+        assert stored == sum(sizes)
+
+
+async def _eos_one_failure():
+    consumer = MemConsumer()
+    visible: list = []
+    proto = ExactlyOnce(consumer, lambda tp: MemProducer(visible, consumer, fail_commit_at=2), group_id="g",
+                        commit_interval_s=0.0)
+    await proto.assign([TP])
+    recs = batches_of([3, 3, 3])
+    b1 = proto.admit(TP, recs[0])
+    t1 = asyncio.ensure_future(proto.publish(b1, [Output("o", None, b"0", []), Output("o", None, b"1", []),
+                                                  Output("o", None, b"2", [])]))
+    await asyncio.sleep(0)
+    await proto.tick()  # commit 1: offsets 0..2 visible
+    await t1
+    b2 = proto.admit(TP, recs[1])
+    t2 = asyncio.ensure_future(proto.publish(b2, [Output("o", None, str(o).encode(), []) for o in (3, 4, 5)]))
+    await asyncio.sleep(0)
+    with pytest.raises(DeliveryFailed):
+        await proto.tick()  # commit 2 fails: aborted
+    with pytest.raises(DeliveryFailed):
+        await t2
+    # the next handler of the partition is refused: nothing after the failed batch is ever committed
+    b3 = proto.admit(TP, recs[2])
+    assert b3 is None, "a failed partition admits nothing until it is re-read"
+    return consumer, visible, proto
+
+
+def test_exactly_once_failed_transaction_latches_the_partition():
+    consumer, visible, proto = asyncio.run(_eos_one_failure())
+    assert visible == [b"0", b"1", b"2"]
+    assert consumer.stored[TP] == 3
+    assert proto.parts[TP].state is Lifecycle.FAILED
+
+
+def test_exactly_once_publish_after_revoke_is_refused_and_producer_closed():
+    async def go():
+        consumer = MemConsumer()
+        visible: list = []
+        prods = []
+
+        def make(tp):
+            prods.append(MemProducer(visible, consumer))
+            return prods[-1]
+
+        proto = ExactlyOnce(consumer, make, group_id="g", commit_interval_s=10.0)
+        await proto.assign([TP])
+        b = proto.admit(TP, [Rec(0)])
+        loop = asyncio.get_running_loop()
+        await proto.revoke([TP], loop.time() + 0.2)  # the handler never came: its batch is not committed
+        with pytest.raises(PartitionClosed):
+            await proto.publish(b, [Output("o", None, b"late", [])])
+        return visible, prods
+
+    visible, prods = asyncio.run(go())
+    assert visible == [] and prods[0].stopped
+
+
+def test_at_least_once_commit_failure_is_retried():
+    async def go():
+        consumer = MemConsumer(fail_commits=1)
+        proto = AtLeastOnce(consumer, MemProducer([]), group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        await run_handlers(proto, batches_of([2, 2]), delays=[0, 0])
+        await proto.tick()  # fails (rebalance in progress)
+        await proto.tick()  # same offsets again
+        return consumer
+
+    consumer = asyncio.run(go())
+    assert consumer.commits == [{TP: 4}]
+
+
+def test_handlers_publish_in_poll_order_whatever_order_they_finish():
+    async def go():
+        acked: list = []
+        proto = AtLeastOnce(MemConsumer(), MemProducer(acked), group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        delays = list(range(10))[::-1]  # the last polled finishes first
+        random.Random(0).shuffle(delays)
+        await run_handlers(proto, batches_of([1] * 10), delays=delays)
+        return acked
+
+    assert [int(v) for v in asyncio.run(go())] == list(range(10))
