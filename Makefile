@@ -18,12 +18,14 @@ $(BIN)/streamlabel: pyproject.toml requirements.lock
 
 setup: $(BIN)/streamlabel
 
-# Kafka broker jars from Maven Central; redis-server from Debian when it is missing.
+# Kafka broker jars from Maven Central; redis-server (and kcat, which the poison tests write with) from Debian.
 services:
 	deploy/kafka/kafka.sh resolve
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
-	  else echo "redis-server is missing: sudo apt-get install redis-server" >&2; exit 2; fi; }
+	@missing=""; command -v redis-server >/dev/null || missing="redis-server"; \
+	  command -v kcat >/dev/null || missing="$$missing kcat"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    else echo "missing: $$missing (sudo apt-get install $$missing)" >&2; exit 2; fi; fi
 
 demo: setup services
 	$(BIN)/streamlabel demo $(DEMO_ARGS)

@@ -88,7 +88,7 @@ class Worker:
     def __init__(self, settings: Settings, engine: Engine, *, cache: Cache | None = None,
                  metrics: Metrics | None = None, slo: SloTracker | None = None, name: str = "worker-0") -> None:
         self.s = settings
-        self.fail = Failpoints(settings.worker.failpoint)
+        self.fail = Failpoints(settings.worker.failpoint, stall_s=3 * settings.worker.drain_timeout_s + 5)
         self.engine = self.fail.wrap_engine(engine)
         self.metrics = metrics or Metrics()
         self.slo = slo or SloTracker(settings.slo.objective_ms, settings.slo.target)

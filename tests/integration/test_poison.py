@@ -1,0 +1,119 @@
+"""A poison corpus through the real broker: every offset is labelled or dead-lettered, the worker stays up,
+the partition never stalls.
+
+Records a newcomer produced with kcat and friends: header keys that are not UTF-8 (aiokafka cannot parse
+them), values at and over the size limits with and without large headers, a UTF-8 BOM before a JSON
+object, input headers posing as the DLQ's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from consumers.worker import H_DROPPED, H_ERROR, H_OFFSET, H_TRUNCATED
+from pipeline.engine import OnnxEngine
+from pipeline.events import encode_input
+from producers.topics import committed, end_offsets, ensure_topics, read_until
+
+from .helpers import running_worker, settings_for
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is installed by `make services`")]
+
+NEAR_LIMIT = 1_040_000  # a value just under the broker's default message.max.bytes (1,048,588)
+
+
+def kcat_produce(bootstrap: str, topic: str, values: list[bytes], header: bytes) -> None:
+    """One kcat invocation: one producer batch whose records all carry ``header`` (raw bytes, key=value)."""
+    subprocess.run([b"kcat", b"-P", b"-b", bootstrap.encode(), b"-t", topic.encode(), b"-p", b"0", b"-H", header],
+                   input=b"\n".join(values) + b"\n", check=True, timeout=60, capture_output=True)
+
+
+async def test_poison_corpus_every_offset_answered_no_stall(kafka, names, tiny_artifact):
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=1)
+    big_headers = [(f"h{i}", b"x" * 104_800) for i in range(10)]  # the input fits the broker; a copy with more would not
+    plan: list[tuple[str, str]] = []  # (what, expected: "label:<id>" | "dlq:<reason prefix>")
+
+    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=2_000_000)
+    await p.start()
+
+    async def send(what: str, expect: str, value: bytes | None, headers=None):
+        await (await p.send(names.input, value=value, headers=headers or [], partition=0))
+        plan.append((what, expect))
+
+    try:
+        await send("good before", "label:g0", encode_input("hello there", id="g0"))
+        kcat_produce(kafka.bootstrap, names.input, [encode_input("bad header key", id="h1")], b"\xff\xfe=x")
+        plan.append(("header key not UTF-8", "dlq:unreadable"))
+        await send("good after", "label:g2", encode_input("a fine message", id="g2"))
+        await send("BOM before JSON", "label:bom", b"\xef\xbb\xbf" + encode_input("with a byte-order mark", id="bom"))
+        await send("spoofed streamlabel.* header", "dlq:invalid JSON", b'{"text": ',
+                   headers=[("streamlabel.error", b"fake"), ("streamlabel.source.offset", b"999")])
+        await send("value just under the broker limit", "dlq:oversized",
+                   b'{"text": "' + b"a" * NEAR_LIMIT + b'"}')
+        await send("value over max_bytes", "dlq:oversized", b'{"text": "' + b"b" * 70_000 + b'"}')
+        await send("1 MB of headers, bad value", "dlq:invalid JSON", b"{oops", headers=big_headers)
+        await send("1 MB of headers, good value", "dlq:publish", encode_input("headers galore", id="hh"),
+                   headers=big_headers)
+        kcat_produce(kafka.bootstrap, names.input, [b"one", b"two", b"three"], b"\xc3\x28=y")
+        plan += [("header key not UTF-8 (batch of 3)", "dlq:unreadable")] * 3
+        await send("good last", "label:g9", encode_input("the last one", id="g9"))
+    finally:
+        await p.stop()
+    n = len(plan)
+    ends = await end_offsets(kafka.bootstrap, names.input)
+    assert ends == {0: n}, f"the plan must match the topic: {ends} vs {n}"
+
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    s = settings_for(kafka, names)
+    try:
+        async with running_worker(s, eng) as w:
+            def answered(recs):
+                return len(recs) >= n
+
+            out = await read_until(kafka.bootstrap, [names.output, names.dlq], answered, 90)
+            # no stall: the committed offset reaches the end of the partition
+            for _ in range(100):
+                got = await committed(kafka.bootstrap, names.group, names.input, 1)
+                if got[0] == n:
+                    break
+                await asyncio.sleep(0.1)  # polling the broker's committed offsets
+            assert got[0] == n, f"partition stalled: committed {got[0]} of {n}"
+            assert w._fatal is None, f"worker failed: {w._fatal!r}"
+            assert w.unreadable == 4
+    finally:
+        eng.close()
+
+    labels = {orjson.loads(r.value)["id"]: r for r in out if r.topic == names.output}
+    dlq = {int(dict(r.headers)[H_OFFSET]): r for r in out if r.topic == names.dlq}
+    assert len(labels) + len(dlq) == n, (sorted(labels), sorted(dlq))
+    for offset, (what, expect) in enumerate(plan):
+        kind, _, arg = expect.partition(":")
+        if kind == "label":
+            assert arg in labels, f"offset {offset} ({what}) was not labelled"
+        else:
+            assert offset in dlq, f"offset {offset} ({what}) not dead-lettered"
+            reason = dict(dlq[offset].headers)[H_ERROR].decode()
+            assert reason.startswith(arg), f"offset {offset} ({what}): {reason}"
+
+    unreadable = dlq[1]
+    assert unreadable.value == b"" and f"-o 1 " in dict(unreadable.headers)[H_ERROR].decode()
+    spoofed = dlq[4]
+    assert spoofed.headers[0] == (H_ERROR, dict(spoofed.headers)[H_ERROR]), "our headers come first"
+    assert [k for k, _ in spoofed.headers].count(H_ERROR) == 1
+    assert ("streamlabel.input.error", b"fake") in spoofed.headers
+    assert dict(spoofed.headers)[H_OFFSET] == b"4"
+    near = dlq[5]
+    assert dict(near.headers)[H_TRUNCATED] == str(NEAR_LIMIT + 12).encode()
+    assert len(near.value) == s.worker.dlq_max_bytes and near.value == (b'{"text": "' + b"a" * NEAR_LIMIT)[: len(near.value)]
+    assert len(dlq[6].value) == 70_012 and H_TRUNCATED not in dict(dlq[6].headers)
+    for o in (7, 8):  # too big with our headers added: the fallback keeps the reason and the coordinates
+        assert dlq[o].value == b"" and H_DROPPED in dict(dlq[o].headers)
+        assert not any(k.startswith("h") for k, _ in dlq[o].headers)
+    assert all(dlq[o].value == b"" for o in (9, 10, 11))
