@@ -35,6 +35,15 @@ class KafkaUnreachable(ConfigError):
     """No broker answered (or it refused the connection). Fatal at start; retried once a worker has run."""
 
 
+class MissingTopic(ConfigError):
+    """A topic a command needs does not exist (and creating it was not asked for)."""
+
+    def __init__(self, message: str, *, topic: str, role: str, hint: str | None = None, where: str | None = None) -> None:
+        self.topic = topic
+        self.role = role
+        super().__init__(message, hint=hint, where=where)
+
+
 class ModelError(UsageError):
     """A model directory or artifact is missing, incomplete, corrupt or does not fit."""
 

@@ -30,7 +30,7 @@ from aiokafka.errors import (
 )
 
 from pipeline.config import KafkaSettings, Settings
-from pipeline.errors import ConfigError, KafkaUnreachable
+from pipeline.errors import ConfigError, KafkaUnreachable, MissingTopic
 
 # The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.
 MAX_REQUEST_BYTES = 1_048_576
@@ -55,7 +55,7 @@ def client_kwargs(s: Settings | KafkaSettings | str) -> dict[str, Any]:
         try:
             kw["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile, certfile=k.ssl_certfile, keyfile=k.ssl_keyfile)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS files ({exc})", where="kafka.ssl_cafile/ssl_certfile/ssl_keyfile",
+            raise ConfigError(f"cannot load the TLS files: {exc}", where="kafka.ssl_cafile/ssl_certfile/ssl_keyfile",
                               hint="point them at readable PEM files") from None
     if k.security_protocol.startswith("SASL"):
         kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
@@ -103,13 +103,13 @@ def connection_error(s: Settings | KafkaSettings | str, exc: BaseException) -> C
     k = _k(s)
     where = f"Kafka at {k.bootstrap_servers}"
     if isinstance(exc, (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError)):
-        return ConfigError(f"{where} refused the SASL credentials ({_short(exc)})",
+        return ConfigError(f"{where} refused the SASL credentials: {_short(exc)}",
                            hint="check kafka.sasl_mechanism, sasl_username and sasl_password")
     if isinstance(exc, ssl.SSLError) or "SSL" in type(exc).__name__ or "certificate" in str(exc).lower():
-        return ConfigError(f"{where}: TLS handshake failed ({_short(exc)})",
+        return ConfigError(f"{where}: TLS handshake failed: {_short(exc)}",
                            hint="check kafka.security_protocol and kafka.ssl_cafile")
     if isinstance(exc, TopicAuthorizationFailedError):
-        return ConfigError(f"{where}: not authorised for a topic ({_short(exc)})",
+        return ConfigError(f"{where}: not authorised for a topic: {_short(exc)}",
                            hint="grant this user Read/Write on the topics and the group")
     if isinstance(exc, (KafkaConnectionError, OSError, asyncio.TimeoutError)):
         hint = "is the broker running? check kafka.bootstrap_servers"
@@ -117,7 +117,7 @@ def connection_error(s: Settings | KafkaSettings | str, exc: BaseException) -> C
             hint += f" and that the listener speaks {k.security_protocol}"
         why = ("no broker answered" if isinstance(exc, KafkaConnectionError)
                else "timed out" if isinstance(exc, asyncio.TimeoutError) else _short(exc))
-        return KafkaUnreachable(f"cannot reach {where} ({why})", hint=hint)
+        return KafkaUnreachable(f"cannot reach {where}: {why}", hint=hint)
     return ConfigError(f"{where}: {type(exc).__name__}: {_short(exc)}", hint="check the [kafka] settings")
 
 
@@ -155,9 +155,10 @@ async def check_topics(s: Settings | KafkaSettings | str, topics: Mapping[str, s
             role, name = next(iter(missing.items()))
             others = [f"'{n}'" for r, n in missing.items() if n != name]
             also = f" (also missing: {', '.join(others)})" if others else ""
-            raise ConfigError(f"the {role} topic '{name}' does not exist on {_k(s).bootstrap_servers}{also}",
-                              where=f"topics.{role}" if role in ("input", "output", "dlq") else None,
-                              hint="create it (kafka-topics.sh --create), fix the name, or pass --create-topics")
+            raise MissingTopic(f"the {role} topic '{name}' does not exist on {_k(s).bootstrap_servers}{also}",
+                               topic=name, role=role,
+                               where=f"topics.{role}" if role in ("input", "output", "dlq") else None,
+                               hint="create it with kafka-topics.sh --create, fix the name, or pass --create-topics")
         if missing:
             new = [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor,
                             topic_configs=dict((configs or {}).get(n, {}))) for n in set(missing.values())]
@@ -166,7 +167,7 @@ async def check_topics(s: Settings | KafkaSettings | str, topics: Mapping[str, s
             except TopicAlreadyExistsError:
                 resp = None
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-                raise ConfigError(f"cannot create topics {sorted(missing.values())} ({_short(exc)})",
+                raise ConfigError(f"cannot create topics {sorted(missing.values())}: {_short(exc)}",
                                   hint="create them yourself, or check the broker's permissions and replication") from None
             for err in _create_errors(resp):
                 raise ConfigError(f"cannot create topic '{err[0]}': {err[1]}",

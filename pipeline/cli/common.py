@@ -135,14 +135,16 @@ async def require_topics(s: Settings, topics: Mapping[str, str], *, where: str, 
     ``hint`` replaces the advice of a missing topic (a reader cannot ``--create-topics``).
     """
     from pipeline import kafka as K
-    from pipeline.errors import ConfigError
+    from pipeline.errors import ConfigError, MissingTopic
 
     try:
         await K.check_topics(s, topics, create=create, partitions=s.topics.partitions,
                              replication_factor=s.topics.replication_factor, timeout_s=CONNECT_TIMEOUT_S)
+    except MissingTopic as exc:
+        raise MissingTopic(exc.message, topic=exc.topic, role=exc.role, where=exc.where or where,
+                           hint=hint or exc.hint) from None
     except ConfigError as exc:
-        missing = hint is not None and any(f"'{t}' does not exist" in exc.message for t in topics.values())
-        raise ConfigError(exc.message, where=exc.where or where, hint=hint if missing else exc.hint) from None
+        raise type(exc)(exc.message, where=exc.where or where, hint=exc.hint) from None
 
 
 async def reachable(s: Settings, where: str) -> None:

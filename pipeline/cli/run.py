@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigOpt, positive, settings
+from pipeline.cli.common import ConfigOpt, CreateTopicsOpt, positive, settings
 
 
 def run_cmd(
@@ -19,6 +19,7 @@ def run_cmd(
     output_topic: Annotated[Optional[str], typer.Option("--output", help="Label topic.")] = None,
     dlq_topic: Annotated[Optional[str], typer.Option("--dlq", help="Dead-letter topic.")] = None,
     group: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
+    create_topics: CreateTopicsOpt = False,
 ) -> None:
     """Run classify workers: Kafka in → labels out, until SIGTERM/SIGINT (then drain and commit)."""
     from consumers.runner import run_workers
@@ -26,6 +27,7 @@ def run_cmd(
 
     s = settings(config, kafka={"bootstrap_servers": bootstrap, "group_id": group},
                  model={"path": str(model) if model else None},
-                 topics={"input": input_topic, "output": output_topic, "dlq": dlq_topic})
+                 topics={"input": input_topic, "output": output_topic, "dlq": dlq_topic,
+                         "create": True if create_topics else None})
     logs.configure(s.log.level, s.log.format)
     raise typer.Exit(run_workers(s, workers))

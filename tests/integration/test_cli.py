@@ -105,9 +105,9 @@ async def topics_on(bootstrap: str) -> set[str]:
 # ------------------------------------------------------------------------------------------ topics
 @pytest.mark.parametrize("cmd, line", [
     (["produce", "--count", "3"], "error: produce: the target topic '{t}' does not exist on {b} (create it "
-                                  "(kafka-topics.sh --create), fix the name, or pass --create-topics)"),
+                                  "with kafka-topics.sh --create, fix the name, or pass --create-topics)"),
     (["replay", "FILE"], "error: replay: the target topic '{t}' does not exist on {b} (create it "
-                         "(kafka-topics.sh --create), fix the name, or pass --create-topics)"),
+                         "with kafka-topics.sh --create, fix the name, or pass --create-topics)"),
     (["alerts", "tail"], "error: alerts tail: the alert topic '{t}' does not exist on {b} (start `streamlabel alerts "
                          "run`, which publishes there, or fix --topic / alerting.output)"),
 ])
@@ -233,7 +233,7 @@ async def test_alerts_run_missing_label_topic_then_runs_and_stops(kafka, names, 
     r = cli("alerts", "run", "-c", str(cfg))
     assert (r.returncode, r.stderr) == (
         2, f"error: alerts run: the label topic '{names.output}' does not exist on {kafka.bootstrap} (also missing: "
-           f"'alerts-{names.tag}') (create it (kafka-topics.sh --create), fix the name, or pass --create-topics)\n")
+           f"'alerts-{names.tag}') (create it with kafka-topics.sh --create, fix the name, or pass --create-topics)\n")
     await ensure_topics(kafka.bootstrap, [names.output])
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):  # SIGTERM is a service's normal stop
         p = Running("alerts", "run", "-c", str(cfg), "--create-topics")  # creates the alert topic

@@ -98,7 +98,7 @@ def test_unreachable_broker_is_one_fast_line(capsys, tmp_path, cmd):
     assert time.monotonic() - t0 < 5, "a refused connection is reported at once, not after aiokafka's retries"
     where = " ".join(cmd[:2]) if cmd[0] == "alerts" else cmd[0]
     assert rc == 2 and out == ""
-    assert err.startswith(f"error: {where}: cannot reach Kafka at 127.0.0.1:{port} ") and err.count("\n") == 1, err
+    assert err.startswith(f"error: {where}: cannot reach Kafka at 127.0.0.1:{port}: ") and err.count("\n") == 1, err
     assert "check kafka.bootstrap_servers" in err
 
 
@@ -178,7 +178,7 @@ def test_demo_refuses_another_presets_artifact_in_the_slot(capsys, tmp_path, tin
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "models").rglob("*")) == before, "nothing was built"
     # An explicit --model without --preset runs what is there (here it gets as far as the broker check).
     rc, out, err = run_main(capsys, "demo", "--model", str(slot), "--bootstrap", closed)
-    assert rc == 2 and err.startswith(f"error: demo: cannot reach Kafka at {closed} ")
+    assert rc == 2 and err.startswith(f"error: demo: cannot reach Kafka at {closed}: ")
     rc, out, err = run_main(capsys, "demo", "--preset", "huge", "--bootstrap", closed)
     assert rc == 2 and err.startswith("error: demo --preset: unknown preset 'huge' (choose one of: tiny, ")
 
