@@ -382,6 +382,7 @@ class AtLeastOnce(_Protocol):
     def __init__(self, consumer, producer, **kw) -> None:
         super().__init__(consumer, **kw)
         self.producer = producer
+        self._commit_failures = 0
 
     async def publish(self, batch: Batch, outputs: Sequence[Output]) -> None:
         part = batch.owner
@@ -430,9 +431,14 @@ class AtLeastOnce(_Protocol):
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            self.log.warning("commit_failed", error=type(exc).__name__, partitions=len(offsets),
-                             note="retried with the same offsets")
+            if not self._commit_failures:  # once per streak: an outage must not log ten lines a second
+                self.log.warning("commit_failed", error=type(exc).__name__, partitions=len(offsets),
+                                 note="retried every interval with the same offsets")
+            self._commit_failures += 1
             return
+        if self._commit_failures:
+            self.log.info("commits_resumed", failed_attempts=self._commit_failures)
+            self._commit_failures = 0
         for tp, off in offsets.items():
             if tp in self.parts:
                 self.parts[tp].tracker.committed(off)

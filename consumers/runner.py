@@ -77,7 +77,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
                 if not has_run:
                     raise
                 failures += 1
-                log.warning("kafka_unreachable", error=exc.render(), attempt=failures, note="retrying")
+                log.warning("restart_waiting_for_kafka", error=exc.render(), attempt=failures, note="retrying")
             except WorkerError as exc:
                 has_run = True
                 failures = 1 if time.monotonic() - started >= healthy_after_s else failures + 1
@@ -139,9 +139,9 @@ async def preflight(settings: Settings) -> None:
 
 def run_workers(settings: Settings, workers: int) -> int:
     """Start N worker processes (spawned, one engine each); forward SIGTERM/SIGINT; return the worst exit code."""
+    asyncio.run(preflight(settings))  # before the model loads: a wrong topic or broker fails in a second
     if workers <= 1:
         return asyncio.run(serve(settings))
-    asyncio.run(preflight(settings))
     cores = os.cpu_count() or 1
     threads = settings.model.threads or max(1, cores // workers)
     ctx = mp.get_context("spawn")
