@@ -30,6 +30,9 @@ from aiokafka.errors import (
 )
 
 from pipeline.config import KafkaSettings, Settings
+
+__all__ = ["KafkaError", "MAX_REQUEST_BYTES", "START_TIMEOUT_S", "TopicInfo", "admin", "check_topics", "client_kwargs",
+           "connection_error", "consumer", "ensure_topics", "producer", "transactional_producer"]
 from pipeline.errors import ConfigError, KafkaUnreachable, MissingTopic
 
 # The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.

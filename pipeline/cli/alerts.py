@@ -77,7 +77,7 @@ def alerts_tail(
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
 
     async def go(stop: asyncio.Event) -> int:
-        from aiokafka.errors import KafkaError
+        from pipeline.kafka import KafkaError
 
         from pipeline import kafka as K
         from pipeline.cli.common import kafka_error, require_topics, start_client

@@ -157,7 +157,7 @@ async def start_client(s: Settings, client, where: str) -> None:
     import asyncio
     import contextlib
 
-    from aiokafka.errors import KafkaError
+    from pipeline.kafka import KafkaError
 
     try:
         await asyncio.wait_for(client.start(), CONNECT_TIMEOUT_S)

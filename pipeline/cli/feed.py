@@ -94,7 +94,7 @@ def send(where: str, s: Settings, topic: str, recs: Iterable[tuple[bytes | None,
     console = Console(stderr=True, highlight=False, soft_wrap=True)
 
     async def go(stop):
-        from aiokafka.errors import KafkaError
+        from pipeline.kafka import KafkaError
 
         from pipeline.cli.common import kafka_error, require_topics, start_client
         from producers.rate import producer_for_load, send_at_rate
