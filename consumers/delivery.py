@@ -291,9 +291,10 @@ class _Protocol:
 
         1. REVOKING: nothing new is admitted; batches in flight may still publish.
         2. Wait (until the deadline, less a reserve for steps 3-5) for every admitted batch to settle.
-        3. Cancel the handlers still running (stuck engine, slow broker): REVOKED, they can never produce.
-        4. Commit what is complete (at-least-once: the done prefix; exactly-once: the open transaction,
-           unless a cancelled handler cut a batch in half, then it is aborted).
+        3. REVOKED: from here nothing more is published for them (a handler mid-send finishes its batch first:
+           the commit below waits for it), and commit what is complete (at-least-once: the done prefix;
+           exactly-once: the open transaction, which releases the handlers waiting on it).
+        4. Cancel the handlers still running (stuck engine, slow broker): they can never produce.
         5. Close per-partition clients (exactly-once producers).
         """
         parts = [self.parts[tp] for tp in tps if tp in self.parts]
@@ -309,24 +310,27 @@ class _Protocol:
                 await asyncio.wait_for(asyncio.gather(*busy), max(0.0, deadline - reserve - time.monotonic()))
             except asyncio.TimeoutError:
                 pass
+        for p in parts:
+            if p.state is not Lifecycle.FAILED:  # a failed partition stays latched: nothing more is committed
+                p.state = Lifecycle.REVOKED
+        try:
+            await asyncio.wait_for(self._finish(parts, deadline), max(0.05, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.log.warning("revoke_commit_timeout", partitions=sorted(p.tp.partition for p in parts),
+                             note="not committed in time; the next owner re-reads these records")
         cancelled = 0
         for p in parts:
-            left = [t for t in p.tasks if not t.done()]
-            if left:
-                cancelled += sum(1 for t in left if t.cancel())
-            if p.state is Lifecycle.REVOKING:
-                p.state = Lifecycle.REVOKED
+            cancelled += sum(1 for t in p.tasks if not t.done() and t.cancel())
         waits = [t for p in parts for t in p.tasks]
         if waits:
             await asyncio.wait(waits, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-        await self._finish(parts, deadline)
+        await self._close_clients(parts, deadline)
         if cancelled:
             n = sum(p.tracker.inflight for p in parts)
             self.dropped_after_revoke += n
             self.log.warning("revoke_deadline", partitions=sorted(p.tp.partition for p in parts), handlers=cancelled,
                              records=n, note="cancelled at the drain deadline; uncommitted, the next owner re-reads them")
         for p in parts:
-            p.state = Lifecycle.REVOKED
             if self.parts.get(p.tp) is p:
                 del self.parts[p.tp]
 
@@ -344,7 +348,10 @@ class _Protocol:
         waits = [t for p in parts for t in p.tasks]
         if waits:
             await asyncio.wait(waits, timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-        await self._close_clients(parts, deadline)
+        try:
+            await self._close_clients(parts, deadline)
+        except Exception as exc:  # noqa: BLE001 — already failing: closing is best effort
+            self.log.warning("close_failed", error=repr(exc)[:200])
         self.parts.clear()
 
     async def _finish(self, parts: list[Partition], deadline: float) -> None:
@@ -416,13 +423,14 @@ class AtLeastOnce(_Protocol):
     async def tick(self) -> None:
         await self.commit()
 
-    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+    async def commit(self, only: Iterable[TopicPartition] | None = None,
+                     states: tuple[Lifecycle, ...] = (Lifecycle.ASSIGNED, Lifecycle.REVOKING)) -> None:
         wanted = set(only) if only is not None else None
         offsets = {}
         for tp, p in self.parts.items():
             if wanted is not None and tp not in wanted:
                 continue
-            if p.state in (Lifecycle.ASSIGNED, Lifecycle.REVOKING):
+            if p.state in states:
                 c = p.tracker.committable()
                 if c is not None:
                     offsets[tp] = c
@@ -445,10 +453,8 @@ class AtLeastOnce(_Protocol):
         self.commits += 1
 
     async def _finish(self, parts: list[Partition], deadline: float) -> None:
-        try:
-            await asyncio.wait_for(self.commit(only=[p.tp for p in parts]), max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            self.log.warning("revoke_commit_timeout", note="uncommitted records will be re-read")
+        # The done prefix is safe to commit in any state but FAILED (whose latch already bounds it).
+        await self.commit(only=[p.tp for p in parts], states=(Lifecycle.REVOKED,))
 
 
 class ExactlyOnce(_Protocol):
@@ -503,14 +509,14 @@ class ExactlyOnce(_Protocol):
         prod = self.make_producer(part.tp)
         try:
             await asyncio.wait_for(prod.start(), self.txn_timeout_s)
+            committed = await self.consumer.committed(part.tp)
         except BaseException:
             await _stop_quietly(prod, 2.0)
             raise
-        part.producer = prod
-        committed = await self.consumer.committed(part.tp)
         if part.state is not Lifecycle.STARTING:  # revoked while starting
             await _stop_quietly(prod, 2.0)
             return
+        part.producer = prod
         if committed is not None:
             self.consumer.seek(part.tp, committed)
             part.tracker.committed(committed)
@@ -570,7 +576,7 @@ class ExactlyOnce(_Protocol):
 
                 await asyncio.wait_for(commit(), timeout or self.txn_timeout_s)
             except (KafkaError, asyncio.TimeoutError, _MustAbort, InjectedFault) as exc:
-                await self._abort(part, exc)
+                await self._abort(part, exc, timeout or 5.0)
                 err = DeliveryFailed(f"transaction for partition {tp.partition} failed and was aborted: {exc!r}")
                 for b in txn.batches:
                     part.tracker.fail(b, str(err))
@@ -592,10 +598,10 @@ class ExactlyOnce(_Protocol):
                     w.set_result(None)
             self.commits += 1
 
-    async def _abort(self, part: Partition, exc: BaseException) -> None:
+    async def _abort(self, part: Partition, exc: BaseException, timeout: float = 5.0) -> None:
         self.aborted += 1
         try:
-            await asyncio.wait_for(part.producer.abort_transaction(), 5.0)
+            await asyncio.wait_for(part.producer.abort_transaction(), max(0.05, min(5.0, timeout)))
         except BaseException as abort_exc:  # noqa: BLE001 — the producer is closed below either way
             if isinstance(abort_exc, asyncio.CancelledError):
                 raise
@@ -604,8 +610,7 @@ class ExactlyOnce(_Protocol):
 
     async def _finish(self, parts: list[Partition], deadline: float) -> None:
         await asyncio.gather(*(self._commit(p, revoking=True, timeout=max(0.1, deadline - time.monotonic()))
-                               for p in parts if p.producer is not None))
-        await self._close_clients(parts, deadline)
+                               for p in parts if p.producer is not None and p.txn is not None))
 
     async def _close_clients(self, parts: list[Partition], deadline: float) -> None:
         prods = [p.producer for p in parts if p.producer is not None]

@@ -58,6 +58,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
             loop.add_signal_handler(sig, request_stop)
     code = 0
     failures = 0
+    waits = 0
     has_run = False
     try:
         while not stopping.is_set():
@@ -76,8 +77,8 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
             except KafkaUnreachable as exc:
                 if not has_run:
                     raise
-                failures += 1
-                log.warning("restart_waiting_for_kafka", error=exc.render(), attempt=failures, note="retrying")
+                waits += 1  # an outage is waited out: it does not count towards max_restarts
+                log.warning("restart_waiting_for_kafka", error=exc.render(), attempt=waits, note="retrying")
             except WorkerError as exc:
                 has_run = True
                 failures = 1 if time.monotonic() - started >= healthy_after_s else failures + 1
@@ -89,8 +90,9 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
                     break
             if worker.ready.is_set():
                 has_run = True
+                waits = 0
             try:
-                await asyncio.wait_for(stopping.wait(), min(30.0, 0.5 * 2 ** min(failures, 6)))
+                await asyncio.wait_for(stopping.wait(), min(30.0, 0.5 * 2 ** min(max(failures, waits), 6)))
             except asyncio.TimeoutError:
                 pass
     finally:
@@ -146,16 +148,20 @@ def run_workers(settings: Settings, workers: int) -> int:
     threads = settings.model.threads or max(1, cores // workers)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_child, args=(settings, i, threads), name=f"streamlabel-worker-{i}") for i in range(workers)]
-    for p in procs:
-        p.start()
+    started: list = []
 
     def forward(sig, _frame):
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 os.kill(p.pid, sig)
 
+    # Installed before the first child starts: a signal in between must not orphan children.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for p in procs:
+        p.start()
+        started.append(p)
+    for p in procs:
         p.join()
-    return max((p.exitcode or 0) for p in procs)
+    # A child killed by a signal has a negative exit code: report it as the shell would (128 + signal).
+    return max((128 - c if c is not None and c < 0 else (c or 0)) for c in (p.exitcode for p in procs))

@@ -118,6 +118,8 @@ class Worker:
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._kafka_down_since: float | None = None
+        self._expect: dict[TopicPartition, int] = {}  # per partition: the next offset the worker has not taken
+        self._stop_waiter: asyncio.Future | None = None
         self._missing_topics: set[str] = set()
 
     @property
@@ -169,6 +171,7 @@ class Worker:
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
                 raise K.connection_error(s, exc) from None
             self.batcher.start()
+            self._stop_waiter = asyncio.ensure_future(self._stopping.wait())
             self.log.info("worker_started", input=t.input, output=t.output, dlq=t.dlq, group=k.group_id,
                           model=self.engine.model_id, delivery=self.delivery.mode)
             self._background = [self._supervise(self._commit_loop(), "commit"),
@@ -210,6 +213,9 @@ class Worker:
         """Drain, commit what is complete and close, all within ``worker.drain_timeout_s``."""
         self._stopping.set()
         deadline = time.monotonic() + self.s.worker.drain_timeout_s
+        for task in self._background:  # no commit tick may hold a partition while the revoke path commits
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         try:
             if self._fatal is None:
                 await self.delivery.close(deadline)
@@ -220,9 +226,8 @@ class Worker:
             await self.delivery.abandon(deadline)
         for task in self._handlers:
             task.cancel()
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._stop_waiter is not None:
+            await self._stop_waiter
         await self.batcher.close(timeout_s=max(0.05, deadline - time.monotonic() - 1.0))
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=max(0.05, min(1.0, deadline - time.monotonic())))
@@ -237,12 +242,22 @@ class Worker:
                     self.log.warning("client_stop_failed", error=type(exc).__name__)
 
     # ------------------------------------------------------------------------------------ polling
+    async def _poll(self, *tps: TopicPartition, timeout_ms: int, max_records: int) -> dict | None:
+        """``getmany``, given up when the worker is asked to stop (it can wait without bound during a rebalance)."""
+        poll = asyncio.ensure_future(self.consumer.getmany(*tps, timeout_ms=timeout_ms, max_records=max_records))
+        await asyncio.wait({poll, self._stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not poll.done():
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+            return None
+        return poll.result()
+
     async def _poll_loop(self) -> None:
         w = self.s.worker
         while not self._stopping.is_set():
             try:
                 # getmany keeps the group membership alive even while every partition is paused.
-                batches = await self.consumer.getmany(timeout_ms=50, max_records=self.s.kafka.fetch_max_records)
+                batches = await self._poll(timeout_ms=50, max_records=self.s.kafka.fetch_max_records)
             except (TopicAuthorizationFailedError, GroupAuthorizationFailedError) as exc:
                 raise K.connection_error(self.s, exc) from None
             except CorruptRecordException as exc:
@@ -254,6 +269,8 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 — the client could not parse a record (e.g. a non-UTF-8 header key)
                 await self._unreadable(exc)
                 continue
+            if batches is None:
+                break
             t_poll = time.perf_counter()
             for tp, records in batches.items():
                 if records:
@@ -276,9 +293,11 @@ class Worker:
             if tp in self.consumer.assignment():
                 try:
                     self.consumer.seek(tp, records[0].offset)
+                    self._expect[tp] = records[0].offset
                 except IllegalStateError:
                     pass
             return
+        self._expect[tp] = records[-1].offset + 1
         self.inflight += len(records)
         self.fail.hit("after_poll")
         task = asyncio.get_running_loop().create_task(self._handle(tp, batch, records, t_poll))
@@ -300,18 +319,43 @@ class Worker:
         reason says how to read them with kcat). Records before it are labelled as usual.
         """
         loc = _locate(exc)
+        await self._rewind(skip=loc[0] if loc else None)
         candidates = [loc[0]] if loc else [tp for tp, p in self.delivery.parts.items() if p.state is Lifecycle.ASSIGNED]
         for tp in candidates:
             if await self._step_to_unreadable(tp):
                 return
         self._fail(WorkerError(f"the Kafka client failed to read a fetch and the record was not found: {exc!r}"))
 
+    async def _rewind(self, skip: TopicPartition | None) -> None:
+        """Seek every other partition back to the first offset not yet taken.
+
+        aiokafka drains partitions one after another inside one ``getmany``; when one raises, the records it
+        already drained from others are dropped with their positions moved on. Without this they would be
+        skipped, and a later commit would pass them.
+        """
+        for tp in self.consumer.assignment():
+            if tp == skip:
+                continue
+            try:
+                if tp in self._expect:
+                    self.consumer.seek(tp, self._expect[tp])
+                    continue
+                c = await self.consumer.committed(tp)
+                if c is not None:
+                    self.consumer.seek(tp, c)
+                elif self.s.kafka.auto_offset_reset == "earliest":
+                    await self.consumer.seek_to_beginning(tp)
+            except (IllegalStateError, KafkaError) as exc:
+                self.log.warning("rewind_failed", partition=tp.partition, error=type(exc).__name__)
+
     async def _step_to_unreadable(self, tp: TopicPartition) -> bool:
         for _ in range(100_000):
             if self._stopping.is_set():
                 return True
             try:
-                got = await self.consumer.getmany(tp, timeout_ms=2000, max_records=1)
+                got = await self._poll(tp, timeout_ms=2000, max_records=1)
+                if got is None:
+                    return True
             except KafkaError as exc:
                 if not isinstance(exc, CorruptRecordException):
                     raise
@@ -339,8 +383,9 @@ class Worker:
                            error=why, note="dead-lettered by offset and skipped; the partition goes on")
             self.consumer.seek(tp, last + 1)
             self._take(tp, recs, time.perf_counter())
+            self._expect[tp] = last + 1
             return True
-        return False
+        return False  # 100,000 readable records stepped through and no failure: let the caller decide
 
     # ------------------------------------------------------------------------------------ handling
     async def _handle(self, tp: TopicPartition, batch: Batch, records: list, t_poll: float) -> None:
@@ -435,6 +480,7 @@ class Worker:
 
     def _dlq(self, tp: TopicPartition, r, reason: str) -> Output:
         """The DLQ copy: our headers first, then the input's (any posing as ours renamed), the value capped."""
+        self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=reason[:200])
         headers = self._ours(tp, r, reason)
         value = r.value if r.value is not None else b""
         if len(value) > self.dlq_cap:
@@ -503,6 +549,8 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ rebalance
     async def _on_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self._expect.pop(tp, None)
         revoked = [tp for tp in revoked if tp in self.delivery.parts]
         if not revoked:
             return
@@ -510,6 +558,8 @@ class Worker:
         self.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def _on_assigned(self, assigned) -> None:
+        for tp in assigned:
+            self._expect.pop(tp, None)
         if self.paused and assigned:
             self.consumer.pause(*assigned)
         await self.delivery.assign(assigned)

@@ -118,6 +118,10 @@ class MicroBatcher:
             await self._arrived.wait()
             await self._slots.acquire()
             try:
+                if not self._queue:  # emptied meanwhile (a broken engine fails the queue): nothing to take
+                    self._arrived.clear()
+                    self._slots.release()
+                    continue
                 if self.max_wait > 0 and len(self._queue) < self.max_batch:
                     deadline = self._queue[0].enqueued + self.max_wait
                     while len(self._queue) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
@@ -127,6 +131,8 @@ class MicroBatcher:
                         except TimeoutError:
                             break
                 batch = self._take()
+                if self._queue:  # the token budget left some behind: they go in the next batch, not on a later arrival
+                    self._arrived.set()
             except BaseException:
                 self._slots.release()
                 raise
@@ -143,6 +149,12 @@ class MicroBatcher:
             for it in batch:
                 it.timings["batch_wait"] = start - it.enqueued
             await self._infer(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a bug here must fail its texts, never leave them waiting
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
         finally:
             self._slots.release()
 
@@ -171,6 +183,7 @@ class MicroBatcher:
             if not it.future.done():
                 it.future.set_exception(self.broken)
         self._queue.clear()
+        self._arrived.clear()
 
     async def _infer(self, batch: list[_Item]) -> None:
         if self.broken is not None:
@@ -197,6 +210,10 @@ class MicroBatcher:
             mid = len(batch) // 2
             await self._infer(batch[:mid])
             await self._infer(batch[mid:])
+            return
+        if len(preds) != len(batch):
+            self._break(EngineError(f"the engine returned {len(preds)} answers for {len(batch)} texts",
+                                    hint="the engine breaks its contract: one answer per text"), batch)
             return
         self.batches += 1
         if self.metrics is not None:

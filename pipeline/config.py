@@ -67,7 +67,7 @@ class WorkerSettings:
     max_bytes: int = 64 * 1024
     max_chars: int = 10_000
     dlq_max_bytes: int = 512 * 1024  # DLQ copies keep at most this much of the value (and say so in a header)
-    commit_interval_ms: int = 200
+    commit_interval_ms: int = 100  # at-least-once: offset commits; exactly-once: a transaction stays open this long
     drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     failpoint: str | None = None  # fault tests only: "after_inference:200" kills the process there (see failpoints.py)

@@ -12,7 +12,9 @@ The rest of ``pipeline/`` stays Kafka-free; ``consumers/`` and ``producers/`` im
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -101,9 +103,38 @@ def admin(s: Settings | KafkaSettings | str, **overrides) -> AIOKafkaAdminClient
     return AIOKafkaAdminClient(**kw)
 
 
+class _LastConnectError(logging.Handler):
+    """aiokafka reports why a bootstrap connection failed (refused credentials, TLS) only in a log line and then
+    raises a bare "Unable to bootstrap"; this keeps that reason so the user's error can name it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.err: BaseException | None = None
+        self.at = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("Unable connect to") and record.args:
+            err = record.args[-1]
+            if isinstance(err, BaseException):
+                self.err, self.at = err, time.monotonic()
+
+
+_last_connect = _LastConnectError()
+_client_log = logging.getLogger("aiokafka")  # aiokafka's client logs under this name
+_client_log.addHandler(_last_connect)
+# Its errors are kept for connection_error, and printed only at debug level (pipeline.logs.configure turns
+# propagation on there): self-healing events (coordinator moves, retries) are logged by aiokafka as errors.
+_client_log.setLevel(logging.ERROR)
+_client_log.propagate = False
+
+
 def connection_error(s: Settings | KafkaSettings | str, exc: BaseException) -> ConfigError:
     """One line for a failed connection: unreachable, refused credentials or TLS, with what to check."""
     k = _k(s)
+    if isinstance(exc, KafkaConnectionError) and _last_connect.err is not None and time.monotonic() - _last_connect.at < 60:
+        cause = _last_connect.err
+        if not isinstance(cause, (KafkaConnectionError, OSError, asyncio.TimeoutError)) or isinstance(cause, ssl.SSLError):
+            exc = cause  # the reason behind "Unable to bootstrap": credentials, TLS, …
     where = f"Kafka at {k.bootstrap_servers}"
     if isinstance(exc, (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError)):
         return ConfigError(f"{where} refused the SASL credentials: {_short(exc)}",

@@ -11,7 +11,11 @@ import structlog
 def configure(level: str = "info", fmt: str = "auto") -> None:
     # aiokafka logs expected, self-healing events (coordinator moves, retries) as errors; our own lifecycle
     # lines say what matters. Its real failures surface as exceptions in the worker.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if level != "debug" else logging.DEBUG)
+    # Its connection errors still reach pipeline.kafka (which names their reason in the user's error),
+    # but are printed only at debug level.
+    client = logging.getLogger("aiokafka")
+    client.setLevel(logging.ERROR if level != "debug" else logging.DEBUG)
+    client.propagate = level == "debug"
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if fmt == "console" else structlog.processors.JSONRenderer()
@@ -24,9 +28,19 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
+
+
+class _Stderr:
+    """``sys.stderr`` looked up at each write, so a replaced stream (pytest capture, a daemon) is followed."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 _SECRET_KEYS = ("password", "secret", "token", "sasl_plain_password")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # aiokafka logs a refused connection as an ERROR line of its own; the command says it once, in its words.
     # (Commands that run workers configure logging again from the settings.)
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    logging.getLogger("aiokafka").propagate = False
     previous = _install_sigterm()
     args = list(sys.argv[1:] if argv is None else argv)
     cmd = typer.main.get_command(app)
