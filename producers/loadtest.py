@@ -302,8 +302,17 @@ def machine() -> dict:
 
 
 def knee(steps: Sequence[Step]) -> float:
-    ok = [s.throughput for s in steps if s.meets_slo]
-    return max(ok) if ok else 0.0
+    """The throughput of the busiest step up to which every step met the SLO (in offered-rate order).
+
+    A step that passes above a failed one (noise near saturation on a small machine) does not count: the
+    knee is the load the system holds, not its luckiest step.
+    """
+    best = 0.0
+    for s in sorted(steps, key=lambda s: s.offered_rate):
+        if not s.meets_slo:
+            break
+        best = max(best, s.throughput)
+    return best
 
 
 def plots(report: dict, out_prefix: Path) -> list[Path]:

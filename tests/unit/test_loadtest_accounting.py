@@ -42,6 +42,9 @@ def test_knee_is_highest_throughput_meeting_the_slo():
     ok = analyse("a", base, outs((i, 10) for i in base), 100, 100, 250, 0.99)
     slow = analyse("b", base, outs((i, 900) for i in base), 200, 200, 250, 0.99)
     assert ok.meets_slo and not slow.meets_slo and knee([ok, slow]) == ok.throughput
+    # a lucky step above a failed one does not raise the knee
+    lucky = analyse("c", base, outs((i, 10) for i in base), 300, 300, 250, 0.99)
+    assert knee([ok, slow, lucky]) == ok.throughput and knee([ok, lucky]) == max(ok.throughput, lucky.throughput)
 
 
 def test_pct():
