@@ -291,10 +291,13 @@ async def test_run_create_topics_when_asked(kafka, tiny_artifact):
         [sys.executable, "-m", "pipeline.cli", "run", "--model", str(tiny_artifact), "--bootstrap", kafka.bootstrap,
          "--input", topics[0], "--output", topics[1], "--dlq", topics[2], "--group", group, "--create-topics"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = Lines(proc.stderr)
     try:
         await wait_for_topics(kafka.bootstrap, set(topics), 60)
         ends = await end_offsets(kafka.bootstrap, topics[0])
         assert len(ends) == 4, "topics.partitions"
+        # stopped once it runs (a SIGTERM during the model load exits 143, as a signal before any work does)
+        await wait_for(lambda: log.events("worker_started"), 60, "the worker to start")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await exited(proc, 60) == 0
