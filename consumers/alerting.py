@@ -70,7 +70,7 @@ class AlertingWorker:
             try:
                 self._redis = aioredis.from_url(self.a.state_redis_url, password=settings.cache.redis_password or None,
                                                 socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
-            except ValueError as exc:
+            except ValueError:
                 raise ConfigError(f"not a Redis URL: {safe_url(self.a.state_redis_url)}", where="alerting.state_redis_url",
                                   hint="use redis://HOST:PORT/DB, rediss://HOST:PORT/DB for TLS, or none") from None
 

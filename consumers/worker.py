@@ -25,7 +25,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from consumers.delivery import AtLeastOnce, Batch, DeliveryFailed, ExactlyOnce, Lifecycle, Output, PartitionClosed
+from consumers.delivery import AtLeastOnce, Batch, ExactlyOnce, Lifecycle, Output, PartitionClosed
 from pipeline import kafka as K
 from pipeline import logs
 from pipeline.batcher import EngineFailure, MicroBatcher

@@ -115,3 +115,13 @@ async def committed(s: Conn, group: str, topic: str, partitions: int, **client_k
         return {p: await c.committed(TopicPartition(topic, p)) for p in range(partitions)}
     finally:
         await c.stop()
+
+
+async def topic_names(s: Conn, **client_kw) -> set[str]:
+    """The topics the broker has (tests check that a check did not create one)."""
+    admin = K.admin(s, **client_kw)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()

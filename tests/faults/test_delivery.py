@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from pipeline.events import encode_input
-from producers.topics import committed, end_offsets, ensure_topics, produce, read_until
+from producers.topics import committed, end_offsets, ensure_topics, produce, read_until, topic_names
 
 from .scenario import Ctx, run_scenario, wait_for
 
@@ -270,18 +270,9 @@ async def test_run_refuses_a_missing_topic_naming_it_and_creates_nothing(kafka, 
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: topics.{missing}: the {missing} topic '{name}' does not exist on {kafka.bootstrap}"), err
     assert time.monotonic() - t < 30
-    assert name not in await end_offsets_topics(kafka.bootstrap)
+    assert name not in await topic_names(kafka.bootstrap)
 
 
-async def end_offsets_topics(bootstrap: str) -> set[str]:
-    from pipeline import kafka as K
-
-    admin = K.admin(bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def test_run_create_topics_when_asked(kafka, tiny_artifact):
@@ -305,6 +296,6 @@ async def test_run_create_topics_when_asked(kafka, tiny_artifact):
 
 async def wait_for_topics(bootstrap: str, want: set[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not want <= await end_offsets_topics(bootstrap):
+    while not want <= await topic_names(bootstrap):
         assert time.monotonic() < deadline, f"topics {want} not created"
         await asyncio.sleep(0.2)  # polling the broker's topic list

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from pipeline.cli.local_services import LocalRedis
-from producers.topics import ensure_topics, produce, read_until
+from producers.topics import ensure_topics, produce, read_until, topic_names
 
 pytestmark = pytest.mark.integration
 
@@ -91,15 +91,6 @@ class Running:
             self.proc.wait(10)
 
 
-async def topics_on(bootstrap: str) -> set[str]:
-    from pipeline import kafka as K
-
-    admin = K.admin(bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 # ------------------------------------------------------------------------------------------ topics
@@ -117,7 +108,7 @@ async def test_missing_topic_is_one_line_and_is_not_created(kafka, tmp_path, cmd
     topic = f"missing-{uuid.uuid4().hex[:8]}"
     r = cli(*[str(f) if a == "FILE" else a for a in cmd], "--topic", topic, "--bootstrap", kafka.bootstrap)
     assert (r.returncode, r.stderr, r.stdout) == (2, line.format(t=topic, b=kafka.bootstrap) + "\n", "")
-    assert topic not in await topics_on(kafka.bootstrap), "a check must not auto-create the topic"
+    assert topic not in await topic_names(kafka.bootstrap), "a check must not auto-create the topic"
 
 
 async def test_create_topics_flag_creates_then_sends(kafka, names):
@@ -244,7 +235,7 @@ async def test_alerts_run_missing_label_topic_then_runs_and_stops(kafka, names, 
             p.kill()
         assert rc == code and took < DRAIN_S and "Traceback" not in err, (rc, took, err[-2000:])
         assert "alerting_stopped" in err
-    assert f"alerts-{names.tag}" in await topics_on(kafka.bootstrap)
+    assert f"alerts-{names.tag}" in await topic_names(kafka.bootstrap)
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -103,7 +103,7 @@ async def test_poison_corpus_every_offset_answered_no_stall(kafka, names, tiny_a
             assert reason.startswith(arg), f"offset {offset} ({what}): {reason}"
 
     unreadable = dlq[1]
-    assert unreadable.value == b"" and f"-o 1 " in dict(unreadable.headers)[H_ERROR].decode()
+    assert unreadable.value == b"" and "-o 1 " in dict(unreadable.headers)[H_ERROR].decode()
     spoofed = dlq[4]
     assert spoofed.headers[0] == (H_ERROR, dict(spoofed.headers)[H_ERROR]), "our headers come first"
     assert [k for k, _ in spoofed.headers].count(H_ERROR) == 1
