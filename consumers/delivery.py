@@ -127,10 +127,6 @@ class OffsetTracker:
         if self._committed is None or offset > self._committed:
             self._committed = offset
 
-    @property
-    def last_committed(self) -> int | None:
-        return self._committed
-
     def heads(self, batches: Sequence[Batch]) -> bool:
         """True when ``batches`` are exactly the oldest not-done batches, in order (a transaction may commit them)."""
         if len(batches) > len(self._open):
@@ -251,10 +247,6 @@ class _Protocol:
         part.pending -= 1
         if part.pending <= 0:
             part.idle.set()
-
-    @property
-    def inflight_records(self) -> int:
-        return sum(p.tracker.inflight for p in self.parts.values())
 
     async def _await_turn(self, part: Partition, batch: Batch) -> None:
         if batch.prev is not None:
