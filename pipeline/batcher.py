@@ -1,28 +1,47 @@
-"""``MicroBatcher``: group texts into engine calls. Knows nothing of where texts come from.
+"""``MicroBatcher``: group texts into engine calls, earliest deadline first. Knows nothing of where texts come from.
 
-Policy: a batch leaves as soon as the engine has a free slot (no fixed wait at low load); while the engine
-is busy, arrivals queue and the next batch takes as many as ``max_batch`` and ``max_tokens`` allow, so
-batches grow with load. ``max_wait_ms`` > 0 lets a small batch wait that long for company when idle.
-Identical texts in flight share one answer. A batch the engine fails on is split in halves until the
-failing text is alone; that text is poison only if the engine still answers a text it answered before
-(the canary). If it does not, the engine is broken: every waiting text fails with ``EngineError`` and the
-worker stops instead of dead-lettering the stream. Every engine call has a timeout; a call that outlives
-it means a hung engine, which is ``EngineError`` too.
+Policy
+------
+* **Admission.** ``submit_many`` takes the texts of one poll batch with their deadlines (epoch seconds) and
+  returns one future for all of them. New texts are tokenized here, once; the exact token counts drive
+  batch formation and the encodings travel to the engine. A text identical to one already waiting or
+  in the engine shares its answer (it keeps the earlier item's place and deadline).
+* **Order: earliest deadline first.** Waiting texts are ordered by deadline. A text whose deadline is
+  nearer than the expected duration of an engine call (a running average) can no longer make it: it is
+  counted as *late* (``late``, ``streamlabel_batcher_late``) and moves behind every text that still can,
+  where it is still labelled, never dropped. So overload degrades the late texts, not everyone's.
+* **Formation.** When the engine has a free slot, the batcher takes a window of the most urgent texts (up
+  to ``window``: on-time ones first, then late ones), sorts it by token count and cuts it into runs of
+  similar length: a run is cut where adding the next text would pad the run by more tokens than an extra
+  engine call costs (the engine's ``call_overhead_tokens``), or where it would pass ``max_batch`` texts or
+  ``max_tokens`` padded tokens (rows × longest). The run holding the most urgent text goes to the engine,
+  padded only to its own longest text; the rest wait for the next slot, with whatever arrived meanwhile.
+* **Throughput under load.** Nothing waits on a timer when the engine is idle (``max_wait_ms`` = 0): a
+  lone text leaves at once. While the engine is busy, arrivals queue, so windows fill and runs grow to
+  ``max_batch`` texts of near-equal length: the batcher moves to big, dense batches by itself as load
+  rises. ``max_wait_ms`` > 0 lets a small batch wait for company, but never past its deadline's slack.
+* **Failures.** A batch the engine fails on is split in halves until the failing text is alone; that text
+  is poison only if the engine still answers a text it answered before (the canary): its result is an
+  ``EngineFailure`` and the rest of its group is answered. If the canary fails too, the engine is broken:
+  every waiting group fails with ``EngineError`` and the worker stops instead of dead-lettering the
+  stream. Every engine call has a timeout; a call that outlives it means a hung engine (``EngineError``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
-from pipeline.engine import Engine
+from pipeline.engine import DaemonExecutor, Engine, Tokens
 from pipeline.errors import EngineError
 from pipeline.events import Prediction
 
 CANARY = "ok"  # asked when no text has been answered yet
+NO_DEADLINE = 3600.0  # seconds after admission, for texts submitted without one
+INLINE_TOKENIZE = 32  # up to this many new texts are tokenized on the loop (a thread hand-off costs more)
 
 
 class EngineFailure(Exception):
@@ -33,39 +52,69 @@ class EngineFailure(Exception):
         super().__init__(reason)
 
 
-@dataclass(eq=False)
+class Answers:
+    """The answers to one ``submit_many`` call, in its order: ``Prediction`` or ``EngineFailure`` per text.
+
+    ``waits[i]``: seconds text i waited in the batcher before its engine call started (0.0 for a text that
+    shared an answer already computed).
+    """
+
+    __slots__ = ("results", "waits", "left", "future")
+
+    def __init__(self, n: int, future: asyncio.Future) -> None:
+        self.results: list = [None] * n
+        self.waits: list[float] = [0.0] * n
+        self.left = n
+        self.future = future
+
+
 class _Item:
-    text: str
-    future: asyncio.Future
-    enqueued: float
-    tokens: int
-    timings: dict = field(default_factory=dict)
+    __slots__ = ("text", "tok", "width", "deadline", "seq", "enqueued", "waiters", "late", "done")
+
+    def __init__(self, text: str, deadline: float, seq: int, enqueued: float) -> None:
+        self.text = text
+        self.tok: Tokens | None = None  # set once tokenized
+        self.width = 0  # padded width this text needs
+        self.deadline = deadline
+        self.seq = seq
+        self.enqueued = enqueued
+        self.waiters: list[tuple[Answers, int]] = []
+        self.late = False
+        self.done = False
 
 
 class MicroBatcher:
     def __init__(self, engine: Engine, *, max_batch: int = 64, max_tokens: int = 8192, max_wait_ms: float = 0.0,
-                 concurrency: int = 1, metrics=None, timeout_s: float = 30.0) -> None:
+                 concurrency: int = 1, metrics=None, slo=None, timeout_s: float = 30.0, window: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.timeout_s = timeout_s
         self.broken: EngineError | None = None
-        self._canary: str | None = None  # the latest text the engine answered
+        self._canary: Tokens | None = None  # the latest text the engine answered
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self.max_wait = max_wait_ms / 1000.0
+        self.window = window or 2 * max_batch
         self.metrics = metrics
-        self._queue: deque[_Item] = deque()
-        self._inflight: dict[str, _Item] = {}
+        self.slo = slo
+        self.clock = clock
+        self.overhead = float(getattr(engine, "call_overhead_tokens", 16))
+        self._width = getattr(engine, "width", None) or (lambda n: n)
+        self._ontime: list[tuple[float, int, _Item]] = []  # heap by deadline
+        self._late: list[tuple[float, int, _Item]] = []  # heap by deadline: texts that cannot make it any more
+        self._seq = itertools.count()
+        self._inflight: dict[str, _Item] = {}  # text → its item, while waiting or in the engine
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
-        self._max_len = int(getattr(engine, "max_length", 512))
+        self._tokenizer = DaemonExecutor("tokenizer")
+        self._closed = False
+        self._call_s = 0.0  # running average of an engine call's duration
+        self._fit = [0.0] * 5  # weighted sums for the call-cost fit: n, Σtokens, Σseconds, Σtokens², Σtokens·seconds
         self.batches = 0
         self.coalesced = 0
-
-    def _estimate_tokens(self, text: str) -> int:
-        # ~4 characters per word piece for English; exact counts would tokenize every text twice.
-        return min(self._max_len, len(text) // 4 + 2)
+        self.late = 0
 
     def start(self) -> None:
         if self._dispatcher is None:
@@ -76,63 +125,207 @@ class MicroBatcher:
         """The dispatcher task (for the owner's supervision)."""
         return self._dispatcher
 
-    def submit(self, text: str) -> asyncio.Future:
-        """Queue a text; the future resolves to its ``Prediction`` (or raises ``EngineFailure`` / ``EngineError``)."""
+    def waiting(self) -> int:
+        return len(self._ontime) + len(self._late)
+
+    # -- admission ------------------------------------------------------------------------------------
+    def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None) -> asyncio.Future:
+        """Queue texts; one future resolves to their ``Answers`` (or raises ``EngineError``).
+
+        ``deadlines``: epoch seconds by which each answer is wanted (default: an hour from now).
+        """
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        group = Answers(len(texts), fut)
         if self.broken is not None:
-            fut = asyncio.get_running_loop().create_future()
             fut.set_exception(self.broken)
             return fut
-        item = self._inflight.get(text)
-        if item is not None and not item.future.done():
-            self.coalesced += 1
+        if not texts:
+            fut.set_result(group)
+            return fut
+        now = self.clock()
+        t0 = time.perf_counter()
+        new: list[tuple[int, str]] = []
+        first: dict[str, int] = {}  # a text repeated within this call: position of its first copy in ``new``
+        repeats: list[tuple[int, int]] = []
+        for i, text in enumerate(texts):
+            item = self._inflight.get(text)
+            if item is not None:
+                item.waiters.append((group, i))
+            elif (p := first.get(text)) is not None:
+                repeats.append((p, i))
+            else:
+                first[text] = len(new)
+                new.append((i, text))
+        shared = len(texts) - len(new)
+        if shared:
+            self.coalesced += shared
             if self.metrics is not None:
-                self.metrics.coalesced.inc()
-            return asyncio.shield(item.future)
-        fut = asyncio.get_running_loop().create_future()
-        item = _Item(text, fut, time.perf_counter(), self._estimate_tokens(text))
-        self._inflight[text] = item
-        fut.add_done_callback(lambda _f, t=text, it=item: self._inflight.pop(t, None) if self._inflight.get(t) is it else None)
-        self._queue.append(item)
+                self.metrics.coalesced.inc(shared)
+        if new:
+            items = []
+            for i, text in new:
+                item = _Item(text, deadlines[i] if deadlines is not None else now + NO_DEADLINE, next(self._seq), now)
+                item.waiters.append((group, i))
+                self._inflight[text] = item
+                items.append(item)
+            for p, i in repeats:
+                items[p].waiters.append((group, i))
+            texts_new = [t for _, t in new]
+            if len(texts_new) <= INLINE_TOKENIZE:  # a few texts: cheaper here than a hand-off to another thread
+                self._admit(items, self._tokenize(texts_new))
+            else:
+                # On the tokenizer's thread (the Rust tokenizer releases the GIL): the loop goes on polling,
+                # decoding and publishing meanwhile. The items queue when their encodings are back.
+                job = asyncio.get_running_loop().run_in_executor(self._tokenizer, self._tokenize, texts_new)
+                job.add_done_callback(lambda f, items=items: self._admit_job(items, f))
+        return fut
+
+    def _tokenize(self, texts: list[str]) -> tuple[list, float]:
+        t0 = time.perf_counter()
+        try:
+            toks: list = self.engine.tokenize(texts)
+        except Exception:  # noqa: BLE001 — find the text the tokenizer fails on; the others go on
+            toks = []
+            for t in texts:
+                try:
+                    toks.append(self.engine.tokenize([t])[0])
+                except Exception as exc:  # noqa: BLE001 — this text's answer is the failure
+                    toks.append(EngineFailure(f"tokenizer: {type(exc).__name__}: {str(exc)[:200]}"))
+        return toks, time.perf_counter() - t0
+
+    def _admit_job(self, items: list[_Item], job: asyncio.Future) -> None:
+        if job.cancelled():
+            return
+        if job.exception() is not None:  # the executor itself failed (shut down): fail these texts
+            for it in items:
+                self._fail(it, job.exception())
+            return
+        self._admit(items, job.result())
+
+    def _admit(self, items: list[_Item], tokenized: tuple[list, float]) -> None:
+        toks, took = tokenized
+        if self._closed:
+            for it in items:
+                for g, _ in it.waiters:
+                    if not g.future.done():
+                        g.future.cancel()
+            return
+        if self.slo is not None:
+            self.slo.record_stage("tokenize", took / len(items), len(items))
+        if self.broken is not None:
+            for it in items:
+                self._fail(it, self.broken)
+            return
+        width = self._width
+        ontime = self._ontime
+        for it, tok in zip(items, toks):
+            if isinstance(tok, EngineFailure):
+                self._resolve(it, tok)
+                continue
+            it.tok = tok
+            it.width = width(tok.n)
+            heapq.heappush(ontime, (it.deadline, it.seq, it))
         self._arrived.set()
-        return asyncio.shield(fut)
+
+    def submit(self, text: str, deadline: float | None = None) -> asyncio.Future:
+        """One text; the future resolves to its ``Prediction`` (or raises ``EngineFailure`` / ``EngineError``)."""
+        inner = self.submit_many([text], None if deadline is None else [deadline])
+        out = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                r = f.result().results[0]
+                out.set_exception(r) if isinstance(r, Exception) else out.set_result(r)
+
+        inner.add_done_callback(done)
+        return out
 
     async def predict(self, texts: Sequence[str]) -> list[Prediction]:
-        return list(await asyncio.gather(*(self.submit(t) for t in texts)))
+        """Answers for texts; raises the first ``EngineFailure``."""
+        answers = await self.submit_many(list(texts))
+        for r in answers.results:
+            if isinstance(r, Exception):
+                raise r
+        return list(answers.results)
 
-    def _take(self) -> list[_Item]:
-        batch: list[_Item] = []
-        widest = 0
-        while self._queue and len(batch) < self.max_batch:
-            nxt = self._queue[0]
-            w = max(widest, nxt.tokens)
-            if batch and w * (len(batch) + 1) > self.max_tokens:
-                break
-            widest = w
-            batch.append(self._queue.popleft())
-        if not self._queue:
-            self._arrived.clear()
-        return batch
+    # -- formation ------------------------------------------------------------------------------------
+    def _form(self) -> list[_Item]:
+        """The next engine call: the run of similar lengths that holds the most urgent text (see module doc)."""
+        horizon = self.clock() + self._call_s
+        ontime, late = self._ontime, self._late
+        while ontime and ontime[0][0] < horizon:  # cannot make its deadline any more: labelled later, counted late
+            entry = heapq.heappop(ontime)
+            entry[2].late = True
+            heapq.heappush(late, entry)
+            self.late += 1
+            if self.metrics is not None:
+                self.metrics.late.inc()
+        everything = len(ontime) + len(late) <= self.window
+        if everything:  # the whole queue fits in the window: no heap traffic
+            entries = ontime + late
+            head = (ontime[0] if ontime else late[0])[2] if entries else None
+            ontime.clear()
+            late.clear()
+        else:
+            entries = [heapq.heappop(ontime) for _ in range(min(self.window, len(ontime)))]
+            entries += [heapq.heappop(late) for _ in range(min(self.window - len(entries), len(late)))]
+            head = entries[0][2]
+        if not entries:
+            return []
+        entries.sort(key=lambda e: e[2].width)
+        chosen: list = []
+        rest: list = []
+        run: list = []
+        width = 0
+        rows_max, tokens_max, overhead = self.max_batch, self.max_tokens, self.overhead
+        for e in entries:
+            w = e[2].width
+            if run and (len(run) >= rows_max or (len(run) + 1) * w > tokens_max or len(run) * (w - width) > overhead):
+                if not chosen and any(x[2] is head for x in run):
+                    chosen = run
+                else:
+                    rest += run
+                run = []
+            run.append(e)
+            width = w
+        if not chosen:
+            chosen = run
+        else:
+            rest += run
+        if rest:
+            if everything:  # the heaps were emptied: rebuild them in O(n)
+                ontime.extend(e for e in rest if not e[2].late)
+                late.extend(e for e in rest if e[2].late)
+                heapq.heapify(ontime)
+                heapq.heapify(late)
+            else:
+                for e in rest:
+                    heapq.heappush(late if e[2].late else ontime, e)
+        return [e[2] for e in chosen]
 
     async def _run(self) -> None:
         while True:
             await self._arrived.wait()
             await self._slots.acquire()
             try:
-                if not self._queue:  # emptied meanwhile (a broken engine fails the queue): nothing to take
+                if not (self._ontime or self._late):  # emptied meanwhile (a broken engine fails the queue)
                     self._arrived.clear()
                     self._slots.release()
                     continue
-                if self.max_wait > 0 and len(self._queue) < self.max_batch:
-                    deadline = self._queue[0].enqueued + self.max_wait
-                    while len(self._queue) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
-                        self._arrived.clear()
-                        try:
-                            await asyncio.wait_for(self._arrived.wait(), left)
-                        except TimeoutError:
-                            break
-                batch = self._take()
-                if self._queue:  # the token budget left some behind: they go in the next batch, not on a later arrival
+                if self.max_wait > 0 and not self._late and len(self._ontime) < self.max_batch:
+                    await self._wait_for_company()
+                batch = self._form()
+                if self._ontime or self._late:  # left behind: they go in the next batch, not on a later arrival
                     self._arrived.set()
+                else:
+                    self._arrived.clear()
             except BaseException:
                 self._slots.release()
                 raise
@@ -143,33 +336,90 @@ class MicroBatcher:
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
+    async def _wait_for_company(self) -> None:
+        """Let a small batch grow until ``max_wait_ms`` after its oldest text, but never past its deadline's slack."""
+        first = min(it.enqueued for _, _, it in self._ontime)
+        until = min(first + self.max_wait, self._ontime[0][0] - self._call_s)
+        while len(self._ontime) < self.max_batch and not self._late and (left := until - self.clock()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                break
+
     async def _execute(self, batch: list[_Item]) -> None:
         try:
-            start = time.perf_counter()
+            start = self.clock()
             for it in batch:
-                it.timings["batch_wait"] = start - it.enqueued
+                wait = start - it.enqueued
+                for g, i in it.waiters:
+                    g.waits[i] = wait
+            if self.slo is not None:
+                self.slo.record_stage("batch_wait", sum(start - it.enqueued for it in batch) / len(batch), len(batch))
             await self._infer(batch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — a bug here must fail its texts, never leave them waiting
             for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(exc)
+                self._fail(it, exc)
         finally:
             self._slots.release()
 
-    async def _call(self, texts: list[str]):
+    # -- answers --------------------------------------------------------------------------------------
+    def _resolve(self, it: _Item, result) -> None:
+        it.done = True
+        if self._inflight.get(it.text) is it:
+            del self._inflight[it.text]
+        for g, i in it.waiters:
+            if g.future.done():
+                continue
+            g.results[i] = result
+            g.left -= 1
+            if g.left == 0:
+                g.future.set_result(g)
+
+    def _fail(self, it: _Item, exc: BaseException) -> None:
+        it.done = True
+        if self._inflight.get(it.text) is it:
+            del self._inflight[it.text]
+        for g, _ in it.waiters:
+            if not g.future.done():
+                g.future.set_exception(exc)
+
+    def _learn(self, tokens: int, seconds: float) -> None:
+        """Fit call time = fixed + per_token × padded tokens over recent calls (exponentially weighted least
+        squares); the run cut (``overhead``, in tokens) follows what calls cost here, under this load, hand-offs
+        and contention included, rather than the idle figure measured at warm-up."""
+        d = 0.98
+        st = self._fit
+        st[0] = d * st[0] + 1.0
+        st[1] = d * st[1] + tokens
+        st[2] = d * st[2] + seconds
+        st[3] = d * st[3] + tokens * tokens
+        st[4] = d * st[4] + tokens * seconds
+        if self.batches < 32:
+            return
+        n, sx, sy, sxx, sxy = st
+        var = n * sxx - sx * sx
+        if var <= 1e-9 * max(1.0, sxx * n):  # every call the same size: nothing to learn from
+            return
+        per_token = (n * sxy - sx * sy) / var
+        fixed = (sy - per_token * sx) / n
+        if per_token > 0 and fixed > 0:
+            self.overhead = min(4096.0, max(1.0, fixed / per_token))
+
+    async def _call(self, toks: list[Tokens]):
         try:
-            return await asyncio.wait_for(self.engine.predict(texts), self.timeout_s)
+            return await asyncio.wait_for(self.engine.infer(toks), self.timeout_s)
         except asyncio.TimeoutError:
-            raise EngineError(f"an engine call on {len(texts)} text(s) did not return within {self.timeout_s:g} s",
+            raise EngineError(f"an engine call on {len(toks)} text(s) did not return within {self.timeout_s:g} s",
                               hint="the model or its execution provider is hung; raise batching.engine_timeout_s "
                                    "only if batches legitimately take that long") from None
 
     async def _healthy(self) -> bool:
         """Does the engine still answer a text it answered before? (poison text vs broken engine)"""
         try:
-            await self._call([self._canary or CANARY])
+            await self._call([self._canary or self.engine.tokenize([CANARY])[0]])
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 — any failure of the canary means the engine is broken
@@ -179,18 +429,21 @@ class MicroBatcher:
     def _break(self, err: EngineError, batch: list[_Item]) -> None:
         if self.broken is None:
             self.broken = err
-        for it in list(batch) + list(self._queue):
-            if not it.future.done():
-                it.future.set_exception(self.broken)
-        self._queue.clear()
+        for it in list(batch) + [e[2] for e in self._ontime] + [e[2] for e in self._late]:
+            self._fail(it, self.broken)
+        self._ontime.clear()
+        self._late.clear()
+        for it in list(self._inflight.values()):  # in the engine or still being tokenized
+            self._fail(it, self.broken)
         self._arrived.clear()
 
     async def _infer(self, batch: list[_Item]) -> None:
         if self.broken is not None:
             self._break(self.broken, batch)
             return
+        t0 = time.perf_counter()
         try:
-            preds = await self._call([it.text for it in batch])
+            preds = await self._call([it.tok for it in batch])
         except asyncio.CancelledError:
             raise
         except EngineError as err:
@@ -203,34 +456,36 @@ class MicroBatcher:
                     self._break(EngineError(f"the engine fails every text, even one it answered before ({why})",
                                             hint="check the model artifact and the execution provider"), batch)
                     return
-                it = batch[0]
-                if not it.future.done():
-                    it.future.set_exception(EngineFailure(f"engine: {why}"))
+                self._resolve(batch[0], EngineFailure(f"engine: {why}"))
                 return
             mid = len(batch) // 2
             await self._infer(batch[:mid])
             await self._infer(batch[mid:])
             return
+        took = time.perf_counter() - t0
         if len(preds) != len(batch):
             self._break(EngineError(f"the engine returned {len(preds)} answers for {len(batch)} texts",
                                     hint="the engine breaks its contract: one answer per text"), batch)
             return
+        self._call_s = took if not self.batches else 0.8 * self._call_s + 0.2 * took
+        self._learn(len(batch) * max(it.width for it in batch), took)
         self.batches += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
-            self.metrics.batch_tokens.observe(len(batch) * max(it.tokens for it in batch))
+            self.metrics.batch_tokens.observe(len(batch) * max(it.width for it in batch))
+        if self.slo is not None:
+            self.slo.record_stage("infer", took, len(batch))
         for it, p in zip(batch, preds):
             if isinstance(p, Exception):  # the engine's per-text failure (e.g. no tokens): only this text fails
-                if not it.future.done():
-                    it.future.set_exception(EngineFailure(str(p)))
+                self._resolve(it, EngineFailure(str(p)))
                 continue
-            self._canary = it.text
-            if not it.future.done():
-                timings = {**p.timings, "batch_wait": it.timings.get("batch_wait", 0.0)}
-                it.future.set_result(Prediction(p.label, p.score, p.scores, p.model, False, timings))
+            self._canary = it.tok
+            self._resolve(it, p)
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Cancel the dispatcher; let running engine calls finish (bounded, then cancelled); fail what is queued."""
+        self._closed = True
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -241,7 +496,14 @@ class MicroBatcher:
                 t.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)
-        while self._queue:
-            it = self._queue.popleft()
-            if not it.future.done():
-                it.future.cancel()
+        for _, _, it in self._ontime + self._late:
+            for g, _ in it.waiters:
+                if not g.future.done():
+                    g.future.cancel()
+        self._ontime.clear()
+        self._late.clear()
+        for it in list(self._inflight.values()):  # still being tokenized
+            for g, _ in it.waiters:
+                if not g.future.done():
+                    g.future.cancel()
+        self._inflight.clear()

@@ -7,31 +7,70 @@ import asyncio
 import pytest
 
 from pipeline.batcher import EngineFailure, MicroBatcher
+from pipeline.engine import Tokens
 from pipeline.events import Prediction
 
 
 class RecordingEngine:
-    """A deterministic engine: label = 'long' if len(text) > 10; can be told to fail on a text."""
+    """A deterministic engine: label = 'long' if len(text) > 10; can be told to fail on a text.
+
+    Tokens: one per word plus [CLS] and [SEP], so counts are exact and known to the test.
+    """
 
     model_id = "rec@1"
     labels = ("short", "long")
     max_length = 64
 
-    def __init__(self, poison: str | None = None) -> None:
+    def __init__(self, poison: str | None = None, call_overhead_tokens: float = 1000.0) -> None:
         self.calls: list[list[str]] = []
+        self.widths: list[int] = []
         self.poison = poison
+        self.call_overhead_tokens = call_overhead_tokens
         self.gate = asyncio.Event()
         self.gate.set()
+        self._texts: list[str] = []
 
-    def token_count(self, text: str) -> int:
-        return len(text.split()) + 2
+    def tokenize(self, texts):
+        out = []
+        for t in texts:
+            self._texts.append(t)
+            n = min(self.max_length, len(t.split()) + 2)
+            out.append(Tokens([len(self._texts) - 1] * n, n, n <= 2))
+        return out
 
-    async def predict(self, texts):
-        self.calls.append(list(texts))
+    async def infer(self, batch):
+        texts = [self._texts[t.ids[0]] for t in batch]
+        self.calls.append(texts)
+        self.widths.append(max(t.n for t in batch))
         await self.gate.wait()
         if self.poison in texts:
             raise ValueError("tokenizer exploded")
-        return [Prediction("long" if len(t) > 10 else "short", 1.0, {"short": 0.0, "long": 1.0}, self.model_id) for t in texts]
+        return [Prediction("long" if len(t) > 10 else "short", 1.0, {"short": 0.0, "long": 1.0}, self.model_id)
+                for t in texts]
+
+
+async def queued(b: MicroBatcher, n: int) -> None:
+    """Wait until n texts are tokenized and waiting (tokenization runs on its own thread)."""
+    async def until():
+        while b.waiting() < n:
+            await asyncio.sleep(0.001)  # polling a condition, bounded by the timeout below
+    await asyncio.wait_for(until(), 5)
+
+
+async def started(eng: RecordingEngine) -> None:
+    """Wait until the engine has been called."""
+    async def until():
+        while not eng.calls:
+            await asyncio.sleep(0.001)  # polling a condition, bounded by the timeout below
+    await asyncio.wait_for(until(), 5)
+
+
+async def busy(b: MicroBatcher, eng: RecordingEngine) -> asyncio.Future:
+    """Hold the engine busy on one text, so what is submitted next queues."""
+    eng.gate.clear()
+    first = b.submit("warm")
+    await started(eng)
+    return first
 
 
 async def test_idle_engine_gets_a_batch_at_once():
@@ -49,9 +88,9 @@ async def test_batches_grow_while_engine_is_busy_and_respect_max_batch():
     b = MicroBatcher(eng, max_batch=8, max_wait_ms=0)
     b.start()
     first = b.submit("first")
-    while not eng.calls:
-        await asyncio.sleep(0)
+    await started(eng)
     rest = [b.submit(f"text number {i}") for i in range(20)]
+    await queued(b, 20)
     eng.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *rest), 5)
     assert eng.calls[0] == ["first"]
@@ -65,13 +104,14 @@ async def test_token_budget_limits_batch():
     b = MicroBatcher(eng, max_batch=64, max_tokens=60, max_wait_ms=0)
     b.start()
     first = b.submit("x")
-    while not eng.calls:
-        await asyncio.sleep(0)
-    long_texts = [("word " * 20) + str(i) for i in range(6)]  # ~27 estimated tokens each
+    await started(eng)
+    long_texts = [("word " * 20) + str(i) for i in range(6)]  # exactly 23 tokens each: 3 × 23 > 60
     futs = [b.submit(t) for t in long_texts]
+    await queued(b, 6)
     eng.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *futs), 5)
-    assert all(len(c) <= 2 for c in eng.calls[1:]), eng.calls
+    assert [len(c) for c in eng.calls[1:]] == [2, 2, 2], eng.calls
+    await b.close()
 
 
 async def test_identical_texts_in_flight_are_coalesced():
@@ -105,10 +145,10 @@ async def test_poison_text_is_isolated_by_splitting():
     b = MicroBatcher(eng, max_batch=16)
     b.start()
     first = b.submit("warm")
-    while not eng.calls:
-        await asyncio.sleep(0)
+    await started(eng)
     texts = [f"good text {i}" for i in range(7)] + ["POISON"] + [f"good text {i}" for i in range(7, 14)]
     futs = [b.submit(t) for t in texts]
+    await queued(b, 14)
     eng.gate.set()
     res = await asyncio.gather(first, *futs, return_exceptions=True)
     bad = [r for r in res if isinstance(r, BaseException)]
@@ -116,3 +156,131 @@ async def test_poison_text_is_isolated_by_splitting():
     assert sum(isinstance(r, Prediction) for r in res) == 15
     assert ["POISON"] in eng.calls, "the failing text ends up alone"
     await b.close()
+
+
+async def test_runs_of_similar_length_each_padded_to_its_own_longest():
+    eng = RecordingEngine(call_overhead_tokens=4)
+    b = MicroBatcher(eng, max_batch=64)
+    b.start()
+    first = await busy(b, eng)
+    short = [f"s{i} a b" for i in range(4)]  # 5 tokens
+    long = [f"l{i} " + "w " * 37 for i in range(4)]  # 40 tokens
+    mixed = [t for pair in zip(short, long) for t in pair]
+    fut = b.submit_many(mixed)
+    await queued(b, 8)
+    eng.gate.set()
+    answers = await asyncio.wait_for(fut, 5)
+    await first
+    assert [r.label for r in answers.results] == ["short", "long"] * 4
+    # Together they would pad 4 short texts by 35 tokens each; one more call costs 4: two runs.
+    assert sorted(map(sorted, eng.calls[1:])) == sorted([sorted(short), sorted(long)])
+    assert sorted(eng.widths[1:]) == [5, 40]
+    await b.close()
+
+
+async def test_one_run_when_the_padding_costs_less_than_a_call():
+    eng = RecordingEngine(call_overhead_tokens=200)
+    b = MicroBatcher(eng, max_batch=64)
+    b.start()
+    first = await busy(b, eng)
+    texts = [f"s{i} a b" for i in range(4)] + [f"l{i} " + "w " * 37 for i in range(4)]
+    fut = b.submit_many(texts)
+    await queued(b, 8)
+    eng.gate.set()
+    await asyncio.wait_for(asyncio.gather(fut, first), 5)
+    assert [len(c) for c in eng.calls[1:]] == [8] and eng.widths[1:] == [40]
+    await b.close()
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_earliest_deadline_first():
+    clock = FakeClock()
+    eng = RecordingEngine()
+    b = MicroBatcher(eng, max_batch=2, clock=clock)
+    b.start()
+    first = await busy(b, eng)
+    futs = [b.submit(f"text {i}", deadline=clock.t + d) for i, d in enumerate([5.0, 1.0, 4.0, 2.0, 3.0, 0.5])]
+    await queued(b, 6)
+    eng.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *futs), 5)
+    assert eng.calls[1:] == [["text 5", "text 1"], ["text 3", "text 4"], ["text 2", "text 0"]]
+    assert b.late == 0
+    await b.close()
+
+
+async def test_texts_past_their_deadline_are_counted_late_and_served_after_the_rest():
+    clock = FakeClock()
+    eng = RecordingEngine()
+    b = MicroBatcher(eng, max_batch=2, clock=clock)
+    b.start()
+    first = await busy(b, eng)
+    doomed = [b.submit(f"doomed {i}", deadline=clock.t + 0.1) for i in range(2)]
+    fine = [b.submit(f"fine {i}", deadline=clock.t + 10.0) for i in range(4)]
+    await queued(b, 6)
+    clock.t += 1.0  # the engine took a second: the doomed texts can no longer make it
+    eng.gate.set()
+    res = await asyncio.wait_for(asyncio.gather(first, *doomed, *fine), 5)
+    assert all(isinstance(r, Prediction) for r in res), "late texts are still labelled"
+    assert b.late == 2
+    assert eng.calls[1:] == [["fine 0", "fine 1"], ["fine 2", "fine 3"], ["doomed 0", "doomed 1"]]
+    await b.close()
+
+
+async def test_max_wait_never_waits_past_the_deadline_slack():
+    clock = FakeClock()
+    eng = RecordingEngine()
+    b = MicroBatcher(eng, max_batch=8, max_wait_ms=60_000, clock=clock)
+    b.start()
+    # The deadline has already come: the text must leave at once, not after max_wait_ms.
+    p = await asyncio.wait_for(b.submit("urgent", deadline=clock.t - 1), 5)
+    assert p.label == "short" and eng.calls == [["urgent"]]
+    await b.close()
+
+
+async def test_submit_many_answers_in_order_with_repeats_and_failures():
+    eng = RecordingEngine(poison="POISON")
+    b = MicroBatcher(eng, max_batch=16)
+    b.start()
+    texts = ["a short one", "x", "POISON", "x", "a short one", "another text here"]
+    answers = await asyncio.wait_for(b.submit_many(texts), 5)
+    r = answers.results
+    assert [getattr(a, "label", None) for a in r] == ["long", "short", None, "short", "long", "long"]
+    assert isinstance(r[2], EngineFailure)
+    assert sum(len(c) for c in eng.calls if "POISON" not in c) >= 4 and b.coalesced == 2
+    assert len(answers.waits) == len(texts) and all(w >= 0 for w in answers.waits)
+    await b.close()
+
+
+async def test_batched_outputs_equal_one_text_at_a_time(tiny_artifact):
+    """2,000 texts through the batcher (exact tokens, runs padded to their own longest) against the old
+    per-text path (each text alone, no padding at all): same labels, scores within 1e-5 (FP32 variant; INT8's
+    dynamic quantization scales activations per batch, see the README)."""
+    from pipeline.engine import OnnxEngine
+    from producers.synthetic import Generator
+
+    texts = [ev.text for _, ev in zip(range(2000), Generator("mixed", seed=7))]
+    texts[10] = "\u200b"  # no content tokens: answered as a failure in both paths
+    eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
+    try:
+        single = [eng.predict_sync([t])[0] for t in texts]
+        b = MicroBatcher(eng, max_batch=64)
+        b.start()
+        futs = [b.submit_many(texts[i:i + 250]) for i in range(0, len(texts), 250)]
+        batched = [r for f in futs for r in (await asyncio.wait_for(f, 60)).results]
+        await b.close()
+        assert b.batches < 200, "texts were batched"
+        for one, many in zip(single, batched):
+            if not isinstance(one, Prediction):
+                assert isinstance(many, EngineFailure)
+                continue
+            assert many.label == one.label
+            assert max(abs(many.scores[k] - one.scores[k]) for k in one.scores) <= 1e-5
+    finally:
+        eng.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import orjson
@@ -64,12 +65,15 @@ def test_missing_file_and_bad_manifest(artifact_copy):
         load_manifest(artifact_copy)
 
 
-def test_engine_pads_to_buckets_and_matches_batched_logits(tiny_artifact):
+def test_engine_pads_to_its_own_longest_and_matches_batched_logits(tiny_artifact):
     eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
     try:
-        enc = eng.encode(["short", "a somewhat longer sentence about quarterly earnings and guidance"])
-        assert enc.arrays["input_ids"].shape[1] in eng.buckets
-        assert enc.arrays["input_ids"].shape[1] >= int(enc.lengths.max())
+        texts2 = ["short", "a somewhat longer sentence about quarterly earnings and guidance"]
+        enc = eng.encode(texts2)
+        toks = eng.tokenize(texts2)
+        assert [t.n for t in toks] == [len(eng.tokenizer.encode(t).ids) for t in texts2]  # exact counts
+        assert enc.arrays["input_ids"].shape[1] == eng.width(int(enc.lengths.max())) == int(enc.lengths.max())
+        assert eng.pad_multiple == 1 and 1 <= eng.call_overhead_tokens <= 512
         texts = ["profits fell sharply", "shares rose after the upgrade", "the meeting is on tuesday"]
         batched = eng.logits(texts)
         single = np.concatenate([eng.logits([t]) for t in texts])
@@ -105,3 +109,21 @@ def test_unknown_variant_and_provider(tiny_artifact):
     _, m = load_manifest(tiny_artifact)
     with pytest.raises(ModelError, match="no 'int4' variant"):
         m.variant("int4")
+
+
+async def test_engine_cpu_is_counted_on_the_engine_threads(tiny_artifact):
+    from pipeline.engine import thread_cpu_seconds
+
+    eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
+    try:
+        toks = eng.tokenize(["a sentence of a dozen or so words about quarterly earnings " * 4] * 64)
+        before = thread_cpu_seconds(eng.thread_ids)
+        main0 = time.thread_time()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            await eng.infer(toks)
+        engine_s = thread_cpu_seconds(eng.thread_ids) - before
+        assert engine_s >= 0.2, f"the engine's threads did the work ({engine_s:.2f} s CPU)"
+        assert time.thread_time() - main0 < engine_s, "the event loop thread only waited"
+    finally:
+        eng.close()
