@@ -188,15 +188,30 @@ class Partition:
             self.state = Lifecycle.FAILED
 
 
-@dataclass(frozen=True, slots=True)
 class Output:
-    """One record to publish. ``fallback`` is sent instead if the broker or client refuses it as too large."""
+    """One record to publish. ``fallback`` is sent instead if the broker or client refuses it as too large.
 
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list
-    fallback: Output | None = None
+    The fallback may be given as a function that builds it: it is then built only if it is needed.
+    """
+
+    __slots__ = ("topic", "key", "value", "headers", "_fallback")
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes, headers: list,
+                 fallback: Output | Callable[[], Output] | None = None) -> None:
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self._fallback = fallback
+
+    @property
+    def fallback(self) -> Output | None:
+        if callable(self._fallback):
+            self._fallback = self._fallback()
+        return self._fallback
+
+    def __repr__(self) -> str:
+        return f"Output(topic={self.topic!r}, key={self.key!r}, value={len(self.value)} bytes)"
 
 
 # ---------------------------------------------------------------------------------------------- protocols

@@ -36,7 +36,9 @@ class KafkaSettings:
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
     fetch_max_records: int = 1000
-    fetch_max_wait_ms: int = 5  # broker long-poll; the broker answers at once when data arrives
+    fetch_max_wait_ms: int = 100  # broker long-poll when idle (it answers at once when a record arrives)
+    fetch_min_bytes: int = 0  # 0: adaptive (see fetch_gather_ms); > 0: the broker answers once this much is there
+    fetch_gather_ms: float = 5.0  # adaptive: under load, a fetch may wait this long for more records to arrive
     linger_ms: int = 0  # aiokafka still batches whatever queues while a request is in flight
     compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -55,7 +57,7 @@ class TopicSettings:
 @dataclass(frozen=True)
 class BatchingSettings:
     max_batch: int = 64
-    max_tokens: int = 8192  # padded tokens per batch (batch × bucket width)
+    max_tokens: int = 8192  # padded tokens per engine call (rows × longest text)
     max_wait_ms: float = 0.0  # 0: dispatch at once when the engine is idle; >0: let small batches grow this long
     engine_concurrency: int = 1  # concurrent engine calls; 1 is right for CPU (ORT parallelises inside a call)
     engine_timeout_s: float = 30.0  # an engine call longer than this means a hung engine: the worker stops (exit 4)

@@ -155,15 +155,15 @@ def label_record(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_
     return {
         "id": event.id,
         "label": pred.label,
-        "score": round(pred.score, 6),
-        "scores": {k: round(v, 6) for k, v in pred.scores.items()},
+        "score": pred.score,  # the engine rounds scores to 6 decimals
+        "scores": pred.scores if type(pred.scores) is dict else dict(pred.scores),
         "model": pred.model,
         "cached": pred.cached,
         "source": event.source,
         "entity": event.entity,
         "produced_at": event.produced_at,
         "labeled_at": labeled_at_ms,
-        "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
+        "latency_ms": latency_ms,  # the caller rounds (to µs)
     }
 
 

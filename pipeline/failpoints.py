@@ -91,7 +91,15 @@ class _FaultyEngine:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    async def infer(self, batch):
+        await self._fault()
+        return await self._inner.infer(batch)
+
     async def predict(self, texts):
+        await self._fault()
+        return await self._inner.predict(texts)
+
+    async def _fault(self) -> None:
         self._calls += 1
         fail_at = self._fp.armed.get("engine_fail")
         if fail_at is not None and self._calls >= fail_at:
@@ -101,4 +109,3 @@ class _FaultyEngine:
             # Block a thread for good, as a hung native call would; the awaiting coroutine can be cancelled.
             executor = getattr(self._inner, "_executor", None)
             await asyncio.get_running_loop().run_in_executor(executor, threading.Event().wait)
-        return await self._inner.predict(texts)

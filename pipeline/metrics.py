@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LAT = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STAGE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -25,8 +28,33 @@ class Metrics:
         self.goodput = Gauge("streamlabel_slo_goodput_ratio", "Share of events within the latency objective.", registry=r)
         self.burn = Gauge("streamlabel_slo_burn_rate", "Error-budget burn rate.", ["window"], registry=r)
         self.coalesced = Counter("streamlabel_coalesced", "Texts answered by an identical text already in flight.", registry=r)
+        self.late = Counter("streamlabel_batcher_late", "Texts that could no longer meet their deadline when batched "
+                            "(still labelled, after the texts that could).", registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
+
+    def track_cpu(self, engine_threads: set[int]) -> None:
+        """Export ``streamlabel_cpu_seconds_total{part="engine"|"outside_engine"}`` (read at scrape time)."""
+        self.registry.register(_CpuCollector(engine_threads))
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Start the /metrics HTTP endpoint (a daemon thread); returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _CpuCollector:
+    """Process CPU split between the engine's threads (ONNX Runtime's pool, the engine executor) and the rest
+    (the event loop: Kafka clients, decoding, tokenization, batching, encoding, publishing)."""
+
+    def __init__(self, engine_threads: set[int]) -> None:
+        self.engine_threads = set(engine_threads)
+
+    def collect(self):
+        from pipeline.engine import thread_cpu_seconds
+
+        total = time.process_time()
+        engine = thread_cpu_seconds(self.engine_threads)
+        c = CounterMetricFamily("streamlabel_cpu_seconds", "Process CPU time by part: the engine's threads, and "
+                                "everything outside the engine.", labels=["part"])
+        c.add_metric(["engine"], engine)
+        c.add_metric(["outside_engine"], max(0.0, total - engine))
+        yield c

@@ -47,9 +47,10 @@ class SloTracker:
         self._seconds: deque[list[int]] = deque()  # [second, good, total], newest last, at most an hour
         self._start = clock()
 
-    def record_stage(self, stage: str, seconds: float) -> None:
+    def record_stage(self, stage: str, seconds: float, count: int = 1) -> None:
+        """``count`` events spent ``seconds`` each in ``stage`` (one call per batch, not per event)."""
         with self._lock:
-            self.stages[stage].record_value(max(1, min(int(seconds * 1e6), _MAX_US)))
+            self.stages[stage].record_value(max(1, min(int(seconds * 1e6), _MAX_US)), count)
 
     def record_e2e(self, ms: float) -> bool:
         """Record one event's end-to-end latency; returns whether it met the objective."""
@@ -69,6 +70,29 @@ class SloTracker:
             b[1] += ok
             b[2] += 1
         return ok
+
+    def record_e2e_many(self, values_ms: list[float]) -> None:
+        """Record a batch of end-to-end latencies at once (one lock, one time bucket)."""
+        if not values_ms:
+            return
+        objective = self.objective_ms
+        good = sum(1 for ms in values_ms if ms <= objective)
+        now = int(self._clock())
+        with self._lock:
+            rec = self.e2e.record_value
+            for ms in values_ms:
+                rec(max(1, min(int(ms * 1000), _MAX_US)))
+            self._count += len(values_ms)
+            self._good += good
+            if self._seconds and self._seconds[-1][0] == now:
+                b = self._seconds[-1]
+            else:
+                b = [now, 0, 0]
+                self._seconds.append(b)
+                while self._seconds and self._seconds[0][0] <= now - WINDOWS["1h"]:
+                    self._seconds.popleft()
+            b[1] += good
+            b[2] += len(values_ms)
 
     def burn_rate(self, window_s: int) -> float:
         now = int(self._clock())

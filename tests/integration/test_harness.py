@@ -39,6 +39,9 @@ async def test_tiny_step_measures_from_records_and_plots(kafka, tiny_artifact, t
     assert step.sent == 300 and step.labelled == 300 and step.lost == 0 and step.duplicated == 0
     assert 0 < step.p50_ms <= step.p99_ms <= step.max_ms
     assert step.series and abs(step.achieved_rate - 100) < 10
+    assert step.backlog == 0
+    # the worker's /metrics was scraped around the step; the CPU split is there once the worker exports it
+    assert step.worker_cpu_us_per_event is None or step.worker_cpu_us_per_event > 0
     report = {"model": "tiny@1", "slo": {"objective_ms": 250, "target": 0.99}, "steps": [step.row()],
               "series_step": {"offered_rate": 100, "series": step.series}, "engine_msgs_per_s": 1000,
               "pipeline_msgs_per_s_at_slo": step.throughput, "naive_msgs_per_s_at_slo": 10,
@@ -47,6 +50,37 @@ async def test_tiny_step_measures_from_records_and_plots(kafka, tiny_artifact, t
     png, html = files
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert "data:image/png;base64," in html.read_text() and "tiny" in html.read_text()
+
+
+async def test_handwritten_baseline_step(kafka, tiny_artifact):
+    cfg = BenchConfig(bootstrap=kafka.bootstrap, artifact=str(tiny_artifact), slo_ms=250, step_seconds=3, max_batch=16)
+    step = await run_step(cfg, "hand", 100, worker_cmd=[sys.executable, "-m", "consumers.handwritten_baseline"])
+    assert step.sent == 300 and step.labelled == 300 and step.lost == 0 and step.backlog == 0 and step.duplicated == 0
+    assert 0 < step.p50_ms <= step.p99_ms and step.worker_cpu_us_per_event is None  # a baseline serves no /metrics
+
+
+async def test_unlabelled_ids_at_or_past_the_committed_offset_are_queued_not_lost(kafka, names):
+    import orjson
+    from aiokafka import TopicPartition
+
+    from pipeline import kafka as K
+    from producers.loadtest import _queued_ids
+    from producers.topics import produce
+
+    await ensure_topics(kafka.bootstrap, [names.input], partitions=4)
+    await produce(kafka.bootstrap, names.input, [orjson.dumps({"id": f"e{i}", "text": "x"}) for i in range(8)],
+                  keys=[b"one-partition"] * 8)
+    recs = await read_until(kafka.bootstrap, [names.input], lambda r: len(r) >= 8, 30)
+    tp = TopicPartition(names.input, recs[0].partition)
+    c = K.consumer(kafka.bootstrap, group_id=names.group)
+    await c.start()
+    try:
+        c.assign([tp])
+        await c.commit({tp: 5})  # e0..e4 done as far as the group knows; e5.. not yet
+    finally:
+        await c.stop()
+    assert await _queued_ids(kafka.bootstrap, names.group, names.input, recs, {"e1", "e5", "e7"}) == {"e5", "e7"}
+    assert await _queued_ids(kafka.bootstrap, names.group, names.input, recs, set()) == set()
 
 
 def test_demo_json_counts_from_topics(kafka, tiny_artifact):

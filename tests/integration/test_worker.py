@@ -151,6 +151,7 @@ async def test_redis_outage_labels_keep_flowing_and_cache_resumes(kafka, names, 
 async def test_metrics_endpoint_serves_histograms(kafka, names, engine):
     s = settings_for(kafka, names)
     m = Metrics()
+    m.track_cpu(engine.thread_ids)
     port = free_port()
     server, _ = m.serve(port)
     try:
@@ -166,3 +167,27 @@ async def test_metrics_endpoint_serves_histograms(kafka, names, engine):
     assert 'streamlabel_events_total{outcome="labelled"} 10.0' in body
     assert "streamlabel_batch_size_bucket" in body and "streamlabel_slo_goodput_ratio" in body
     assert 'streamlabel_slo_burn_rate{window="1m"}' in body
+    assert 'streamlabel_cpu_seconds_total{part="engine"}' in body
+    assert 'streamlabel_cpu_seconds_total{part="outside_engine"}' in body
+
+
+async def test_deadline_header_is_honoured_and_late_records_are_still_labelled(kafka, names, engine):
+    s = settings_for(kafka, names, slo={"objective_ms": 600_000})  # no record misses the default deadline
+    past = [("streamlabel.deadline_ms", b"1")]  # 1 ms after the epoch: long gone
+    recs = [(encode_input(f"late {i}", id=f"late{i}"), past) for i in range(3)]
+    recs += [(encode_input(f"fine {i}", id=f"fine{i}"), []) for i in range(5)]
+    recs += [(encode_input("bad header", id="bad"), [("streamlabel.deadline_ms", b"soon")])]
+    async with running_worker(s, engine) as w:
+        p = __import__("aiokafka").AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await p.start()
+        try:
+            for value, headers in recs:
+                await p.send(names.input, value=value, headers=headers)
+            await p.flush()
+        finally:
+            await p.stop()
+        out = await read_labels(kafka.bootstrap, names.output, {"late0", "late1", "late2", "bad"} |
+                                {f"fine{i}" for i in range(5)})
+        assert w.batcher.late == 3, "exactly the records whose header deadline had passed"
+        assert w._bad_deadline_logged, "an unreadable deadline header is reported (and the default applies)"
+    assert len(set(ids_of(out))) == 9 and w.dead_lettered == 0
