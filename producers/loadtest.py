@@ -3,7 +3,13 @@
 For each step: a fresh input/output topic pair; the input records get their CreateTime from the producer,
 the output topic uses LogAppendTime, so ``output.timestamp − input.timestamp`` is the broker-side
 end-to-end latency (input written → label acknowledged), read from the records, never from the worker's
-own counters. The worker runs as a separate process (``streamlabel run``), as in production.
+own counters. The worker runs as a separate process (``streamlabel run``), as in production; the baselines
+(``consumers/naive_baseline.py``, ``consumers/handwritten_baseline.py``) run the same way.
+
+Ids not labelled when the read-back ends are split by the group's committed offsets: at or past them the
+worker had simply not got there yet (``backlog``: it was behind, a restart would read them again); below
+them a label is missing for good (``lost``). The pipeline worker also serves ``/metrics`` on a free port,
+scraped before and after each step for its CPU seconds per event outside and inside the engine.
 """
 
 from __future__ import annotations
@@ -15,20 +21,22 @@ import math
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import orjson
 
 from pipeline.events import encode_input
+from producers.engine_bench import ceiling_throughput, engine_throughput  # noqa: F401 — re-exported
 from producers.rate import producer_for_load, send_at_rate
 from producers.synthetic import Generator
-from producers.topics import Record, ensure_topics, read_until
+from producers.topics import Record, committed, ensure_topics, read_until
 
 LOG_APPEND = {"message.timestamp.type": "LogAppendTime"}
 
@@ -60,6 +68,9 @@ class Step:
     throughput: float  # labels acknowledged per second over the step
     meets_slo: bool
     series: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, latency ms), sampled
+    backlog: int = 0  # not labelled when the read-back ended, at or past the committed offset: not lost, behind
+    worker_cpu_us_per_event: float | None = None  # worker process CPU outside the engine thread, per labelled event
+    engine_cpu_us_per_event: float | None = None  # CPU of the engine thread(s), per labelled event
 
     def row(self) -> dict:
         d = asdict(self)
@@ -68,8 +79,12 @@ class Step:
 
 
 def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, achieved: float, slo_ms: float,
-            target: float) -> Step:
-    """``inputs``: id → input record timestamp. ``outputs``: label records (LogAppendTime timestamps)."""
+            target: float, *, queued: Collection[str] = ()) -> Step:
+    """``inputs``: id → input record timestamp. ``outputs``: label records (LogAppendTime timestamps).
+
+    ``queued``: ids still at or past the group's committed offset when the read-back ended; those of them
+    without a label count as ``backlog`` (the worker was behind), the other unlabelled ids as ``lost``.
+    """
     seen: dict[str, int] = {}
     dup = 0
     lat = []
@@ -91,14 +106,16 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
     span = (max(seen.values()) - min(inputs.values())) / 1000.0 if seen else 0.0
     step = max(1, len(series) // 2000)
     p99 = pct(lat, 99)
-    lost = len(inputs) - len(seen)
+    queued = set(queued)
+    backlog = sum(1 for i in inputs if i not in seen and i in queued)
+    lost = len(inputs) - len(seen) - backlog
     return Step(name=name, offered_rate=offered, achieved_rate=round(achieved, 1), sent=len(inputs), labelled=len(seen),
                 lost=lost, duplicated=dup, p50_ms=pct(lat, 50), p95_ms=pct(lat, 95), p99_ms=p99,
                 p999_ms=pct(lat, 99.9), max_ms=float(max(lat)) if lat else 0.0,
                 goodput=round(good / len(inputs), 4) if inputs else 0.0,
                 throughput=round(len(seen) / span, 1) if span > 0 else 0.0,
-                meets_slo=bool(lat) and lost == 0 and p99 <= slo_ms and good / len(inputs) >= target - 1e-9,
-                series=sorted(series)[::step])
+                meets_slo=bool(lat) and lost == 0 and backlog == 0 and p99 <= slo_ms and good / len(inputs) >= target - 1e-9,
+                series=sorted(series)[::step], backlog=backlog)
 
 
 class WorkerProcess:
@@ -162,19 +179,32 @@ class BenchConfig:
 
 async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
                    progress: Callable[[str], None] | None = None) -> Step:
+    """One step at ``rate`` on fresh topics: the ``streamlabel run`` worker, or ``worker_cmd`` (a baseline).
+
+    ``worker_cmd`` gets ``BOOTSTRAP INPUT OUTPUT DLQ GROUP`` appended, and the same environment as the worker
+    (``STREAMLABEL_MODEL__PATH``, ``STREAMLABEL_BATCHING__MAX_BATCH``, …).
+    """
     tag = uuid.uuid4().hex[:8]
     topics = (f"bench-in-{tag}", f"bench-out-{tag}", f"bench-dlq-{tag}")
-    await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=4)
-    await ensure_topics(cfg.bootstrap, [topics[1]], partitions=4, configs=LOG_APPEND)
-    env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch),
-           "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms), "STREAMLABEL_WORKER__DELIVERY": cfg.delivery}
+    group = f"bench-{tag}"
+    await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=PARTITIONS)
+    await ensure_topics(cfg.bootstrap, [topics[1]], partitions=PARTITIONS, configs=LOG_APPEND)
+    env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch), "STREAMLABEL_MODEL__PATH": cfg.artifact,
+           "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms), "STREAMLABEL_WORKER__DELIVERY": cfg.delivery,
+           # Unique-text steps compare serving, so the cache is off; the duplicate steps measure the cache.
+           "STREAMLABEL_CACHE__ENABLED": "true" if duplicate_ratio > 0 else "false"}
     cmd = None
+    port = None
     if worker_cmd is not None:
-        cmd = [*worker_cmd, cfg.bootstrap, *topics, f"bench-{tag}"]
-    w = WorkerProcess(cfg.bootstrap, cfg.artifact, topics, f"bench-{tag}", variant=variant or cfg.variant,
+        cmd = [*worker_cmd, cfg.bootstrap, *topics, group]
+    else:
+        port = free_port()
+        env["STREAMLABEL_METRICS__PORT"] = str(port)
+    w = WorkerProcess(cfg.bootstrap, cfg.artifact, topics, group, variant=variant or cfg.variant,
                       redis_url=cfg.redis_url, extra_env=env, command=cmd)
     try:
         await wait_worker_ready(cfg.bootstrap, topics, w)
+        before = worker_counters(await asyncio.to_thread(scrape, port)) if port else None
         gen = Generator("mixed", seed=cfg.seed, duplicate_ratio=duplicate_ratio, id_prefix=f"{name}-{tag}")
         count = max(1, int(rate * cfg.step_seconds))
         sent_ids: list[str] = []
@@ -210,14 +240,107 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
         else:
             outs = await read_until(cfg.bootstrap, [topics[1]],
                                     lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), drain)
-        step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target)
+        after = worker_counters(await asyncio.to_thread(scrape, port)) if port else None
+        queued = await _queued_ids(cfg.bootstrap, group, topics[0], ins, want - _ids(outs))
+        step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target, queued=queued)
+        step.worker_cpu_us_per_event, step.engine_cpu_us_per_event = cpu_per_event(before, after)
         if progress:
-            progress(f"  {name:>14} offered {rate:8.1f}/s achieved {step.achieved_rate:8.1f}/s  p50 {step.p50_ms:7.1f}  "
-                     f"p99 {step.p99_ms:7.1f}  p99.9 {step.p999_ms:7.1f} ms  goodput {step.goodput:6.2%}  "
-                     f"lost {step.lost} dup {step.duplicated}  {'✓' if step.meets_slo else '✗'}")
+            progress(progress_line(step))
         return step
     finally:
         w.stop()
+
+
+PARTITIONS = 4
+
+
+def progress_line(step: Step) -> str:
+    """One line per step for the terminal."""
+    missing = (f"  {step.backlog} still queued (behind)" if step.backlog else "") + \
+              (f"  LOST {step.lost}" if step.lost else "")
+    cpu = f"  cpu {step.worker_cpu_us_per_event:.0f} µs/ev" if step.worker_cpu_us_per_event is not None else ""
+    return (f"  {step.name:>14} offered {step.offered_rate:8.1f}/s achieved {step.achieved_rate:8.1f}/s  "
+            f"p50 {step.p50_ms:7.1f}  p99 {step.p99_ms:7.1f}  p99.9 {step.p999_ms:7.1f} ms  goodput {step.goodput:6.2%}  "
+            f"dup {step.duplicated}{missing}{cpu}  {'✓' if step.meets_slo else '✗'}")
+
+
+def _ids(records: Sequence[Record]) -> set[str]:
+    return {orjson.loads(r.value).get("id") for r in records}
+
+
+async def _queued_ids(bootstrap: str, group: str, topic: str, inputs: Sequence[Record], missing: set[str]) -> set[str]:
+    """Of the ``missing`` ids, those at or past the group's committed offset of their partition (not yet done)."""
+    if not missing:
+        return set()
+    done = await committed(bootstrap, group, topic, PARTITIONS)
+    out = set()
+    for r in inputs:
+        i = orjson.loads(r.value).get("id")
+        if i in missing and r.offset >= (done.get(r.partition) or 0):
+            out.add(i)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the worker's /metrics endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int | None, timeout: float = 5.0) -> str | None:
+    """The worker's /metrics text, or ``None`` when it cannot be read (no endpoint: not an error here)."""
+    import urllib.request
+
+    if port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            return r.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+
+
+CPU_SECONDS = "streamlabel_cpu_seconds_total"
+EVENTS = "streamlabel_events_total"
+
+
+def worker_counters(text: str | None) -> dict[str, float] | None:
+    """From a /metrics text: ``cpu_<part>`` (CPU seconds by ``part``) and ``labelled`` events; absent ones left out.
+
+    Samples are matched by name, so the CPU split counts whether it is exported as a counter or a gauge.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == CPU_SECONDS and "part" in s.labels:
+                    key = f"cpu_{s.labels['part']}"
+                    out[key] = out.get(key, 0.0) + s.value
+                elif s.name == EVENTS and s.labels.get("outcome") == "labelled":
+                    out["labelled"] = out.get("labelled", 0.0) + s.value
+    except ValueError:  # not Prometheus text: treat as absent
+        return None
+    return out
+
+
+def cpu_per_event(before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> tuple[float | None, float | None]:
+    """(outside-engine, engine) CPU µs per labelled event between two scrapes; ``None`` where a figure is missing."""
+    if not before or not after or "labelled" not in before or "labelled" not in after:
+        return None, None
+    events = after["labelled"] - before["labelled"]
+
+    def per(part: str) -> float | None:
+        k = f"cpu_{part}"
+        if events <= 0 or k not in before or k not in after:
+            return None
+        return round((after[k] - before[k]) / events * 1e6, 1)
+
+    return per("outside_engine"), per("engine")
 
 
 class _VisibleTail:
@@ -262,24 +385,6 @@ class _VisibleTail:
         return self.records
 
 
-def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0) -> float:
-    """The raw engine (no Kafka): tokenize + infer on the same texts and batch size as the pipeline."""
-    from pipeline.engine import OnnxEngine
-
-    eng = OnnxEngine(artifact, variant=variant, provider="cpu")
-    try:
-        chunks = [list(texts[i:i + batch]) for i in range(0, len(texts) - batch + 1, batch)]
-        eng.predict_sync(chunks[0])
-        n, i, t0 = 0, 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            eng.predict_sync(chunks[i % len(chunks)])
-            n += batch
-            i += 1
-        return n / (time.perf_counter() - t0)
-    finally:
-        eng.close()
-
-
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -301,18 +406,72 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-def knee(steps: Sequence[Step]) -> float:
-    """The throughput of the busiest step up to which every step met the SLO (in offered-rate order).
+def knee_step(steps: Sequence[Step]) -> Step | None:
+    """The step of highest throughput among those up to which every step met the SLO (in offered-rate order).
 
     A step that passes above a failed one (noise near saturation on a small machine) does not count: the
-    knee is the load the system holds, not its luckiest step.
+    knee is the load the system holds, not its luckiest step. ``None``: not even the lowest step met it.
     """
-    best = 0.0
+    best = None
     for s in sorted(steps, key=lambda s: s.offered_rate):
         if not s.meets_slo:
             break
-        best = max(best, s.throughput)
+        if best is None or s.throughput > best.throughput:
+            best = s
     return best
+
+
+def knee(steps: Sequence[Step]) -> float:
+    """The throughput at the knee (``knee_step``); 0 when no step met the SLO."""
+    k = knee_step(steps)
+    return k.throughput if k is not None else 0.0
+
+
+def at_slo(steps: Sequence[Step]) -> tuple[float, str | None]:
+    """(events/s at the knee, note): a ladder that met the SLO at no step is reported as such, not as a figure."""
+    if not steps:
+        return 0.0, "not measured"
+    if knee_step(steps) is not None:
+        return knee(steps), None
+    low = min(steps, key=lambda s: s.offered_rate)
+    why = f"p99 {low.p99_ms:.0f} ms, goodput {low.goodput:.1%}"
+    if low.backlog:
+        why += f", {low.backlog} of {low.sent} events still queued when the read-back ended"
+    if low.lost:
+        why += f", {low.lost} lost"
+    return 0.0, f"did not meet the SLO at any step (lowest {low.offered_rate:.0f}/s: {why})"
+
+
+def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    """``a / b`` rounded, or ``None`` when either is missing or ``b`` is 0."""
+    return round(a / b, digits) if a is not None and b else None
+
+
+def cpu_at_knee(steps: Sequence[Step]) -> tuple[float | None, float | None]:
+    """(outside-engine, engine) CPU µs per event at the knee step, else at the busiest step."""
+    if not steps:
+        return None, None
+    s = knee_step(steps) or max(steps, key=lambda s: s.offered_rate)
+    return s.worker_cpu_us_per_event, s.engine_cpu_us_per_event
+
+
+# (report key, bar label, colour) of the throughput chart; a key that is absent or None is left out
+BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
+        ("engine_msgs_per_s", "engine (no Kafka)", "#888"),
+        ("pipeline_msgs_per_s_at_slo", "pipeline at SLO", "#2a7"),
+        ("handwritten_msgs_per_s_at_slo", "hand-written at SLO", "#d92"),
+        ("naive_msgs_per_s_at_slo", "naive at SLO", "#c55"),
+        ("dup50_msgs_per_s_at_slo", "pipeline, 50% dup", "#27a"))
+# (report key, row label, note key) of the HTML figures table
+FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain session.run (no Kafka)", None),
+               ("engine_msgs_per_s", "streamlabel engine (no Kafka)", None),
+               ("fp32_engine_msgs_per_s", "streamlabel engine, FP32 (no Kafka)", None),
+               ("pipeline_msgs_per_s_at_slo", "streamlabel pipeline at the SLO", None),
+               ("handwritten_msgs_per_s_at_slo", "hand-written consumer at the SLO", "handwritten_note"),
+               ("naive_msgs_per_s_at_slo", "naive consumer at the SLO", "naive_note"),
+               ("dup50_msgs_per_s_at_slo", "pipeline, 50% duplicate texts, at the SLO", None),
+               ("eos_msgs_per_s_at_slo", "pipeline, exactly-once, at the SLO", None))
+STEP_KEYS = ("steps", "handwritten_steps", "naive_steps", "dup50_steps", "eos_steps")
 
 
 def plots(report: dict, out_prefix: Path) -> list[Path]:
@@ -326,7 +485,7 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     slo = report["slo"]["objective_ms"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
-    for key, label in (("steps", "streamlabel"), ("naive_steps", "naive baseline")):
+    for key, label in (("steps", "streamlabel"), ("handwritten_steps", "hand-written"), ("naive_steps", "naive")):
         steps = [s for s in report.get(key, []) if s["labelled"]]
         if not steps:
             continue
@@ -349,12 +508,8 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     ax.set_xlabel("seconds into the step")
     ax.set_ylabel("ms")
     ax = axes[2]
-    bars = {"engine (no Kafka)": report.get("engine_msgs_per_s", 0),
-            "pipeline at SLO": report.get("pipeline_msgs_per_s_at_slo", 0),
-            "naive at SLO": report.get("naive_msgs_per_s_at_slo", 0)}
-    if report.get("dup50_msgs_per_s_at_slo"):
-        bars["pipeline, 50% dup"] = report["dup50_msgs_per_s_at_slo"]
-    ax.bar(list(bars), list(bars.values()), color=["#888", "#2a7", "#c55", "#27a"][: len(bars)])
+    bars = {label: (report[key], color) for key, label, color in BARS if report.get(key) is not None}
+    ax.bar(list(bars), [v for v, _ in bars.values()], color=[c for _, c in bars.values()])
     ax.set_ylabel("events/s")
     ax.set_title("throughput")
     ax.tick_params(axis="x", labelsize=8, rotation=15)
@@ -368,17 +523,25 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     plt.close(fig)
     files.append(png)
     html = out_prefix.with_suffix(".html")
+    figures = "".join(f"<tr><td style='text-align:left'>{label}</td><td>{report[key]:.0f}</td>"
+                      f"<td style='text-align:left'>{report.get(note) or ''}</td></tr>"
+                      for key, label, note in FIGURE_ROWS if report.get(key) is not None)
+    cpu = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
     rows = "".join(f"<tr><td>{s['name']}</td><td>{s['offered_rate']:.0f}</td><td>{s['achieved_rate']:.0f}</td>"
                    f"<td>{s['p50_ms']:.1f}</td><td>{s['p99_ms']:.1f}</td><td>{s['p999_ms']:.1f}</td>"
-                   f"<td>{s['goodput']:.2%}</td><td>{s['lost']}</td><td>{s['duplicated']}</td>"
-                   f"<td>{'✓' if s['meets_slo'] else '✗'}</td></tr>" for s in report.get("steps", []) + report.get("naive_steps", []))
+                   f"<td>{s['goodput']:.2%}</td><td>{s.get('backlog', 0)}</td><td>{s['lost']}</td><td>{s['duplicated']}</td>"
+                   f"<td>{cpu(s.get('worker_cpu_us_per_event'))}</td><td>{cpu(s.get('engine_cpu_us_per_event'))}</td>"
+                   f"<td>{'✓' if s['meets_slo'] else '✗'}</td></tr>"
+                   for key in STEP_KEYS for s in report.get(key) or [])
     html.write_text(
         "<!doctype html><meta charset=utf-8><title>streamlabel bench</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style>"
         f"<h1>streamlabel bench</h1><p>{report['model']} · SLO p99 ≤ {slo:.0f} ms · {report['machine']['cpu']}</p>"
         f"<img style='max-width:100%' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        f"<table><tr><th style='text-align:left'>measured</th><th>events/s</th><th></th></tr>{figures}</table>"
         "<table><tr><th>step</th><th>offered/s</th><th>achieved/s</th><th>p50</th><th>p99</th><th>p99.9</th>"
-        f"<th>goodput</th><th>lost</th><th>dup</th><th>SLO</th></tr>{rows}</table>"
-        f"<pre>{orjson.dumps({k: v for k, v in report.items() if k not in ('steps', 'naive_steps', 'series_step')}, option=orjson.OPT_INDENT_2).decode()}</pre>")
+        "<th>goodput</th><th>queued at end</th><th>lost</th><th>dup</th><th>CPU µs/ev outside engine</th>"
+        f"<th>engine CPU µs/ev</th><th>SLO</th></tr>{rows}</table>"
+        f"<pre>{orjson.dumps({k: v for k, v in report.items() if not k.endswith('steps') and k != 'series_step'}, option=orjson.OPT_INDENT_2).decode()}</pre>")
     files.append(html)
     return files

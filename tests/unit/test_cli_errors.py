@@ -25,6 +25,9 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("args, line", [
+    (["bench", "--engine-only", "--engine-batches", "64,x"],
+     "error: bench --engine-batches: expected comma-separated whole numbers greater than 0, got '64,x' "
+     "(see 'streamlabel bench --help')"),
     (["run", "--workers", "abc"],
      "error: run --workers: expected a whole number, got 'abc' (see 'streamlabel run --help')"),
     (["run", "--workers", "0"],

@@ -1,0 +1,175 @@
+"""Engine-level throughput without Kafka: the ORT ceiling and our engine as the worker drives it.
+
+``streamlabel bench`` uses both before its ladders; ``streamlabel bench --engine-only`` (or
+``python -m producers.engine_bench ARTIFACT``) runs only these, on any provider: a GPU machine needs no
+broker to say what the model does there. Nothing here imports a Kafka client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from typing import Sequence
+
+import orjson
+
+from producers.synthetic import Generator
+
+
+def bench_texts(n: int = 2048, seed: int = 1) -> list[str]:
+    """The bench's texts: the synthetic ``mixed`` profile (support messages, news, chat)."""
+    return [ev.text for _, ev in zip(range(n), Generator("mixed", seed=seed))]
+
+
+def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0,
+                      provider: str = "cpu") -> float:
+    """Our engine as the worker drives it (no Kafka): the texts are admitted in arrival order, in poll-sized
+    groups (``MicroBatcher.submit_many``: tokenized once at admission), the batcher forms its runs of similar
+    length, the engine pads each to its own longest and runs it on its thread. A backlog, so every engine call
+    is as full as the batcher makes it. Same texts, warm-up and session options as ``ceiling_throughput``."""
+    from pipeline.batcher import MicroBatcher
+    from pipeline.engine import OnnxEngine
+
+    texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
+    eng = OnnxEngine(artifact, variant=variant, provider=provider)
+
+    async def go() -> float:
+        b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128))
+        b.start()
+        try:
+            await b.submit_many(texts[:batch])
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                await asyncio.gather(*(b.submit_many(texts[i:i + 256]) for i in range(0, len(texts), 256)))
+                n += len(texts)
+            return n / (time.perf_counter() - t0)
+        finally:
+            await b.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        eng.close()
+
+
+def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int,
+                       seconds: float = 5.0, provider: str = "cpu", io_binding: bool = False) -> float:
+    """The ORT ceiling: our engine's session and tokenizer, no streamlabel batching code, ideal grouping.
+
+    The texts are sorted by token count (once, untimed) and cut into batches of ``batch``, each padded only
+    to its own longest text; the timed loop is ``encode_batch`` (padding done by the tokenizer) +
+    ``session.run``, the batches in a fixed shuffled order so any prefix of the loop is a fair sample.
+    Same artifact file, session options and warm-up as ``engine_throughput``. ``io_binding``: inputs and
+    outputs through an ``IOBinding`` (inputs copied to the device once, logits copied back once), the way
+    a GPU caller avoids ORT's own per-run staging.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from pipeline.engine import OnnxEngine
+
+    texts = list(dict.fromkeys(texts))
+    eng = OnnxEngine(artifact, variant=variant, provider=provider)
+    try:
+        tok = Tokenizer.from_str(eng.tokenizer.to_str())  # a copy: the engine's own keeps no padding
+        tok.enable_padding(pad_id=eng.pad_id, pad_token=tok.id_to_token(eng.pad_id) or "[PAD]")
+        ordered = sorted(texts, key=lambda t: len(eng.tokenizer.encode(t).ids))
+        chunks = [ordered[i:i + batch] for i in range(0, len(ordered) - batch + 1, batch)] or [ordered]
+        random.Random(0).shuffle(chunks)
+        session, names = eng.session, eng.input_names
+        out_name = session.get_outputs()[0].name
+        device = "cuda" if eng.providers[0] != "CPUExecutionProvider" else "cpu"
+
+        def arrays(chunk: list[str]) -> dict:
+            encs = tok.encode_batch(chunk)
+            a = {"input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+            return {k: a[k] for k in names}
+
+        def run(chunk: list[str]) -> int:
+            feeds = arrays(chunk)
+            if io_binding:
+                bind = session.io_binding()
+                held = [ort.OrtValue.ortvalue_from_numpy(v, device, 0) for v in feeds.values()]
+                for k, v in zip(feeds, held):
+                    bind.bind_ortvalue_input(k, v)
+                bind.bind_output(out_name, device)
+                session.run_with_iobinding(bind)
+                return len(bind.copy_outputs_to_cpu()[0])
+            return len(session.run(None, feeds)[0])
+
+        run(chunks[0])
+        n, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            n += run(chunks[i % len(chunks)])
+            i += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        eng.close()
+
+
+def measure(artifact: str, *, variant: str | None, provider: str, batches: Sequence[int], seconds: float,
+            io_binding: bool | None = None, say=None) -> dict:
+    """Ceiling and engine at each batch size; ``io_binding`` None: also the IO-bound ceiling on a GPU."""
+    from pipeline.engine import OnnxEngine, available_providers
+
+    texts = bench_texts()
+    probe = OnnxEngine(artifact, variant=variant, provider=provider, warmup=False)
+    variant, providers = probe.variant, probe.providers
+    probe.close()
+    gpu = providers[0] != "CPUExecutionProvider"
+    rows = []
+    for b in batches:
+        row: dict = {"batch": b}
+        row["ceiling_msgs_per_s"] = round(ceiling_throughput(artifact, texts, variant=variant, batch=b,
+                                                             seconds=seconds, provider=provider), 1)
+        if io_binding or (io_binding is None and gpu):
+            row["ceiling_iobinding_msgs_per_s"] = round(ceiling_throughput(
+                artifact, texts, variant=variant, batch=b, seconds=seconds, provider=provider, io_binding=True), 1)
+        row["engine_msgs_per_s"] = round(engine_throughput(artifact, texts, variant=variant, batch=b,
+                                                           seconds=seconds, provider=provider), 1)
+        row["engine_vs_ceiling"] = round(row["engine_msgs_per_s"] / row["ceiling_msgs_per_s"], 3)
+        rows.append(row)
+        if say is not None:
+            say(f"batch {b}: ceiling {row['ceiling_msgs_per_s']:.0f}/s"
+                + (f" (IO binding {row['ceiling_iobinding_msgs_per_s']:.0f}/s)" if "ceiling_iobinding_msgs_per_s" in row else "")
+                + f", engine {row['engine_msgs_per_s']:.0f}/s, engine/ceiling {row['engine_vs_ceiling']:.2f}")
+    return {"artifact": artifact, "variant": variant, "providers": providers, "available": available_providers(),
+            "seconds_per_figure": seconds, "rows": rows, **_gpu_name(gpu)}
+
+
+def _gpu_name(gpu: bool) -> dict:
+    if not gpu:
+        return {}
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return {"gpu": out or None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m producers.engine_bench", description=__doc__.splitlines()[0])
+    p.add_argument("artifact")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--batches", default="64", help="comma-separated batch sizes")
+    p.add_argument("--seconds", type=float, default=5.0)
+    a = p.parse_args(argv)
+    report = measure(a.artifact, variant=a.variant, provider=a.provider,
+                     batches=[int(x) for x in a.batches.split(",")], seconds=a.seconds,
+                     say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
