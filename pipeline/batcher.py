@@ -125,6 +125,11 @@ class MicroBatcher:
         """The dispatcher task (for the owner's supervision)."""
         return self._dispatcher
 
+    @property
+    def call_seconds(self) -> float:
+        """Running average of an engine call's duration (0.0 before the first)."""
+        return self._call_s
+
     def waiting(self) -> int:
         return len(self._ontime) + len(self._late)
 

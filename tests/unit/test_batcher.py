@@ -77,8 +77,10 @@ async def test_idle_engine_gets_a_batch_at_once():
     eng = RecordingEngine()
     b = MicroBatcher(eng, max_batch=32, max_wait_ms=0)
     b.start()
+    assert b.call_seconds == 0.0
     p = await asyncio.wait_for(b.submit("hello"), 1)
     assert p.label == "short" and eng.calls == [["hello"]]
+    assert b.call_seconds > 0.0  # what adaptive fetching gathers by
     await b.close()
 
 
