@@ -54,22 +54,8 @@ class SloTracker:
 
     def record_e2e(self, ms: float) -> bool:
         """Record one event's end-to-end latency; returns whether it met the objective."""
-        ok = ms <= self.objective_ms
-        now = int(self._clock())
-        with self._lock:
-            self.e2e.record_value(max(1, min(int(ms * 1000), _MAX_US)))
-            self._count += 1
-            self._good += ok
-            if self._seconds and self._seconds[-1][0] == now:
-                b = self._seconds[-1]
-            else:
-                b = [now, 0, 0]
-                self._seconds.append(b)
-                while self._seconds and self._seconds[0][0] <= now - WINDOWS["1h"]:
-                    self._seconds.popleft()
-            b[1] += ok
-            b[2] += 1
-        return ok
+        self.record_e2e_many([ms])
+        return ms <= self.objective_ms
 
     def record_e2e_many(self, values_ms: list[float]) -> None:
         """Record a batch of end-to-end latencies at once (one lock, one time bucket)."""
