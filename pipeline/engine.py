@@ -186,9 +186,6 @@ class OnnxEngine:
             out.append(Tokens(ids, len(ids), len(ids) <= specials))
         return out
 
-    def token_count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
-
     def width(self, n: int) -> int:
         """The padded width of a batch whose longest text has ``n`` tokens."""
         m = self.pad_multiple

@@ -116,12 +116,11 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
 def measure(artifact: str, *, variant: str | None, provider: str, batches: Sequence[int], seconds: float,
             io_binding: bool | None = None, say=None) -> dict:
     """Ceiling and engine at each batch size; ``io_binding`` None: also the IO-bound ceiling on a GPU."""
-    from pipeline.engine import OnnxEngine, available_providers
+    from pipeline.engine import available_providers, choose
+    from pipeline.model.manifest import load_manifest
 
     texts = bench_texts()
-    probe = OnnxEngine(artifact, variant=variant, provider=provider, warmup=False)
-    variant, providers = probe.variant, probe.providers
-    probe.close()
+    variant, providers = choose(load_manifest(artifact, verify=False)[1], variant, provider)
     gpu = providers[0] != "CPUExecutionProvider"
     rows = []
     for b in batches:
