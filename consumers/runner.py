@@ -26,7 +26,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     """
     from consumers.worker import Worker, WorkerError
     from pipeline.cache import make_cache
-    from pipeline.engine import OnnxEngine
+    from pipeline.engine import load_engine
     from pipeline.errors import EngineError, KafkaUnreachable
     from pipeline.metrics import Metrics
 
@@ -34,7 +34,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     m = settings.model
     own_engine = engine is None
     if engine is None:
-        engine = OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length)
+        engine = load_engine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length)
     log.info("engine_ready", model=engine.model_id, variant=getattr(engine, "variant", None),
              provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None))
     metrics = Metrics()

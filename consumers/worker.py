@@ -33,7 +33,7 @@ from pipeline.cache import Cache, NullCache, cache_key
 from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import BadEvent, ConfigError, EngineError
-from pipeline.events import Event, Prediction, decode_event, encode_label, now_ms
+from pipeline.events import Event, Generation, Prediction, decode_event, encode_generation, encode_label, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import SloTracker
@@ -102,9 +102,27 @@ class Worker:
         self.name = name
         self.log = logs.get("streamlabel.worker").bind(worker=name)
         b = settings.batching
-        self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_wait_ms=b.max_wait_ms,
-                                    concurrency=b.engine_concurrency, metrics=self.metrics, slo=self.slo,
-                                    timeout_s=b.engine_timeout_s)
+        self.generating = getattr(engine, "task", "") == "text-generation"
+        self.model_key = self.engine.model_id  # what cache keys are made of, beside the text
+        self.template = None
+        if self.generating:
+            from pipeline.generator import GenerationScheduler, Sampling, template_from
+
+            g = settings.generate
+            self.template = template_from(g.template, g.system, g.user)
+            sampling = Sampling(g.do_sample, g.temperature, g.top_p, g.seed)
+            self.batcher = GenerationScheduler(
+                self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_new_tokens=g.max_new_tokens,
+                stop=g.stop, sampling=sampling, prefill_tokens=g.prefill_tokens, max_prompt_tokens=g.max_prompt_tokens,
+                metrics=self.metrics, slo=self.slo)
+            self.batcher.add_prefix(self.engine.prefix_of(self.template.render("")[0]))
+            # A cached generation is only valid for the same prompt and decoding settings.
+            self.model_key = (f"{self.engine.model_id}|{self.template.system}|{self.template.user}|{g.max_new_tokens}|"
+                              f"{'|'.join(g.stop)}|{g.do_sample and (g.temperature, g.top_p, g.seed)}")
+        else:
+            self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens,
+                                        max_wait_ms=b.max_wait_ms, concurrency=b.engine_concurrency, metrics=self.metrics,
+                                        slo=self.slo, timeout_s=b.engine_timeout_s)
         self.eos = settings.worker.delivery == "exactly_once"
         self.inflight = 0
         self.paused = False
@@ -179,6 +197,11 @@ class Worker:
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
                 raise K.connection_error(s, exc) from None
             self.batcher.start()
+            if self.generating and self.s.slo.objective_ms < 1000:
+                self.log.warning("generation_deadline_short", objective_ms=self.s.slo.objective_ms,
+                                 note="each generation must finish by its record timestamp + slo.objective_ms; most will "
+                                      "end with finish_reason=deadline. Set [slo] objective_ms = 5000 (or more) for "
+                                      "generators")
             self._stop_waiter = asyncio.ensure_future(self._stopping.wait())
             self.log.info("worker_started", input=t.input, output=t.output, dlq=t.dlq, group=k.group_id,
                           model=self.engine.model_id, delivery=self.delivery.mode)
@@ -445,8 +468,13 @@ class Worker:
         waits: list[float] = [0.0] * len(records)
         misses = good
         keys: dict[int, str] = {}
+        if self.generating:  # the generator's input is the prompt the template builds from the event
+            render, tpl = self.engine.render, self.template
+            texts = {i: render(*tpl.for_event(events[i])) for i in good}
+        else:
+            texts = {i: events[i].text for i in good}
         if self.caching and good:
-            keys = {i: cache_key(self.engine.model_id, events[i].text) for i in good}
+            keys = {i: cache_key(self.model_key, texts[i]) for i in good}
             t0 = time.perf_counter()
             cached = await self.cache.get_many(list(keys.values()))
             self.slo.record_stage("cache", time.perf_counter() - t0, len(good))
@@ -459,7 +487,7 @@ class Worker:
                     answers[i] = hit
             self.cache_hits += len(good) - len(misses)
         if misses:
-            got = await self.batcher.submit_many([events[i].text for i in misses], [deadlines[i] for i in misses])
+            got = await self.batcher.submit_many([texts[i] for i in misses], [deadlines[i] for i in misses])
             for i, a, wt in zip(misses, got.results, got.waits):
                 answers[i] = a
                 waits[i] = wt
@@ -498,13 +526,20 @@ class Worker:
                     return None
         return None
 
-    def _label(self, tp: TopicPartition, r, ev: Event, pred: Prediction, labeled: int, wait: float) -> Output:
+    def _label(self, tp: TopicPartition, r, ev: Event, pred: Prediction | Generation, labeled: int, wait: float) -> Output:
         if pred.cached:
             lat = {"e2e": labeled - r.timestamp}
+        elif type(pred) is Generation:
+            t = pred.timings
+            lat = {"e2e": labeled - r.timestamp, "queue": round(t.get("queue", 0.0) * 1000, 3),
+                   "ttft": round(t.get("ttft", 0.0) * 1000, 3), "decode": round(t.get("decode", 0.0) * 1000, 3)}
         else:
             lat = {"e2e": labeled - r.timestamp, "batch_wait": round(wait * 1000, 3),
                    "infer": round(pred.timings.get("infer", 0.0) * 1000, 3)}
-        value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
+        if type(pred) is Generation:
+            value = encode_generation(ev, pred, generated_at_ms=labeled, latency_ms=lat)
+        else:
+            value = encode_label(ev, pred, labeled_at_ms=labeled, latency_ms=lat)
         out = Output(self.s.topics.output, r.key, value, list(r.headers) if r.headers else [],
                      lambda: self._fallback(tp, r, "publish: the label record is larger than the output topic allows "
                                                    "(input key and headers are kept on labels)"))

@@ -7,6 +7,7 @@ and a new model version never reads an old one's answers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 import unicodedata
@@ -16,7 +17,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 import orjson
 
 from pipeline import logs
-from pipeline.events import Prediction
+from pipeline.events import Generation, Prediction
 
 log = logs.get("streamlabel.cache")
 
@@ -30,13 +31,17 @@ def cache_key(model_id: str, text: str) -> str:
     return f"sl:{model_id}:{h}"
 
 
-def _pack(p: Prediction) -> bytes:
+def _pack(p: Prediction | Generation) -> bytes:
+    if isinstance(p, Generation):
+        return orjson.dumps({"g": p.text, "n": p.tokens, "f": p.finish_reason, "m": p.model})
     return orjson.dumps({"l": p.label, "s": p.score, "ps": dict(p.scores), "m": p.model})
 
 
-def _unpack(raw: bytes) -> Prediction | None:
+def _unpack(raw: bytes) -> Prediction | Generation | None:
     try:
         d = orjson.loads(raw)
+        if "g" in d:
+            return Generation(text=str(d["g"]), tokens=int(d["n"]), finish_reason=str(d["f"]), model=d["m"], cached=True)
         return Prediction(label=d["l"], score=float(d["s"]), scores=d["ps"], model=d["m"], cached=True)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None  # a damaged entry is a miss, never an error
@@ -81,7 +86,7 @@ class LocalCache:
 
     async def put_many(self, items: Iterable[tuple[str, Prediction]]) -> None:
         for k, p in items:
-            self._d[k] = p if p.cached else Prediction(p.label, p.score, p.scores, p.model, cached=True)
+            self._d[k] = p if p.cached else dataclasses.replace(p, cached=True, timings={})
             self._d.move_to_end(k)
         while len(self._d) > self.size:
             self._d.popitem(last=False)

@@ -92,10 +92,27 @@ class CacheSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     path: str = "models/sentiment-minilm"
-    variant: Literal["fp32", "int8", "fp16"] | None = None
+    variant: Literal["fp32", "int8", "fp16", "int4"] | None = None
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     threads: int | None = None
     max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Generator artifacts only (task text-generation): the prompt and the decoding."""
+
+    template: str = "reply"  # reply | summary | explain-label (pipeline/generator.py TEMPLATES)
+    system: str | None = None  # override the template's system message ({text} {source} {entity} {label})
+    user: str | None = None  # override the template's user message
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()  # stop strings (TOML list; env: a JSON list)
+    do_sample: bool = False  # greedy by default; sampling is seeded per prompt (reproducible)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (bounds the running rows' stall)
+    max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens; longer → DLQ
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
     slo: SloSettings = field(default_factory=SloSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -239,6 +257,17 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return tp(value) if tp is float or isinstance(value, int) or str(value).lstrip("-").isdigit() else int(str(value), 10)
         except (TypeError, ValueError):
             raise ConfigError(f"'{key}' must be a{'n integer' if tp is int else ' number'}, got {value!r}", where=where) from None
+    if origin is tuple:
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value) if value.strip().startswith("[") else [value]
+            except ValueError:
+                raise ConfigError(f"'{key}' must be a JSON list of strings, got {value!r}", where=where) from None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"'{key}' must be a list of strings, got {value!r}", where=where)
+        return tuple(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"'{key}' must be a string, got {value!r}", where=where)
@@ -256,6 +285,7 @@ def _check(s: Settings, where: str) -> None:
         "worker.drain_timeout_s": s.worker.drain_timeout_s, "worker.commit_interval_ms": s.worker.commit_interval_ms,
         "topics.partitions": s.topics.partitions, "topics.replication_factor": s.topics.replication_factor,
     }
+    positive.update({"generate.max_new_tokens": s.generate.max_new_tokens, "generate.prefill_tokens": s.generate.prefill_tokens})
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"'{key}' must be positive, got {v}", where=where)

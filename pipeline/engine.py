@@ -93,6 +93,19 @@ def choose(manifest: ModelManifest, variant: str | None, provider: str) -> tuple
     return variant, providers
 
 
+def load_engine(path: str | Path, *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
+                max_length: int | None = None):
+    """The engine an artifact's task calls for: ``OnnxEngine`` (classifier) or ``GenerativeModel`` (generator)."""
+    _, manifest = load_manifest(path, verify=False)
+    if manifest.task == "text-generation":
+        from pipeline.generator import GenerativeModel
+
+        return GenerativeModel(path, variant=variant, provider=provider, threads=threads)
+    if variant == "int4":
+        raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
+    return OnnxEngine(path, variant=variant, provider=provider, threads=threads, max_length=max_length)
+
+
 class OnnxEngine:
     """The real engine. Thread-safe for one caller at a time per executor (the batcher serialises calls)."""
 

@@ -46,6 +46,18 @@ class Prediction:
     timings: Mapping[str, float] = field(default_factory=dict)  # stage → seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A generator's answer: the text, its token count and why it ended (``stop``, ``length``, ``deadline``)."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+    model: str
+    cached: bool = False
+    timings: Mapping[str, float] = field(default_factory=dict)  # queue, ttft, decode: seconds
+
+
 def decode_event(
     value: bytes | None,
     *,
@@ -170,6 +182,23 @@ def label_record(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_
 def encode_label(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
     """The output value of the label topic (schema in the README)."""
     return orjson.dumps(label_record(event, pred, labeled_at_ms=labeled_at_ms, latency_ms=latency_ms))
+
+
+def encode_generation(event: Event, gen: Generation, *, generated_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
+    """The output value of a generator's topic (schema in the README)."""
+    return orjson.dumps({
+        "id": event.id,
+        "text": gen.text,
+        "tokens": gen.tokens,
+        "finish_reason": gen.finish_reason,
+        "model": gen.model,
+        "cached": gen.cached,
+        "source": event.source,
+        "entity": event.entity,
+        "produced_at": event.produced_at,
+        "generated_at": generated_at_ms,
+        "latency_ms": latency_ms,
+    })
 
 
 def encode_input(text: str, *, id: str | None = None, source: str | None = None, entity: str | None = None,

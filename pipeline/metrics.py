@@ -30,6 +30,17 @@ class Metrics:
         self.coalesced = Counter("streamlabel_coalesced", "Texts answered by an identical text already in flight.", registry=r)
         self.late = Counter("streamlabel_batcher_late", "Texts that could no longer meet their deadline when batched "
                             "(still labelled, after the texts that could).", registry=r)
+        # Generators (task text-generation)
+        self.gen_ttft = Histogram("streamlabel_generation_ttft_seconds", "Prompt admitted to its first token.",
+                                  buckets=_LAT, registry=r)
+        self.gen_tpot = Histogram("streamlabel_generation_time_per_output_token_seconds",
+                                  "Decode time per output token after the first.", buckets=_STAGE, registry=r)
+        self.gen_tokens = Counter("streamlabel_generation_tokens", "Output tokens generated.", registry=r)
+        self.gen_finish = Counter("streamlabel_generation_finished", "Generations by finish reason.", ["reason"], registry=r)
+        self.gen_batch_rows = Histogram("streamlabel_generation_batch_rows", "Rows in the decode batch per step.",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.gen_occupancy = Gauge("streamlabel_generation_batch_occupancy", "Decode batch rows / max_batch (last step).",
+                                   registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
 
     def track_cpu(self, engine_threads: set[int]) -> None:

@@ -31,3 +31,15 @@ def artifact_copy(tiny_artifact, tmp_path) -> Path:
     dest = tmp_path / "tiny" / "1"
     shutil.copytree(tiny_artifact, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(models_root) -> Path:
+    """A tiny random-init Llama generator artifact (fp32, int8), built with the real build path in seconds."""
+    from pipeline.model.build import Reporter
+    from pipeline.model.generative import build_generator
+
+    res = build_generator(out=models_root, preset="tiny-generator", variants=("fp32", "int8"), bench=False,
+                          reporter=Reporter(quiet=True))
+    assert res.manifest.task == "text-generation" and set(res.manifest.variants) == {"fp32", "int8"}
+    return res.path

@@ -17,19 +17,22 @@ class VariantName(str, Enum):
     fp32 = "fp32"
     int8 = "int8"
     fp16 = "fp16"
+    int4 = "int4"
 
 
 @app.command("build")
 def model_build(
     out: Annotated[Path, typer.Option("--out", help="Artifact root; the build lands in OUT/NAME/VERSION.")] = Path("models"),
-    preset: Annotated[Optional[str], typer.Option(help="tiny | sentiment-minilm | moderation-minilm")] = None,
-    from_dir: Annotated[Optional[Path], typer.Option("--from", help="A fine-tuned Hugging Face classifier directory.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="tiny | sentiment-minilm | moderation-minilm | reply-smollm2 | tiny-generator")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="A Hugging Face directory: a fine-tuned classifier, or a causal LM (built as a generator).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label names in the head's output order, comma-separated.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Artifact name (default: preset or directory name).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Labelled JSONL/CSV for quality figures and the gate.")] = None,
     max_drop: Annotated[float, typer.Option(help="Refuse a variant whose accuracy is this many points below FP32.")] = 1.0,
     max_length: Annotated[Optional[int], typer.Option(help="Token cap (default: preset's or the tokenizer's).", callback=positive)] = None,
-    variants: Annotated[str, typer.Option(help="Variants to build, comma-separated.")] = "fp32,int8,fp16",
+    variants: Annotated[Optional[str], typer.Option(help="Variants to build, comma-separated (classifiers: fp32,int8,fp16; generators: int4,int8,fp16 and fp32).")] = None,
+    min_exact: Annotated[float, typer.Option(help="Generators: refuse a variant whose first 16 greedy tokens match PyTorch FP32 on fewer than this share of the gate prompts.")] = 0.5,
+    min_rouge: Annotated[float, typer.Option(help="Generators: refuse a variant whose ROUGE-L against PyTorch FP32 is below this.")] = 0.7,
     bench: Annotated[bool, typer.Option(help="Measure FP32/INT8 throughput at batch 1 and 32.")] = True,
     break_variant: Annotated[Optional[VariantName], typer.Option(help="Testing aid: damage this variant to see the gate refuse it.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
@@ -37,11 +40,18 @@ def model_build(
     """Turn a preset or a Hugging Face classifier into a validated, versioned ONNX artifact."""
     from pipeline.model.build import Reporter, build
 
+    from pipeline.model.generative import GEN_PRESETS, build_generator, is_causal_lm
+
     label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
     rep = Reporter(quiet=False)
-    res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
-                max_drop=max_drop, max_length=max_length, variants=[v.strip() for v in variants.split(",") if v.strip()],
-                bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep)
+    variant_list = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    if preset in GEN_PRESETS or (preset is None and from_dir is not None and is_causal_lm(from_dir)):
+        res = build_generator(out=out, preset=preset, from_dir=from_dir, name=name, variants=variant_list,
+                              min_exact=min_exact, min_rouge=min_rouge, context=max_length, reporter=rep, bench=bench)
+    else:
+        res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
+                    max_drop=max_drop, max_length=max_length, variants=variant_list or ["fp32", "int8", "fp16"],
+                    bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep)
     if json_out:
         from pipeline.model.build import summary_dict
 
@@ -121,6 +131,9 @@ def _print_manifest(root: Path, m) -> None:
     if m.gate.get("eval"):
         c.print(f"  quality gate: max drop {m.gate['max_drop_points']} points vs fp32 on {m.gate['eval']}: "
                 f"{'passed' if m.gate.get('passed') else 'REFUSED ' + ', '.join(m.gate.get('refused', []))}")
+    if m.task == "text-generation":
+        _print_generator(c, m)
+        return
     t = Table()
     for col in ("variant", "for", "MB", "|Δlogit|", "agr/torch", "agr/fp32", "acc", "F1", "b1/s", "b32/s"):
         t.add_column(col, justify="right" if col not in ("variant", "provider") else "left")
@@ -130,6 +143,30 @@ def _print_manifest(root: Path, m) -> None:
                   _f(p.get("max_abs_logit_diff_vs_torch"), 4), _f(p.get("agreement_vs_torch"), 3),
                   _f(p.get("agreement_vs_fp32"), 3), _f(q.get("accuracy"), 4), _f(q.get("macro_f1"), 4),
                   _f(tp.get("batch_1_msgs_per_s"), 0), _f(tp.get("batch_32_msgs_per_s"), 0))
+    c.print(t)
+    for v in m.variants.values():
+        if v.note:
+            c.print(f"  [yellow]{v.name}[/]: {v.note}")
+
+
+def _print_generator(c, m) -> None:
+    from rich.table import Table
+
+    g, gate = m.generation, m.gate
+    c.print(f"  prompt format: {g.get('prompt_format', '')!r}")
+    c.print(f"  context {g.get('context_length')} tokens; eos {g.get('eos_token_ids')}; default CPU variant "
+            f"{g.get('default_cpu_variant')}")
+    if gate:
+        c.print(f"  generation gate: {gate.get('prompts')} prompts, first {gate.get('tokens')} greedy tokens vs "
+                f"{gate.get('reference')}; floors exact {gate.get('min_exact_match')}, ROUGE-L {gate.get('min_rouge_l')}: "
+                f"{'passed' if gate.get('passed') else 'REFUSED ' + ', '.join(gate.get('refused', []))}")
+    t = Table()
+    for col in ("variant", "for", "MB", "exact@16", "ROUGE-L", "decode tok/s (16 rows)", "prefill tok/s"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in m.variants.values():
+        q, tp = v.quality or {}, v.throughput or {}
+        t.add_row(v.name, v.provider.replace("ExecutionProvider", ""), f"{v.bytes / 1e6:.1f}", _f(q.get("exact_match_16"), 2),
+                  _f(q.get("rouge_l"), 3), _f(tp.get("decode_tokens_per_s_batch_16"), 0), _f(tp.get("prefill_tokens_per_s"), 0))
     c.print(t)
     for v in m.variants.values():
         if v.note:

@@ -15,12 +15,13 @@ from pipeline.errors import ModelError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-VARIANTS = ("fp32", "int8", "fp16")
+VARIANTS = ("fp32", "int8", "fp16", "int4")
 # The provider each variant is meant for: INT8 dynamic quantization is a CPU technique, FP16 a GPU one.
 DEFAULT_PROVIDER = {
     "fp32": "CPUExecutionProvider",
     "int8": "CPUExecutionProvider",
     "fp16": "CUDAExecutionProvider",
+    "int4": "CPUExecutionProvider",  # generators: 4-bit weight-only (MatMulNBits)
 }
 
 
@@ -43,6 +44,8 @@ class Variant:
     quality: dict[str, Any] | None = None
     throughput: dict[str, Any] | None = None
     note: str | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # more files this variant loads: path → sha256
+    validated: bool = True  # False: not checked on the build machine (e.g. fp16 CUDA built on a CPU): never auto-chosen
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class ModelManifest:
     training: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
-    task: str = "text-classification"
+    task: str = "text-classification"  # or "text-generation"
+    generation: dict[str, Any] = field(default_factory=dict)  # generators: prompt format, eos ids, KV shapes, defaults
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -135,6 +139,7 @@ def load_manifest(path: str | Path, *, verify: bool = True, variants: tuple[str,
         for name, v in manifest.variants.items():
             if variants is None or name in variants:
                 checks.append((v.file, v.sha256))
+                checks.extend(v.extra_files.items())
         for rel, digest in checks:
             fpath = root / rel
             if not fpath.is_file():

@@ -1,0 +1,163 @@
+"""The generator on the tiny random-init Llama: the build and its gate, iteration-level batching, finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.batcher import EngineFailure
+from pipeline.errors import QualityGateError
+from pipeline.events import Generation
+from pipeline.generator import TEMPLATES, GenerationScheduler, GenerativeModel, Sampling, template_from
+from pipeline.model.manifest import load_manifest
+
+PROMPTS = ["My card was charged twice for one coffee.", "Where is my refund?", "The app logs me out every hour.",
+           "Thanks, the new branch staff were great!", "Shares of ACME fell 12% after the earnings call."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_generator):
+    m = GenerativeModel(tiny_generator, variant="fp32", provider="cpu")
+    yield m
+    m.close()
+
+
+def prompts_of(model, texts, template="reply"):
+    return [model.render(*TEMPLATES[template].render(t)) for t in texts]
+
+
+def solo(model, prompt: str, n: int) -> list[int]:
+    """One prompt alone, the plain way: prefill, then one token at a time (no batching, no prefix reuse)."""
+    ids = model.encode(prompt)
+    last, past = model.prefill(ids)
+    out = [int(last.argmax())]
+    length = len(ids)
+    while len(out) < n and out[-1] not in model.eos:
+        logits, past = model.forward(np.asarray([[out[-1]]]), np.ones((1, length + 1), dtype=np.int64), past)
+        length += 1
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+def test_manifest_records_the_gate_and_the_prompt_format(tiny_generator):
+    _, m = load_manifest(tiny_generator)
+    assert m.task == "text-generation" and "{system}" in m.generation["prompt_format"]
+    assert m.gate["passed"] and m.gate["prompts"] >= 10
+    for v in ("fp32", "int8"):
+        q = m.variants[v].quality
+        assert q["exact_match_16"] >= 0.5 and 0.0 <= q["rouge_l"] <= 1.0
+        assert m.variants[v].extra_files, "the external weights file is checksummed too"
+    assert m.generation["default_cpu_variant"] in ("fp32", "int8")
+
+
+def test_gate_refuses_a_variant_under_the_floor(tmp_path):
+    from pipeline.model.build import Reporter
+    from pipeline.model.generative import build_generator
+
+    with pytest.raises(QualityGateError) as exc:
+        build_generator(out=tmp_path, preset="tiny-generator", variants=("int4",), min_exact=1.01, bench=False,
+                        reporter=Reporter(quiet=True))
+    assert "int4" in str(exc.value) and "exact match" in str(exc.value)
+    assert not list((tmp_path / "tiny-generator").glob("[0-9]*")), "nothing was published"
+    assert list((tmp_path / "tiny-generator").glob("rejected-*")), "the refused build is kept for inspection"
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(model):
+    prompts = prompts_of(model, PROMPTS)
+    batched = model.greedy([model.encode(p) for p in prompts], 12)
+    assert batched == [solo(model, p, 12) for p in prompts]
+
+
+async def test_prompts_join_the_running_batch_and_match_solo_decoding(model):
+    sched = GenerationScheduler(model, max_batch=8, max_new_tokens=24)
+    sched.add_prefix(model.prefix_of(TEMPLATES["reply"].render("")[0]))
+    sched.start()
+    try:
+        prompts = prompts_of(model, PROMPTS)
+        first = sched.submit_many(prompts[:2])
+        deadline = time.monotonic() + 30
+        while sched.batches < 3 and not first.done():  # wait until the first two are decoding
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        steps_before = sched.batches
+        second = sched.submit_many(prompts[2:])
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 60)
+        results = a.results + b.results
+        assert all(isinstance(r, Generation) for r in results)
+        # Joining a running batch (and the shared prefix) does not change any row's greedy output.
+        for p, r in zip(prompts, results):
+            assert r.text == model.decode_text(solo(model, p, 24)).strip()
+            assert r.finish_reason in ("length", "stop") and 1 <= r.tokens <= 24
+            assert r.timings["ttft"] >= r.timings["queue"] >= 0
+        assert sched.batches - steps_before < 24 * 2, "the late prompts did not wait for the first batch to end"
+    finally:
+        await sched.close()
+
+
+async def test_deadline_finishes_a_sequence_with_what_it_has(model):
+    sched = GenerationScheduler(model, max_batch=4, max_new_tokens=400)
+    sched.start()
+    try:
+        [r] = await asyncio.wait_for(sched.generate(prompts_of(model, PROMPTS[:1]), [time.time() + 0.05]), 30)
+        assert isinstance(r, Generation) and r.finish_reason == "deadline"
+        assert 1 <= r.tokens < 400
+        assert sched.late == 1
+    finally:
+        await sched.close()
+
+
+async def test_a_prompt_longer_than_the_context_fails_alone(model):
+    sched = GenerationScheduler(model, max_batch=4, max_new_tokens=8)
+    sched.start()
+    try:
+        long = "word " * 2000
+        r = await asyncio.wait_for(sched.generate(prompts_of(model, [long, PROMPTS[0]])), 30)
+        assert isinstance(r[0], EngineFailure) and r[0].reason.startswith("too long")
+        assert isinstance(r[1], Generation), "the other prompt of the same call is answered"
+    finally:
+        await sched.close()
+
+
+async def test_identical_prompts_share_one_generation_and_stop_strings_cut(model):
+    p = prompts_of(model, PROMPTS[:1])[0]
+    ref = model.decode_text(solo(model, p, 16)).strip()
+    stop = ref.split()[2] if len(ref.split()) > 2 else ref[-2:]
+    sched = GenerationScheduler(model, max_batch=4, max_new_tokens=16, stop=[stop])
+    sched.start()
+    try:
+        r = await asyncio.wait_for(sched.generate([p, p, p]), 30)
+        assert r[0] is r[1] is r[2] and sched.coalesced == 2
+        assert r[0].finish_reason == "stop" and stop not in r[0].text and ref.startswith(r[0].text)
+    finally:
+        await sched.close()
+
+
+async def test_seeded_sampling_is_reproducible_and_differs_from_greedy(model):
+    prompts = prompts_of(model, PROMPTS)
+    outs = []
+    for _ in range(2):
+        sched = GenerationScheduler(model, max_batch=8, max_new_tokens=16,
+                                    sampling=Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=7))
+        sched.start()
+        try:
+            outs.append([g.text for g in await asyncio.wait_for(sched.generate(prompts), 30)])
+        finally:
+            await sched.close()
+    assert outs[0] == outs[1]
+    greedy = [model.decode_text(solo(model, p, 16)).strip() for p in prompts]
+    assert outs[0] != greedy
+
+
+def test_templates_render_event_fields_and_bad_templates_are_usage_errors():
+    t = template_from("explain-label")
+    system, user = t.render("fees went up", label="negative")
+    assert "negative" in user and "fees went up" in user
+    with pytest.raises(Exception) as exc:
+        template_from("reply", user="{nope}")
+    assert "does not format" in str(exc.value)
+    with pytest.raises(Exception) as exc:
+        template_from("poem")
+    assert "unknown prompt template" in str(exc.value)
