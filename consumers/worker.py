@@ -114,11 +114,11 @@ class Worker:
             self.batcher = GenerationScheduler(
                 self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_new_tokens=g.max_new_tokens,
                 stop=g.stop, sampling=sampling, prefill_tokens=g.prefill_tokens, max_prompt_tokens=g.max_prompt_tokens,
-                metrics=self.metrics, slo=self.slo)
+                ignore_eos=g.ignore_eos, metrics=self.metrics, slo=self.slo)
             self.batcher.add_prefix(self.engine.prefix_of(self.template.render("")[0]))
             # A cached generation is only valid for the same prompt and decoding settings.
             self.model_key = (f"{self.engine.model_id}|{self.template.system}|{self.template.user}|{g.max_new_tokens}|"
-                              f"{'|'.join(g.stop)}|{g.do_sample and (g.temperature, g.top_p, g.seed)}")
+                              f"{'|'.join(g.stop)}|{g.ignore_eos}|{g.do_sample and (g.temperature, g.top_p, g.seed)}")
         else:
             self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens,
                                         max_wait_ms=b.max_wait_ms, concurrency=b.engine_concurrency, metrics=self.metrics,

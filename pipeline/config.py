@@ -107,6 +107,7 @@ class GenerateSettings:
     user: str | None = None  # override the template's user message
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ()  # stop strings (TOML list; env: a JSON list)
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks: the same work per event for everyone)
     do_sample: bool = False  # greedy by default; sampling is seeded per prompt (reproducible)
     temperature: float = 0.7
     top_p: float = 0.95

@@ -351,12 +351,14 @@ class GenerationScheduler:
 
     def __init__(self, model: GenerativeModel, *, max_batch: int = 32, max_tokens: int = 8192, max_new_tokens: int = 32,
                  stop: Sequence[str] = (), sampling: Sampling = Sampling(), prefill_tokens: int = 512,
-                 max_prompt_tokens: int | None = None, metrics=None, slo=None, clock=time.time) -> None:
+                 max_prompt_tokens: int | None = None, ignore_eos: bool = False, metrics=None, slo=None,
+                 clock=time.time) -> None:
         self.m = model
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self.max_new = max_new_tokens
         self.stop = tuple(s for s in stop if s)
+        self.eos = frozenset() if ignore_eos else model.eos
         self.sampling = sampling
         self.prefill_tokens = prefill_tokens
         self.max_prompt = min(max_prompt_tokens or model.context, model.context - max_new_tokens)
@@ -620,7 +622,7 @@ class GenerationScheduler:
         return out
 
     def _finished(self, s: _Seq, now: float) -> bool:
-        if s.out[-1] in self.m.eos:
+        if s.out[-1] in self.eos:
             s.finish = "stop"
             return True
         if self.stop:
@@ -644,7 +646,7 @@ class GenerationScheduler:
         text = self.m.decode_text(s.out)
         if s.stop_at is not None:
             text = text[: s.stop_at]
-        n = len([t for t in s.out if t not in self.m.eos])
+        n = len(s.out) - (1 if s.out and s.out[-1] in self.eos else 0)  # the end-of-sequence token is not text
         self.tokens += n
         self.generated += 1
         queue, ttft, decode = s.admitted - s.enqueued, s.first_at - s.enqueued, done - s.first_at

@@ -71,6 +71,7 @@ class Step:
     backlog: int = 0  # not labelled when the read-back ended, at or past the committed offset: not lost, behind
     worker_cpu_us_per_event: float | None = None  # worker process CPU outside the engine thread, per labelled event
     engine_cpu_us_per_event: float | None = None  # CPU of the engine thread(s), per labelled event
+    gen: dict | None = None  # generators: output tokens/s, tokens per answer, TTFT and time per output token p50/p99
 
     def row(self) -> dict:
         d = asdict(self)
@@ -89,6 +90,9 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
     dup = 0
     lat = []
     series = []
+    tokens: list[int] = []
+    ttft: list[float] = []
+    tpot: list[float] = []
     t0 = min(inputs.values()) if inputs else 0
     for r in outputs:
         doc = orjson.loads(r.value)
@@ -99,6 +103,13 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
             dup += 1
             continue
         seen[i] = r.timestamp
+        if "tokens" in doc:  # a generator's answer
+            tokens.append(int(doc["tokens"]))
+            lm = doc.get("latency_ms") or {}
+            if "ttft" in lm and not doc.get("cached"):
+                ttft.append(float(lm["ttft"]))
+                if doc["tokens"] > 1:
+                    tpot.append(float(lm["decode"]) / (doc["tokens"] - 1))
         ms = r.timestamp - inputs[i]
         lat.append(ms)
         series.append(((inputs[i] - t0) / 1000.0, float(ms)))
@@ -115,7 +126,12 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
                 goodput=round(good / len(inputs), 4) if inputs else 0.0,
                 throughput=round(len(seen) / span, 1) if span > 0 else 0.0,
                 meets_slo=bool(lat) and lost == 0 and backlog == 0 and p99 <= slo_ms and good / len(inputs) >= target - 1e-9,
-                series=sorted(series)[::step], backlog=backlog)
+                series=sorted(series)[::step], backlog=backlog,
+                gen=({"tokens_per_s": round(sum(tokens) / span, 1) if span > 0 else 0.0,
+                      "tokens_per_answer": round(sum(tokens) / len(tokens), 1),
+                      "ttft_p50_ms": pct(ttft, 50) if ttft else None, "ttft_p99_ms": pct(ttft, 99) if ttft else None,
+                      "tpot_p50_ms": round(pct(tpot, 50), 2) if tpot else None,
+                      "tpot_p99_ms": round(pct(tpot, 99), 2) if tpot else None} if tokens else None))
 
 
 class WorkerProcess:
@@ -175,6 +191,7 @@ class BenchConfig:
     redis_url: str | None = None
     seed: int = 0
     delivery: str = "at_least_once"
+    env: dict = field(default_factory=dict)  # more STREAMLABEL_* settings for the worker and the baselines
 
 
 async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
@@ -192,7 +209,7 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
     env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch), "STREAMLABEL_MODEL__PATH": cfg.artifact,
            "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms), "STREAMLABEL_WORKER__DELIVERY": cfg.delivery,
            # Unique-text steps compare serving, so the cache is off; the duplicate steps measure the cache.
-           "STREAMLABEL_CACHE__ENABLED": "true" if duplicate_ratio > 0 else "false"}
+           "STREAMLABEL_CACHE__ENABLED": "true" if duplicate_ratio > 0 else "false", **cfg.env}
     cmd = None
     port = None
     if worker_cmd is not None:
@@ -457,6 +474,7 @@ def cpu_at_knee(steps: Sequence[Step]) -> tuple[float | None, float | None]:
 
 # (report key, bar label, colour) of the throughput chart; a key that is absent or None is left out
 BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
+        ("capacity_answers_per_s", "generator capacity (no Kafka)", "#888"),
         ("engine_msgs_per_s", "engine (no Kafka)", "#888"),
         ("pipeline_msgs_per_s_at_slo", "pipeline at SLO", "#2a7"),
         ("handwritten_msgs_per_s_at_slo", "hand-written at SLO", "#d92"),
@@ -464,6 +482,7 @@ BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
         ("dup50_msgs_per_s_at_slo", "pipeline, 50% dup", "#27a"))
 # (report key, row label, note key) of the HTML figures table
 FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain session.run (no Kafka)", None),
+               ("capacity_answers_per_s", "generator capacity: the scheduler, closed loop (no Kafka)", None),
                ("engine_msgs_per_s", "streamlabel engine (no Kafka)", None),
                ("fp32_engine_msgs_per_s", "streamlabel engine, FP32 (no Kafka)", None),
                ("pipeline_msgs_per_s_at_slo", "streamlabel pipeline at the SLO", None),
@@ -523,7 +542,7 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     plt.close(fig)
     files.append(png)
     html = out_prefix.with_suffix(".html")
-    figures = "".join(f"<tr><td style='text-align:left'>{label}</td><td>{report[key]:.0f}</td>"
+    figures = "".join(f"<tr><td style='text-align:left'>{label}</td><td>{report[key]:.3g}</td>"
                       f"<td style='text-align:left'>{report.get(note) or ''}</td></tr>"
                       for key, label, note in FIGURE_ROWS if report.get(key) is not None)
     cpu = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731

@@ -46,7 +46,10 @@ def bench_cmd(
     quick: Annotated[bool, typer.Option(help="A run of a few minutes (shorter steps, fewer rates).")] = False,
     rate: Annotated[Optional[float], typer.Option(help="One step at this offered rate instead of the ladder.",
                                                   callback=positive)] = None,
-    slo_ms: Annotated[float, typer.Option(help="Latency objective: p99 must stay within this.", callback=positive)] = 250.0,
+    slo_ms: Annotated[Optional[float], typer.Option(help="Latency objective: p99 must stay within this (default: 250 ms; "
+                                                           "5000 ms for generators).", callback=positive)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generators: tokens generated per event (the same for every "
+                                                     "system measured).", callback=positive)] = 32,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here.")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Write PLOTS.png and PLOTS.html (default: next to --json).")] = None,
     naive: Annotated[bool, typer.Option(help="Also measure the naive transformers.pipeline consumer (needs the train extra).")] = True,
@@ -55,7 +58,8 @@ def bench_cmd(
     duplicates: Annotated[bool, typer.Option(help="Also measure a stream with 50% duplicate texts.")] = True,
     fp32: Annotated[bool, typer.Option(help="Also measure the FP32 engine for the INT8/FP32 ratio.")] = True,
     step_seconds: Annotated[Optional[float], typer.Option(help="Seconds of load per step.", callback=positive)] = None,
-    max_batch: Annotated[int, typer.Option(help="Batch size for the engine and the workers.", callback=positive)] = 64,
+    max_batch: Annotated[Optional[int], typer.Option(help="Batch size for the engine and the workers (default 64; 32 "
+                                                          "decode rows for generators).", callback=positive)] = None,
     bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
     delivery: Annotated[Delivery, typer.Option(help="Delivery of the workers (and the label reader).")] = Delivery.at_least_once,
     compare_eos: Annotated[bool, typer.Option(help="Also run the ladder in exactly-once mode (its cost, same run).")] = False,
@@ -91,6 +95,16 @@ def bench_cmd(
             raise Interrupted(sig)
     if art is None:
         art = build_model(path, name, console)
+    from pipeline.model.manifest import load_manifest
+
+    generating = load_manifest(art, verify=False)[1].task == "text-generation"
+    slo_ms = slo_ms or (5000.0 if generating else 250.0)
+    max_batch = max_batch or (32 if generating else 64)
+    if engine_only and generating:
+        from producers.generator_bench import capacity, texts
+
+        return emit_json(capacity(str(art), texts(), max_batch=max_batch, max_new=max_new_tokens, template="reply",
+                                  variant=variant))
     if engine_only:
         return engine_bench(art, provider=(provider or Provider.auto).value, variant=variant, json_file=json_file,
                             batches=parse_batches(engine_batches, max_batch), seconds=step_seconds or 5.0,
@@ -108,7 +122,8 @@ def bench_cmd(
             return await until_stopped(stop, bench(
                 artifact=art, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms, plot_prefix=plots,
                 naive=naive, handwritten=handwritten, duplicates=duplicates, step_seconds=step_seconds, max_batch=max_batch, fp32=fp32,
-                delivery=delivery.value, compare_eos=compare_eos, refine_steps=refine_steps, console=console))
+                delivery=delivery.value, compare_eos=compare_eos, refine_steps=refine_steps, console=console,
+                max_new_tokens=max_new_tokens))
 
         report, sig = run_async(go)
     finally:
@@ -170,7 +185,8 @@ async def until_stopped(stop: asyncio.Event, coro) -> object | None:
 
 async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | None, slo_ms: float,
                 plot_prefix: Path | None, naive: bool, handwritten: bool, duplicates: bool, step_seconds: float | None, max_batch: int,
-                fp32: bool, delivery: str, compare_eos: bool, console, refine_steps: int = 2) -> dict:
+                fp32: bool, delivery: str, compare_eos: bool, console, refine_steps: int = 2,
+                max_new_tokens: int = 32) -> dict:
     """The measurements, on a running broker; the report as a dict."""
     from pipeline.model.manifest import load_manifest
     from producers import loadtest as L
@@ -179,6 +195,23 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
     art = artifact
     _, manifest = load_manifest(art, verify=False)
+    if manifest.task == "text-generation":
+        from producers import generator_bench as G
+
+        report = await G.bench_generator(
+            artifact=art, manifest=manifest, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms,
+            max_batch=max_batch, max_new=max_new_tokens, template="reply", naive=naive, step_seconds=step_seconds,
+            delivery=delivery, refine=refine, baseline_ladder=baseline_ladder, say=say, console=console,
+            refine_steps=refine_steps)
+        if plot_prefix is not None:
+            from producers import loadtest as L
+
+            for f in L.plots(report, plot_prefix):
+                say(f"wrote {f}")
+        report.pop("series_step", None)
+        for line in G.summary(report):
+            say(line)
+        return report
     t_start = time.monotonic()
     cfg = L.BenchConfig(bootstrap=bootstrap, artifact=str(art), slo_ms=slo_ms, max_batch=max_batch,
                         step_seconds=step_seconds or (10.0 if quick else 20.0), delivery=delivery)
