@@ -68,16 +68,18 @@ def naive_capacity(prompts_text: list[str], *, max_new: int, template: str, n: i
 
 async def bench_generator(*, artifact: Path, manifest, bootstrap: str, quick: bool, rate: float | None, slo_ms: float,
                           max_batch: int, max_new: int, template: str, naive: bool, step_seconds: float | None,
-                          delivery: str, refine, baseline_ladder, say, console, refine_steps: int = 2) -> dict:
+                          delivery: str, refine, baseline_ladder, say, console, refine_steps: int = 2,
+                          variant: str | None = None) -> dict:
     t_start = time.monotonic()
     env = {"STREAMLABEL_GENERATE__MAX_NEW_TOKENS": str(max_new), "STREAMLABEL_GENERATE__IGNORE_EOS": "true",
            "STREAMLABEL_GENERATE__TEMPLATE": template}
     cfg = L.BenchConfig(bootstrap=bootstrap, artifact=str(artifact), slo_ms=slo_ms, max_batch=max_batch,
-                        step_seconds=step_seconds or (20.0 if quick else 30.0), delivery=delivery, env=env)
+                        step_seconds=step_seconds or (20.0 if quick else 30.0), delivery=delivery, env=env,
+                        variant=variant)
     ts = texts()
     with console.status("closed-loop capacity of the generator (no Kafka)…"):
         cap = await asyncio.to_thread(capacity, str(artifact), ts, max_batch=max_batch, max_new=max_new,
-                                      template=template, variant=None)
+                                      template=template, variant=variant)
     say(f"generator capacity ({cap['variant']}, {max_batch} rows, {max_new} new tokens, no Kafka): "
         f"{cap['answers_per_s']:.2f} answers/s, {cap['tokens_per_s']:.0f} output tokens/s")
     fractions = [rate / cap["answers_per_s"]] if rate else list(LADDER[quick])

@@ -123,7 +123,7 @@ def bench_cmd(
                 artifact=art, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms, plot_prefix=plots,
                 naive=naive, handwritten=handwritten, duplicates=duplicates, step_seconds=step_seconds, max_batch=max_batch, fp32=fp32,
                 delivery=delivery.value, compare_eos=compare_eos, refine_steps=refine_steps, console=console,
-                max_new_tokens=max_new_tokens))
+                max_new_tokens=max_new_tokens, gen_variant=variant))
 
         report, sig = run_async(go)
     finally:
@@ -186,7 +186,7 @@ async def until_stopped(stop: asyncio.Event, coro) -> object | None:
 async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | None, slo_ms: float,
                 plot_prefix: Path | None, naive: bool, handwritten: bool, duplicates: bool, step_seconds: float | None, max_batch: int,
                 fp32: bool, delivery: str, compare_eos: bool, console, refine_steps: int = 2,
-                max_new_tokens: int = 32) -> dict:
+                max_new_tokens: int = 32, gen_variant: str | None = None) -> dict:
     """The measurements, on a running broker; the report as a dict."""
     from pipeline.model.manifest import load_manifest
     from producers import loadtest as L
@@ -201,6 +201,7 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         report = await G.bench_generator(
             artifact=art, manifest=manifest, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms,
             max_batch=max_batch, max_new=max_new_tokens, template="reply", naive=naive, step_seconds=step_seconds,
+            variant=gen_variant,
             delivery=delivery, refine=refine, baseline_ladder=baseline_ladder, say=say, console=console,
             refine_steps=refine_steps)
         if plot_prefix is not None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pipeline.config import Settings
 
 DEFAULT_PRESET = "sentiment-minilm"
+GEN_PRESET = "reply-smollm2"
+GEN_TASKS = ("reply", "summary", "explain-label")
 MODELS = Path("models")
 
 
@@ -45,13 +47,26 @@ def demo_cmd(
     bad_ratio: Annotated[float, typer.Option(help="Share of deliberately malformed events (they go to the DLQ).",
                                              callback=share)] = 0.005,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic stream.")] = 0,
+    task: Annotated[str, typer.Option(help="label (the classifier) | reply | summary | explain-label (the generator, "
+                                           "on a support stream for reply; default preset reply-smollm2).")] = "label",
 ) -> None:
     """Everything on this machine: local Kafka + Redis, the sentiment model, a worker, a synthetic feed, live figures."""
     from rich.console import Console
 
     from pipeline import logs
+    from pipeline.errors import UsageError
 
-    s = settings(config, kafka={"bootstrap_servers": bootstrap})
+    if task not in ("label", *GEN_TASKS):
+        raise UsageError(f"unknown task '{task}'", where="demo --task", hint=f"use label, {', '.join(GEN_TASKS)}")
+    generating = task != "label"
+    gen_sections: dict = {}
+    if generating:
+        preset = preset or (GEN_PRESET if model is None else None)
+        gen_sections = {"generate": {"template": task}}
+        rate = rate if rate != 100.0 else 2.0  # a 135M LLM on 2 cores answers a few events per second
+    s = settings(config, kafka={"bootstrap_servers": bootstrap}, **gen_sections)
+    if generating and s.slo.objective_ms < 1000:
+        s = s.replace(slo={"objective_ms": 5000.0})  # a generation's deadline: seconds, not the classifier's 100 ms
     logs.configure("warning", "console")
     console = Console(stderr=True, soft_wrap=True)
     path, name, strict = model_slot(model, preset)
@@ -94,7 +109,9 @@ def demo_cmd(
             metrics={"summary_interval_s": 3600.0},
         )
         result, sig = run_async(lambda stop: demo(ds, stop, events=events, rate=rate, as_json=json_out,
-                                                  bad_ratio=bad_ratio, seed=seed, console=console),
+                                                  bad_ratio=bad_ratio, seed=seed, console=console,
+                                                  profile="support" if task == "reply" else "news" if task == "summary"
+                                                  else "mixed"),
                                 drain_s=s.worker.drain_timeout_s)
     finally:
         if redis is not None:
@@ -132,8 +149,11 @@ def find_model(path: Path, preset: str, *, strict: bool, where: str) -> Path | N
     from pipeline.model import presets
     from pipeline.model.manifest import load_manifest, resolve_artifact_dir
 
+    from pipeline.model.generative import GEN_PRESETS
+
     try:
-        presets.get(preset)
+        if preset not in GEN_PRESETS:
+            presets.get(preset)
     except ModelError as exc:
         raise UsageError(exc.message, where=f"{where} --preset", hint=exc.hint) from None
     try:
@@ -156,7 +176,13 @@ def find_model(path: Path, preset: str, *, strict: bool, where: str) -> Path | N
 def build_model(path: Path, preset: str, console) -> Path:
     """Build ``preset`` into ``path`` (``OUT/NAME``) once; synchronous, so Ctrl-C stops it."""
     from pipeline.model.build import Reporter, build
+    from pipeline.model.generative import GEN_PRESETS, build_generator
 
+    if preset in GEN_PRESETS:
+        console.print(f"[bold]no model at {path}[/]: building the {preset} preset once (a few minutes on 2 cores)")
+        res = build_generator(out=path.parent, preset=preset, name=path.name, reporter=Reporter(console=console))
+        console.print(f"[green]✓[/] built {res.manifest.model_id} in {res.seconds:.0f} s")
+        return res.path
     console.print(f"[bold]no model at {path}[/]: building the {preset} preset once (fine-tuning takes minutes on 2 cores)")
     res = build(out=path.parent, preset=preset, name=path.name, reporter=Reporter(console=console))
     console.print(f"[green]✓[/] built {res.manifest.model_id} in {res.seconds:.0f} s")
@@ -165,7 +191,7 @@ def build_model(path: Path, preset: str, console) -> Path:
 
 # ------------------------------------------------------------------------------------------ the run
 async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: float, as_json: bool, bad_ratio: float,
-               seed: int, console) -> dict | None:
+               seed: int, console, profile: str = "mixed") -> dict | None:
     """Worker + feed until ``events`` are answered (then figures counted from the topics) or ``stop``."""
     import random
 
@@ -197,11 +223,14 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
         w = holder["w"]
         console.print(f"[green]✓[/] worker on {w.engine.model_id} ({w.engine.variant}), topics {s.topics.input} → "
                       f"{s.topics.output} (DLQ {s.topics.dlq}); SLO {s.slo.target:.0%} within {s.slo.objective_ms:.0f} ms")
-        gen = Generator("mixed", seed=seed, duplicate_ratio=0.2)
+        gen = Generator(profile, seed=seed, duplicate_ratio=0.2)
         rng = random.Random(seed)
+        inputs_by_id: dict[str, str] = {}
 
         def records():
             for ev in gen:
+                if len(inputs_by_id) < 50:
+                    inputs_by_id[ev.id] = ev.text
                 if bad_ratio and rng.random() < bad_ratio:
                     yield None, rng.choice([b'{"text": ', b"\xff\xfe", b'{"text": 7}', b'{"id": "no-text"}'])
                 else:
@@ -238,6 +267,17 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
         good = sum(1 for x in lat if x <= s.slo.objective_ms)
         for warning in rep.warnings:
             console.print(f"[yellow]{warning}[/]")
+        extra: dict = {}
+        if w.generating:
+            fresh = [d for d in labels if not d["cached"]]
+            extra = {"task": s.generate.template, "tokens_per_answer": round(sum(d["tokens"] for d in labels) / max(1, len(labels)), 1),
+                     "ttft_p50_ms": pct([d["latency_ms"]["ttft"] for d in fresh], 50) if fresh else None,
+                     "samples": [{"in": inputs_by_id.get(d["id"], ""), "out": d["text"], "finish_reason": d["finish_reason"]}
+                                 for d in labels[:3] if d["id"] in inputs_by_id]}
+            if not as_json:
+                for x in extra["samples"]:
+                    console.print(f"[dim]in :[/] {x['in']}\n[bold]out:[/] {x['out']}  [dim]({x['finish_reason']})[/]",
+                                  highlight=False)
         return {
             "produced": produced, "labelled": len(ids), "dlq": dlq, "lost": produced - len(ids) - dlq,
             "duplicates": len(labels) - len(ids),
@@ -246,7 +286,7 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
             "offered_rate": rate, "achieved_rate": round(rep.achieved_rate, 1),
             "cache_hit_ratio": round(w.cache_hits / w.cache_lookups, 3) if w.cache_lookups else 0.0,
             "model": w.engine.model_id, "variant": w.engine.variant,
-            "slo": {"objective_ms": s.slo.objective_ms, "target": s.slo.target},
+            "slo": {"objective_ms": s.slo.objective_ms, "target": s.slo.target}, **extra,
         }
     finally:
         live_stop.set()
@@ -296,5 +336,10 @@ async def _live(console, holder: dict, stop: asyncio.Event, quiet: bool) -> None
         line = (f"labelled {w.labelled:>7}  dlq {w.dead_lettered:>4}  {rate:7.1f}/s  p50 {snap.p50_ms:6.1f} ms  "
                 f"p99 {snap.p99_ms:6.1f} ms  goodput {snap.goodput:6.2%}  cache hits "
                 f"{(w.cache_hits / w.cache_lookups if w.cache_lookups else 0):5.1%}  batches {w.batcher.batches}")
+        if w.generating:
+            line = (f"answered {w.labelled:>5}  dlq {w.dead_lettered:>3}  {rate:5.1f}/s  p50 {snap.p50_ms:7.0f} ms  "
+                    f"p99 {snap.p99_ms:7.0f} ms  goodput {snap.goodput:6.2%}  tokens {w.batcher.tokens:>6}  "
+                    f"decode rows {w.batcher.running:>2}  waiting {w.batcher.waiting():>3}  cache hits "
+                    f"{(w.cache_hits / w.cache_lookups if w.cache_lookups else 0):5.1%}")
         if not quiet or sys.stderr.isatty():  # --json into a pipe: keep stderr for errors only
             console.print(line, highlight=False)
