@@ -29,6 +29,7 @@ def make_generator():
     from pipeline.model.generative import smollm2_gguf
 
     hf_logging.set_verbosity_error()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar
     hf_logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
     g = smollm2_gguf()

@@ -22,9 +22,10 @@ Policy (``GenerationScheduler``)
 * **Retiring.** A row finishes with ``finish_reason``: ``stop`` (an end-of-sequence token or a stop string),
   ``length`` (``max_new_tokens``) or ``deadline`` (its deadline passed: it keeps what it has, at least the
   first token). Its slot is free for the next step.
-* **KV layout.** Rows are right-padded: row *b* holds its ``len[b]`` valid positions first; the attention
-  mask marks them and GroupQueryAttention writes each new position at ``len[b]``. A rebuild (rows joined or
-  left) copies the KV into a batch trimmed to the longest row.
+* **KV layout.** One preallocated buffer per layer, shared by the graph's past input and present output
+  (I/O binding), so a decode step copies no KV. Rows are right-padded: row *b* holds its ``len[b]`` valid
+  positions first; the attention mask marks them and GroupQueryAttention writes each new position at
+  ``len[b]``. A joining row's prompt KV is copied into a free slot; a leaving row's slot takes the last row.
 * **Failures.** A prompt whose prefill fails is that prompt's ``EngineFailure``. A failing decode step
   means a broken engine (``EngineError``): every waiting and running prompt fails and the worker stops.
 """
@@ -274,44 +275,83 @@ class GenerativeModel:
 
 
 class DecodeBatch:
-    """The running rows' KV, right-padded (row b: ``lens[b]`` valid positions first), and one decode step."""
+    """The running rows' KV in one preallocated buffer per layer, updated in place, and one decode step.
+
+    Row b holds its ``lens[b]`` valid positions first (right padding); the attention mask marks them and
+    GroupQueryAttention writes each new position at ``lens[b]``. The step binds the same buffer as the
+    graph's past input and present output (ONNX Runtime I/O binding), so a step copies no KV: before this,
+    the graph concatenated past and new into a fresh present every step, and every join or leave copied
+    the whole batch. A row joins by copying its prompt's KV into the next free slot; a row leaves by moving
+    the last row into its slot.
+    """
+
+    GROW = 64  # positions added when a row outgrows the buffer
 
     def __init__(self, model: GenerativeModel) -> None:
         self.m = model
-        self.rows: list = []  # the caller's handle per row
+        self.rows: list = []  # the caller's handle per row, in slot order
         self.lens = np.zeros(0, dtype=np.int64)
-        self.past: dict[str, np.ndarray] = {}
+        self.buf: dict[str, np.ndarray] = {}
+
+    def _ensure(self, rows: int, length: int) -> None:
+        m = self.m
+        have_rows, have_len = (next(iter(self.buf.values())).shape[0], next(iter(self.buf.values())).shape[2]) \
+            if self.buf else (0, 0)
+        if rows <= have_rows and length <= have_len:
+            return
+        rows = max(rows, have_rows)
+        length = max(have_len, -(-length // self.GROW) * self.GROW)
+        n = len(self.rows)
+        for name in m.past_names:
+            new = np.zeros((rows, m.kv_heads, length, m.head), dtype=m.kv_dtype)
+            if name in self.buf and n:
+                new[:n, :, :have_len] = self.buf[name][:n]
+            self.buf[name] = new
+        if len(self.lens) < rows:
+            self.lens = np.concatenate([self.lens, np.zeros(rows - len(self.lens), dtype=np.int64)])
 
     def rebuild(self, keep: Sequence[int], new: Sequence[tuple[object, dict, int]]) -> None:
-        """Keep rows ``keep`` (indices into ``rows``) and append ``new`` (handle, KV of batch 1, length)."""
-        m = self.m
-        lens = [int(self.lens[i]) for i in keep] + [n for _, _, n in new]
-        self.rows = [self.rows[i] for i in keep] + [h for h, _, _ in new]
-        self.lens = np.asarray(lens, dtype=np.int64)
-        if not lens:
-            self.past = {}
-            return
-        width = max(lens)
-        keep_idx = np.asarray(keep, dtype=np.int64)
-        past = {}
-        for name in m.past_names:
-            arr = np.zeros((len(lens), m.kv_heads, width, m.head), dtype=m.kv_dtype)
-            if len(keep):
-                old = self.past[name]
-                w = min(width, old.shape[2])
-                arr[: len(keep), :, :w] = old[keep_idx, :, :w]
-            for j, (_, kv, n) in enumerate(new):
-                arr[len(keep) + j, :, :n] = kv[name][0, :, :n]
-            past[name] = arr
-        self.past = past
+        """Keep rows ``keep`` (indices into ``rows``) and add ``new`` (handle, KV of batch 1, length)."""
+        n_keep = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n_keep) if i not in kept]
+        movers = [i for i in keep if i >= n_keep]
+        rows = self.rows[:n_keep]
+        for hole, mover in zip(holes, movers):
+            for arr in self.buf.values():
+                arr[hole] = arr[mover]
+            self.lens[hole] = self.lens[mover]
+            rows[hole] = self.rows[mover]
+        self.rows = rows
+        if new:
+            self._ensure(n_keep + len(new), max(n for _, _, n in new) + 1)
+            for j, (handle, kv, n) in enumerate(new):
+                slot = n_keep + j
+                for name, arr in self.buf.items():
+                    arr[slot, :, :n] = kv[name][0, :, :n]
+                self.lens[slot] = n
+                self.rows.append(handle)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row its latest token; returns next-token logits (rows × vocab)."""
-        width = next(iter(self.past.values())).shape[2]
-        mask = (np.arange(width + 1)[None, :] <= self.lens[:, None]).astype(np.int64)
-        logits, self.past = self.m.forward(tokens.reshape(-1, 1), mask, self.past)
-        self.lens = self.lens + 1
-        return logits[:, -1]
+        import onnxruntime as ort
+
+        m = self.m
+        n = len(self.rows)
+        lens = self.lens[:n]
+        width = int(lens.max()) + 1
+        self._ensure(n, width)
+        io = m.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
+        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= lens[:, None]).astype(np.int64))
+        io.bind_output("logits")  # output 0; ONNX Runtime allocates it
+        for name, out in zip(m.past_names, m.out_names[1:]):
+            v = ort.OrtValue.ortvalue_from_numpy(self.buf[name][:n])  # a view: the first n slots
+            io.bind_ortvalue_input(name, v)
+            io.bind_ortvalue_output(out, v)
+        m.session.run_with_iobinding(io)
+        self.lens[:n] += 1
+        return io.get_outputs()[0].numpy()[:, -1]  # only the logits leave ONNX Runtime
 
 
 # ------------------------------------------------------------------------------------------ scheduler
@@ -403,7 +443,7 @@ class GenerationScheduler:
         self._done = self._loop.create_future()
         self._thread = threading.Thread(target=self._main, name="generator", daemon=True)
         self._thread.start()
-        self.m.thread_ids = set(self.m.thread_ids) | {self._thread.native_id}
+        self.m.thread_ids.add(self._thread.native_id)  # the decode thread's CPU is the engine's
 
     @property
     def task(self) -> asyncio.Future | None:

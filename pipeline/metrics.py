@@ -57,7 +57,7 @@ class _CpuCollector:
     (the event loop: Kafka clients, decoding, tokenization, batching, encoding, publishing)."""
 
     def __init__(self, engine_threads: set[int]) -> None:
-        self.engine_threads = set(engine_threads)
+        self.engine_threads = engine_threads  # the engine's own set: threads it starts later are counted too
 
     def collect(self):
         from pipeline.engine import thread_cpu_seconds

@@ -24,11 +24,11 @@ def texts(n: int = 256) -> list[str]:
 
 
 def capacity(artifact: str, prompts_text: list[str], *, max_batch: int, max_new: int, template: str,
-             variant: str | None, rounds: int = 2) -> dict:
+             variant: str | None, rounds: int = 2, provider: str = "cpu") -> dict:
     """Closed loop, no Kafka: ``rounds × max_batch`` prompts through the scheduler at once; answers/s and tokens/s."""
     from pipeline.generator import GenerationScheduler, GenerativeModel, template_from
 
-    model = GenerativeModel(artifact, variant=variant, provider="cpu")
+    model = GenerativeModel(artifact, variant=variant, provider=provider)
     tpl = template_from(template)
 
     async def run() -> dict:
@@ -44,7 +44,8 @@ def capacity(artifact: str, prompts_text: list[str], *, max_batch: int, max_new:
             dt = time.perf_counter() - t0
             toks = sum(r.tokens for r in res)
             return {"answers_per_s": round(len(res) / dt, 2), "tokens_per_s": round(toks / dt, 1),
-                    "variant": model.variant, "decode_steps": sched.batches}
+                    "variant": model.variant, "provider": model.providers[0], "rows": max_batch,
+                    "decode_steps": sched.batches, "decode_step_ms": round(sched.call_seconds * 1000, 2)}
         finally:
             await sched.close()
 

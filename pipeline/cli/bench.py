@@ -104,7 +104,7 @@ def bench_cmd(
         from producers.generator_bench import capacity, texts
 
         return emit_json(capacity(str(art), texts(), max_batch=max_batch, max_new=max_new_tokens, template="reply",
-                                  variant=variant))
+                                  variant=variant, provider=(provider or Provider.auto).value))
     if engine_only:
         return engine_bench(art, provider=(provider or Provider.auto).value, variant=variant, json_file=json_file,
                             batches=parse_batches(engine_batches, max_batch), seconds=step_seconds or 5.0,
@@ -330,7 +330,7 @@ async def refine(steps: list, run, say, rounds: int = 2) -> list:
         lo = ok.offered_rate if ok is not None else hi / 4
         if hi / lo < 1.08:
             break
-        say(f"  refining the knee between {lo:,.0f}/s and {hi:,.0f}/s")
+        say(f"  refining the knee between {lo:,.3g}/s and {hi:,.3g}/s")
         new.append(await run((lo * hi) ** 0.5))
     return new
 

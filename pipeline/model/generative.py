@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -89,6 +90,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -42,6 +42,16 @@ async def test_worker_kill9_at_failpoint_and_restart(kafka, tiny_artifact, deliv
         assert rep.duplicated == 0 and rep.order_violations == 0
 
 
+async def test_generator_worker_kill9_mid_batch_loses_nothing(kafka, tiny_generator):
+    """The generator path: SIGKILL while a decode batch is in flight, a new worker takes over, 0 lost."""
+    rep = await run_scenario(kafka.bootstrap, str(tiny_generator), fault="generator kill -9 after_inference",
+                             rate=60, seconds=8, inject=restart_after_crash(None),
+                             env={"STREAMLABEL_SLO__OBJECTIVE_MS": "30000", "STREAMLABEL_GENERATE__MAX_NEW_TOKENS": "8"},
+                             first_worker_env={"STREAMLABEL_WORKER__FAILPOINT": "after_inference:150"})
+    assert rep.notes["exit_code"] == -9, "the failpoint killed the worker"
+    assert rep.lost == 0 and rep.labelled >= rep.produced
+
+
 @pytest.fixture()
 def own_kafka(tmp_path):
     broker = LocalKafka(tmp_path / "kafka").start()
