@@ -50,6 +50,8 @@ from pipeline.events import Event, Generation
 from pipeline.model.manifest import ModelManifest, load_manifest
 
 
+GPU_SLOT_POSITIONS = 1024  # positions per decode slot on a GPU unless generate.max_prompt_tokens says otherwise
+
 # ------------------------------------------------------------------------------------------ templates
 @dataclass(frozen=True)
 class Template:
@@ -228,29 +230,28 @@ class GenerativeModel:
         logits, present = self.forward(rest, np.ones((1, len(ids)), dtype=np.int64), past)
         return logits[0, -1], present
 
+    def new_batch(self, rows: int, length: int):
+        """The decode batch for this provider: host buffers (CPU) or device-resident slots (CUDA)."""
+        if self.providers[0] == "CUDAExecutionProvider":
+            return DeviceDecodeBatch(self, rows, length)
+        return DecodeBatch(self)
+
     def greedy(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
         """Greedy decoding of prompts in one batch (rows retire at end-of-sequence): the gate's path."""
-        batch = DecodeBatch(self)
-        outs: list[list[int]] = []
-        news = []
-        for ids in prompts:
-            last, kv = self.prefill(ids)
-            outs.append([int(last.argmax())])
-            news.append((len(outs) - 1, kv, len(ids)))
-        batch.rebuild([], [(k, kv, n_) for k, kv, n_ in news])
-        live = [i for i in range(len(outs)) if outs[i][-1] not in self.eos and n > 1]
-        batch.rebuild([batch.rows.index(i) for i in live], [])
+        batch = self.new_batch(len(prompts), max(len(p) for p in prompts) + n + 1)
+        outs: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            outs[i] = [int(batch.join(i, ids).argmax())]
+        batch.leave([j for j, r in enumerate(batch.rows) if outs[r][-1] in self.eos or n <= 1])
         while batch.rows:
             logits = batch.step(np.asarray([outs[r][-1] for r in batch.rows], dtype=np.int64))
-            nxt = logits.argmax(axis=1).tolist()
-            keep = []
-            for j, (r, t) in enumerate(zip(batch.rows, nxt)):
+            done = []
+            for j, (r, t) in enumerate(zip(batch.rows, logits.argmax(axis=1).tolist())):
                 outs[r].append(int(t))
-                if t not in self.eos and len(outs[r]) < n:
-                    keep.append(j)
-            if len(keep) != len(batch.rows):
-                batch.rebuild(keep, [])
-        return outs
+                if t in self.eos or len(outs[r]) >= n:
+                    done.append(j)
+            batch.leave(done)
+        return [outs[i] for i in range(len(prompts))]
 
     def speed(self, rows: int = 16, past_len: int = 64, steps: int = 4) -> dict:
         """Decode tokens/s at ``rows`` rows (past of ``past_len``) and prefill tokens/s for one 64-token prompt."""
@@ -311,7 +312,8 @@ class DecodeBatch:
             self.lens = np.concatenate([self.lens, np.zeros(rows - len(self.lens), dtype=np.int64)])
 
     def rebuild(self, keep: Sequence[int], new: Sequence[tuple[object, dict, int]]) -> None:
-        """Keep rows ``keep`` (indices into ``rows``) and add ``new`` (handle, KV of batch 1, length)."""
+        """Keep rows ``keep`` (increasing indices into ``rows``) and add ``new`` (handle, KV of batch 1, length)."""
+        keep = list(keep)
         n_keep = len(keep)
         kept = set(keep)
         holes = [i for i in range(n_keep) if i not in kept]
@@ -331,6 +333,18 @@ class DecodeBatch:
                     arr[slot, :, :n] = kv[name][0, :, :n]
                 self.lens[slot] = n
                 self.rows.append(handle)
+
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = ()) -> np.ndarray:
+        """Prefill a prompt (reusing ``prefix``'s KV) into a new row; returns its last position's logits."""
+        last, kv = self.m.prefill(ids, prefix)
+        self.rebuild(range(len(self.rows)), [(handle, kv, len(ids))])
+        return last
+
+    def leave(self, indices: Sequence[int]) -> None:
+        """Rows ``indices`` (into ``rows``) leave the batch."""
+        if indices:
+            gone = set(indices)
+            self.rebuild([i for i in range(len(self.rows)) if i not in gone], [])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row its latest token; returns next-token logits (rows × vocab)."""
@@ -352,6 +366,77 @@ class DecodeBatch:
         m.session.run_with_iobinding(io)
         self.lens[:n] += 1
         return io.get_outputs()[0].numpy()[:, -1]  # only the logits leave ONNX Runtime
+
+
+class DeviceDecodeBatch:
+    """The decode batch on a GPU: the KV stays in device memory, in ``rows`` fixed slots of ``length`` positions.
+
+    Each layer's buffer is bound as both past input and present output (I/O binding by device pointer), so
+    no KV crosses PCIe: a joining prompt is prefilled straight into its slot (its rows of the buffer), a
+    step moves only token ids and a mask in and logits out. Rows never move: a free slot runs a dummy token
+    with length 0 (on a GPU a decode step costs about the same for a few rows or for all of them, it is
+    bound by reading the weights). No shared-prefix reuse here (prefill is cheap on a GPU).
+    """
+
+    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda") -> None:
+        import onnxruntime as ort
+
+        self.m = model
+        self.device = device  # "cpu" runs the same slot logic in host memory (tests)
+        self.slots: list = [None] * rows
+        self.length = length
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self.dtype = model.kv_dtype
+        self.item = np.dtype(self.dtype).itemsize
+        shape = [rows, model.kv_heads, length, model.head]
+        self.buf = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0) for n in model.past_names}
+        self.row_bytes = model.kv_heads * length * model.head * self.item
+
+    @property
+    def rows(self) -> list:
+        return [h for h in self.slots if h is not None]
+
+    def _bind(self, io, first: int, count: int) -> None:
+        m = self.m
+        shape = [count, m.kv_heads, self.length, m.head]
+        for name, out in zip(m.past_names, m.out_names[1:]):
+            ptr = self.buf[name].data_ptr() + first * self.row_bytes
+            io.bind_input(name, self.device, 0, self.dtype, shape, ptr)
+            io.bind_output(out, self.device, 0, self.dtype, shape, ptr)
+
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = ()) -> np.ndarray:
+        if len(ids) + 1 > self.length:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit a slot of {self.length}")
+        slot = self.slots.index(None)
+        io = self.m.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, len(ids)), dtype=np.int64))
+        io.bind_output("logits", "cpu")
+        self._bind(io, slot, 1)
+        self.m.session.run_with_iobinding(io)
+        self.slots[slot] = handle
+        self.lens[slot] = len(ids)
+        return io.get_outputs()[0].numpy()[0, -1]
+
+    def leave(self, indices: Sequence[int]) -> None:
+        active = [i for i, h in enumerate(self.slots) if h is not None]
+        for j in indices:
+            self.slots[active[j]] = None
+            self.lens[active[j]] = 0
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        active = [i for i, h in enumerate(self.slots) if h is not None]
+        toks = np.zeros((len(self.slots), 1), dtype=np.int64)
+        toks[active, 0] = tokens
+        width = int(self.lens.max()) + 1
+        io = self.m.session.io_binding()
+        io.bind_cpu_input("input_ids", toks)
+        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= self.lens[:, None]).astype(np.int64))
+        io.bind_output("logits", "cpu")
+        self._bind(io, 0, len(self.slots))
+        self.m.session.run_with_iobinding(io)
+        self.lens[active] += 1
+        return io.get_outputs()[0].numpy()[active, -1]
 
 
 # ------------------------------------------------------------------------------------------ scheduler
@@ -402,6 +487,9 @@ class GenerationScheduler:
         self.sampling = sampling
         self.prefill_tokens = prefill_tokens
         self.max_prompt = min(max_prompt_tokens or model.context, model.context - max_new_tokens)
+        gpu = model.providers[0] == "CUDAExecutionProvider"
+        if gpu and max_prompt_tokens is None:  # device slots are preallocated: keep them to 1,024 positions
+            self.max_prompt = min(self.max_prompt, GPU_SLOT_POSITIONS - max_new_tokens)
         if self.max_prompt < 1:
             raise UsageError(f"generate.max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
                              f"model's context of {model.context} tokens", hint="lower generate.max_new_tokens")
@@ -419,7 +507,7 @@ class GenerationScheduler:
         self._by_prompt: dict[str, _Seq] = {}
         self._order = itertools.count()
         self._prefixes: list[tuple[int, ...]] = []
-        self._batch = DecodeBatch(model)
+        self._batch = model.new_batch(max_batch, self.max_prompt + max_new_tokens + 1)
         self._step_s = 0.0
         self.batches = 0  # decode steps
         self.coalesced = 0
@@ -521,7 +609,7 @@ class GenerationScheduler:
             self.broken = err
             seqs = [s for _, _, s in self._waiting] + list(self._batch.rows)
             self._waiting.clear()
-            self._batch = DecodeBatch(self.m)
+            self._batch = DecodeBatch(self.m)  # empty: nothing runs any more
             self._post(self._fail_all, seqs, err)
 
     def _intake(self) -> None:
@@ -580,10 +668,10 @@ class GenerationScheduler:
         finished: list[tuple[_Seq, object]] = []
         batch = self._batch
         # 1. Join: prefill waiting prompts (earliest deadline first) into free rows.
-        joined: list[tuple[_Seq, dict, int]] = []
         used = self._budget_used()
         prefilled = 0
-        while self._waiting and len(batch.rows) + len(joined) < self.max_batch:
+        joined = 0
+        while self._waiting and len(batch.rows) < self.max_batch:
             s = self._waiting[0][2]
             need = len(s.ids) + self.max_new
             if (batch.rows or joined) and (used + need > self.max_tokens or prefilled >= self.prefill_tokens):
@@ -592,51 +680,48 @@ class GenerationScheduler:
             s.admitted = self.clock()
             prefix = next((p for p in self._prefixes if len(s.ids) > len(p) and tuple(s.ids[: len(p)]) == p), ())
             try:
-                last, kv = self.m.prefill(s.ids, prefix)
+                last = batch.join(s, s.ids, prefix)
             except Exception as exc:  # noqa: BLE001 — this prompt's failure, not the engine's
                 finished.append((s, EngineFailure(f"engine: prefill failed: {type(exc).__name__}: {str(exc)[:200]}")))
                 continue
+            joined += 1
             prefilled += len(s.ids) - len(prefix)
             used += need
             s.out.append(self._pick(last[None, :], [s])[0])
             s.first_at = self.clock()
             if self._finished(s, s.first_at):
                 finished.append((s, self._result(s)))
-            else:
-                joined.append((s, kv, len(s.ids)))
+                batch.leave([batch.rows.index(s)])
         # 2. Rows whose deadline passed leave with what they have.
         now = self.clock()
-        keep = []
+        gone = []
         for j, s in enumerate(batch.rows):
             if now >= s.deadline:
                 s.finish = "deadline"
                 self.late += 1
                 finished.append((s, self._result(s)))
-            else:
-                keep.append(j)
-        if joined or len(keep) != len(batch.rows):
-            batch.rebuild(keep, joined)
+                gone.append(j)
+        batch.leave(gone)
         # 3. One decode step for every row.
-        if batch.rows:
+        rows = batch.rows
+        if rows:
             t0 = time.perf_counter()
-            logits = batch.step(np.asarray([s.out[-1] for s in batch.rows], dtype=np.int64))
-            nxt = self._pick(logits, batch.rows)
+            logits = batch.step(np.asarray([s.out[-1] for s in rows], dtype=np.int64))
+            nxt = self._pick(logits, rows)
             took = time.perf_counter() - t0
             self._step_s = took if not self.batches else 0.9 * self._step_s + 0.1 * took
             self.batches += 1
             if self.metrics is not None:
-                self.metrics.gen_batch_rows.observe(len(batch.rows))
-                self.metrics.gen_occupancy.set(len(batch.rows) / self.max_batch)
+                self.metrics.gen_batch_rows.observe(len(rows))
+                self.metrics.gen_occupancy.set(len(rows) / self.max_batch)
             now = self.clock()
-            keep = []
-            for j, (s, t) in enumerate(zip(batch.rows, nxt)):
+            gone = []
+            for j, (s, t) in enumerate(zip(rows, nxt)):
                 s.out.append(t)
                 if self._finished(s, now):
                     finished.append((s, self._result(s)))
-                else:
-                    keep.append(j)
-            if len(keep) != len(batch.rows):
-                batch.rebuild(keep, [])
+                    gone.append(j)
+            batch.leave(gone)
         if finished:
             for s, _ in finished:
                 self._by_prompt.pop(s.prompt, None)

@@ -71,6 +71,28 @@ def test_batched_greedy_equals_one_prompt_at_a_time(model):
     assert batched == [solo(model, p, 12) for p in prompts]
 
 
+def test_device_slot_batch_decodes_like_one_prompt_at_a_time(model):
+    """The GPU decode batch (fixed slots, prefill into the slot, KV bound in place), run in host memory."""
+    from pipeline.generator import DeviceDecodeBatch
+
+    prompts = prompts_of(model, PROMPTS)
+    batch = DeviceDecodeBatch(model, rows=8, length=256, device="cpu")
+    outs = {}
+    for i, p in enumerate(prompts[:3]):  # three rows, then two more join two steps later, one leaves early
+        outs[i] = [int(batch.join(i, model.encode(p)).argmax())]
+    for step in range(10):
+        if step == 2:
+            for i in (3, 4):
+                outs[i] = [int(batch.join(i, model.encode(prompts[i])).argmax())]
+        if step == 4:
+            batch.leave([batch.rows.index(1)])
+        logits = batch.step(np.asarray([outs[r][-1] for r in batch.rows]))
+        for r, t in zip(batch.rows, logits.argmax(axis=1).tolist()):
+            outs[r].append(int(t))
+    for i, p in enumerate(prompts):
+        assert outs[i] == solo(model, p, len(outs[i])), f"row {i}"
+
+
 async def test_prompts_join_the_running_batch_and_match_solo_decoding(model):
     sched = GenerationScheduler(model, max_batch=8, max_new_tokens=24)
     sched.add_prefix(model.prefix_of(TEMPLATES["reply"].render("")[0]))
