@@ -22,6 +22,7 @@ import orjson
 
 def make_generator():
     """(model, tokenizer) of SmolLM2-135M-Instruct in PyTorch FP32 from the GGUF file."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar (read when tqdm is imported)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -29,7 +30,6 @@ def make_generator():
     from pipeline.model.generative import smollm2_gguf
 
     hf_logging.set_verbosity_error()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar
     hf_logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
     g = smollm2_gguf()

@@ -180,6 +180,7 @@ class GenerativeModel:
         self.out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if types.get(self.past_names[0]) == "tensor(float16)" else np.float32
+        self.has_next = any(o.name == "next_token" for o in self.session.get_outputs())  # in-graph argmax
         self._prefix_cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
     # -- text ---------------------------------------------------------------------------------------
@@ -241,12 +242,12 @@ class GenerativeModel:
         batch = self.new_batch(len(prompts), max(len(p) for p in prompts) + n + 1)
         outs: dict[int, list[int]] = {}
         for i, ids in enumerate(prompts):
-            outs[i] = [int(batch.join(i, ids).argmax())]
+            outs[i] = [batch.join(i, ids, greedy=True)]
         batch.leave([j for j, r in enumerate(batch.rows) if outs[r][-1] in self.eos or n <= 1])
         while batch.rows:
-            logits = batch.step(np.asarray([outs[r][-1] for r in batch.rows], dtype=np.int64))
+            nxt = batch.step(np.asarray([outs[r][-1] for r in batch.rows], dtype=np.int64), greedy=True)
             done = []
-            for j, (r, t) in enumerate(zip(batch.rows, logits.argmax(axis=1).tolist())):
+            for j, (r, t) in enumerate(zip(batch.rows, nxt.tolist())):
                 outs[r].append(int(t))
                 if t in self.eos or len(outs[r]) >= n:
                     done.append(j)
@@ -259,10 +260,10 @@ class GenerativeModel:
         kv = {n: np.zeros((1, self.kv_heads, past_len, self.head), dtype=self.kv_dtype) for n in self.past_names}
         batch.rebuild([], [(i, kv, past_len) for i in range(rows)])
         toks = np.zeros(rows, dtype=np.int64)
-        batch.step(toks)
+        batch.step(toks, greedy=True)
         t0 = time.perf_counter()
         for _ in range(steps):
-            batch.step(toks)
+            batch.step(toks, greedy=True)
         decode = rows * steps / (time.perf_counter() - t0)
         ids = [1] * 64
         self.prefill(ids)
@@ -334,11 +335,12 @@ class DecodeBatch:
                 self.lens[slot] = n
                 self.rows.append(handle)
 
-    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = ()) -> np.ndarray:
-        """Prefill a prompt (reusing ``prefix``'s KV) into a new row; returns its last position's logits."""
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
+        """Prefill a prompt (reusing ``prefix``'s KV) into a new row; returns its last position's logits
+        (``greedy``: the argmax token id)."""
         last, kv = self.m.prefill(ids, prefix)
         self.rebuild(range(len(self.rows)), [(handle, kv, len(ids))])
-        return last
+        return int(last.argmax()) if greedy else last
 
     def leave(self, indices: Sequence[int]) -> None:
         """Rows ``indices`` (into ``rows``) leave the batch."""
@@ -346,8 +348,9 @@ class DecodeBatch:
             gone = set(indices)
             self.rebuild([i for i in range(len(self.rows)) if i not in gone], [])
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed each row its latest token; returns next-token logits (rows × vocab)."""
+    def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """Feed each row its latest token; returns next-token logits (rows × vocab), or with ``greedy`` the
+        argmax token ids (rows)."""
         import onnxruntime as ort
 
         m = self.m
@@ -358,14 +361,18 @@ class DecodeBatch:
         io = m.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
         io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= lens[:, None]).astype(np.int64))
-        io.bind_output("logits")  # output 0; ONNX Runtime allocates it
+        ids_out = greedy and m.has_next
+        io.bind_output("next_token" if ids_out else "logits")  # output 0; ONNX Runtime allocates it
+        if ids_out:
+            io.bind_output("logits")
         for name, out in zip(m.past_names, m.out_names[1:]):
             v = ort.OrtValue.ortvalue_from_numpy(self.buf[name][:n])  # a view: the first n slots
             io.bind_ortvalue_input(name, v)
             io.bind_ortvalue_output(out, v)
         m.session.run_with_iobinding(io)
         self.lens[:n] += 1
-        return io.get_outputs()[0].numpy()[:, -1]  # only the logits leave ONNX Runtime
+        out = io.get_outputs()[0].numpy()[:, -1]  # no KV leaves ONNX Runtime
+        return out if ids_out or not greedy else out.argmax(axis=1)
 
 
 class DeviceDecodeBatch:
@@ -404,19 +411,30 @@ class DeviceDecodeBatch:
             io.bind_input(name, self.device, 0, self.dtype, shape, ptr)
             io.bind_output(out, self.device, 0, self.dtype, shape, ptr)
 
-    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = ()) -> np.ndarray:
+    def _outputs(self, io, greedy: bool) -> bool:
+        """Bind what leaves the device: the argmax ids (greedy, when the graph has them) or the logits."""
+        ids_out = greedy and self.m.has_next
+        if ids_out:
+            io.bind_output("next_token", "cpu")
+            io.bind_output("logits", self.device)  # stays on the device
+        else:
+            io.bind_output("logits", "cpu")
+        return ids_out
+
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
         if len(ids) + 1 > self.length:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit a slot of {self.length}")
         slot = self.slots.index(None)
         io = self.m.session.io_binding()
         io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, len(ids)), dtype=np.int64))
-        io.bind_output("logits", "cpu")
+        ids_out = self._outputs(io, greedy)
         self._bind(io, slot, 1)
         self.m.session.run_with_iobinding(io)
         self.slots[slot] = handle
         self.lens[slot] = len(ids)
-        return io.get_outputs()[0].numpy()[0, -1]
+        out = io.get_outputs()[0].numpy()[0, -1]
+        return int(out) if ids_out else int(out.argmax()) if greedy else out
 
     def leave(self, indices: Sequence[int]) -> None:
         active = [i for i, h in enumerate(self.slots) if h is not None]
@@ -424,7 +442,7 @@ class DeviceDecodeBatch:
             self.slots[active[j]] = None
             self.lens[active[j]] = 0
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
         active = [i for i, h in enumerate(self.slots) if h is not None]
         toks = np.zeros((len(self.slots), 1), dtype=np.int64)
         toks[active, 0] = tokens
@@ -432,11 +450,12 @@ class DeviceDecodeBatch:
         io = self.m.session.io_binding()
         io.bind_cpu_input("input_ids", toks)
         io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= self.lens[:, None]).astype(np.int64))
-        io.bind_output("logits", "cpu")
+        ids_out = self._outputs(io, greedy)
         self._bind(io, 0, len(self.slots))
         self.m.session.run_with_iobinding(io)
         self.lens[active] += 1
-        return io.get_outputs()[0].numpy()[active, -1]
+        out = io.get_outputs()[0].numpy()[active, -1]
+        return out if ids_out or not greedy else out.argmax(axis=1)
 
 
 # ------------------------------------------------------------------------------------------ scheduler
@@ -680,14 +699,14 @@ class GenerationScheduler:
             s.admitted = self.clock()
             prefix = next((p for p in self._prefixes if len(s.ids) > len(p) and tuple(s.ids[: len(p)]) == p), ())
             try:
-                last = batch.join(s, s.ids, prefix)
+                first = batch.join(s, s.ids, prefix, greedy=not self.sampling.do_sample)
             except Exception as exc:  # noqa: BLE001 — this prompt's failure, not the engine's
                 finished.append((s, EngineFailure(f"engine: prefill failed: {type(exc).__name__}: {str(exc)[:200]}")))
                 continue
             joined += 1
             prefilled += len(s.ids) - len(prefix)
             used += need
-            s.out.append(self._pick(last[None, :], [s])[0])
+            s.out.append(self._pick(first[None, :], [s])[0] if self.sampling.do_sample else first)
             s.first_at = self.clock()
             if self._finished(s, s.first_at):
                 finished.append((s, self._result(s)))
@@ -706,8 +725,11 @@ class GenerationScheduler:
         rows = batch.rows
         if rows:
             t0 = time.perf_counter()
-            logits = batch.step(np.asarray([s.out[-1] for s in rows], dtype=np.int64))
-            nxt = self._pick(logits, rows)
+            last = np.asarray([s.out[-1] for s in rows], dtype=np.int64)
+            if self.sampling.do_sample:
+                nxt = self._pick(batch.step(last), rows)
+            else:
+                nxt = batch.step(last, greedy=True).tolist()
             took = time.perf_counter() - t0
             self._step_s = took if not self.batches else 0.9 * self._step_s + 0.1 * took
             self.batches += 1

@@ -253,6 +253,17 @@ async def test_demo_sigint_stops_worker_and_its_redis(kafka, tiny_artifact):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def test_demo_task_reply_generates_answers_end_to_end(kafka, tiny_generator):
+    r = cli("demo", "--task", "reply", "--model", str(tiny_generator), "--events", "12", "--rate", "20",
+            "--bootstrap", kafka.bootstrap, "--redis", "none", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["produced"] == 12 and out["lost"] == 0 and out["task"] == "reply"
+    assert out["model"].startswith("tiny-generator@") and out["tokens_per_answer"] > 0
+    assert out["slo"]["objective_ms"] == 5000.0, "a generation's deadline is seconds, not the classifier's 100 ms"
+    assert out["samples"] and all(s["out"] is not None for s in out["samples"])
+
+
 def test_demo_preset_builds_into_its_own_slot(kafka, tmp_path):
     r = cli("demo", "--preset", "tiny", "--events", "40", "--rate", "100", "--bootstrap", kafka.bootstrap,
             "--redis", "none", "--json", cwd=tmp_path, timeout=300)

@@ -124,3 +124,25 @@ def test_info_prints_manifest_and_rejects_corruption(artifact_copy):
         f.write(b"junk")
     r = run_cli("model", "info", str(artifact_copy))
     assert r.returncode == 2 and "model.fp32.onnx' is corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_build_from_a_causal_lm_directory_makes_a_generator(tmp_path):
+    """`--from` a Hugging Face causal LM (here a tiny local Llama) builds a generator artifact, gate included."""
+    from pipeline.model.generative import build_tiny_llama
+
+    hf = tmp_path / "my-llm"
+    build_tiny_llama(hf)
+    out = tmp_path / "out"
+    r = run_cli("model", "build", "--from", str(hf), "--out", str(out), "--variants", "fp32", "--no-bench", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    assert m["name"] == "my-llm" and m["task"] == "text-generation"
+    assert m["variants"]["fp32"]["quality"]["exact_match_16"] == 1.0, "ONNX FP32 decodes what PyTorch FP32 decodes"
+    assert "{user}" in m["generation"]["prompt_format"] and m["generation"]["default_cpu_variant"] == "fp32"
+    info = run_cli("model", "info", str(out / "my-llm"))
+    assert info.returncode == 0 and "generation gate" in info.stdout and "exact@16" in info.stdout
+
+
+def test_generator_build_errors_are_one_line(tmp_path):
+    r = run_cli("model", "build", "--preset", "tiny-generator", "--variants", "int3", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown generator variant 'int3'" in r.stderr and "Traceback" not in r.stderr
