@@ -257,6 +257,13 @@ def _cut(toks: list[int], eos: set[int]) -> list[int]:
     return toks
 
 
+def gate_prompt_ids(model) -> list[list[int]]:
+    """The gate prompts as this model's serving code tokenizes them."""
+    from pipeline.generator import TEMPLATES
+
+    return [model.encode_prompt(*TEMPLATES[p["template"]].render(p["text"])) for p in gate_prompts()]
+
+
 def gate_figures(ref: list[list[int]], hyp: list[list[int]]) -> dict:
     exact = sum(1 for r, h in zip(ref, hyp) if r[:GATE_TOKENS] == h[:GATE_TOKENS])
     rl = [rouge_l(r[:GATE_TOKENS], h[:GATE_TOKENS]) for r, h in zip(ref, hyp)]
@@ -367,7 +374,7 @@ def build_generator(*, out: Path, preset: str | None = None, from_dir: Path | No
         ids_list: list[list[int]] = []
         if cpu_variants:
             model_any = GenerativeModel(stage, variant=cpu_variants[0], provider="cpu", verify=False)
-            ids_list = [model_any.encode_prompt(*TEMPLATES[p["template"]].render(text=p["text"])) for p in prompts]
+            ids_list = gate_prompt_ids(model_any)
             with rep.step(f"reference: PyTorch FP32 greedy, {GATE_TOKENS} tokens on {len(prompts)} prompts"):
                 ref = torch_greedy(hf_dir, ids_list, GATE_TOKENS, set(eos_ids))
             samples["torch-fp32"] = [model_any.decode_text(r) for r in ref[:5]]
@@ -396,7 +403,9 @@ def build_generator(*, out: Path, preset: str | None = None, from_dir: Path | No
         generation["default_cpu_variant"] = default
         gate = {"prompts": len(prompts), "tokens": GATE_TOKENS, "reference": "PyTorch FP32 greedy",
                 "min_exact_match": min_exact, "min_rouge_l": min_rouge, "refused": refused, "passed": not refused,
-                "samples": samples, "prompt_texts": [p["text"] for p in prompts[:5]]}
+                "samples": samples, "prompt_texts": [p["text"] for p in prompts[:5]],
+                # The reference's tokens: a variant can be checked later where it runs (a GPU) without torch.
+                "reference_tokens": ref if cpu_variants else None}
         final = {v: variant_entry(v, quality=quality.get(v), throughput=throughput.get(v), note=notes.get(v),
                                   validated=v in quality) for v in variants}
         if refused:

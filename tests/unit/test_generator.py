@@ -51,6 +51,18 @@ def test_manifest_records_the_gate_and_the_prompt_format(tiny_generator):
         assert q["exact_match_16"] >= 0.5 and 0.0 <= q["rouge_l"] <= 1.0
         assert m.variants[v].extra_files, "the external weights file is checksummed too"
     assert m.generation["default_cpu_variant"] in ("fp32", "int8")
+    ref = m.gate["reference_tokens"]
+    assert len(ref) == m.gate["prompts"] and all(1 <= len(r) <= 16 for r in ref), "PyTorch's tokens, for later checks"
+
+
+def test_a_variant_is_checked_later_against_the_stored_reference(tiny_generator, model):
+    """What `python -m producers.generator_check` does on a GPU machine: no torch, the manifest's tokens."""
+    from pipeline.model.generative import gate_figures, gate_prompt_ids
+
+    _, m = load_manifest(tiny_generator)
+    hyp = model.greedy(gate_prompt_ids(model), 16)
+    assert gate_figures(m.gate["reference_tokens"], hyp) == {k: m.variants["fp32"].quality[k]
+                                                            for k in ("n", "exact_match_16", "rouge_l")}
 
 
 def test_gate_refuses_a_variant_under_the_floor(tmp_path):

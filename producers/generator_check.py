@@ -1,0 +1,65 @@
+"""Check a generator variant where it runs (e.g. fp16 on a GPU machine, which has no Kafka and maybe no torch):
+the generation gate against the PyTorch FP32 tokens stored in the manifest at build time, then the
+scheduler's closed-loop capacity at several decode batch sizes (32 new tokens per answer, every answer the
+same length). Prints JSON.
+
+    python -m producers.generator_check models/reply-smollm2 --variant fp16 --provider cuda --rows 32,64,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from pipeline.generator import TEMPLATES, GenerationScheduler, GenerativeModel
+from pipeline.model.generative import gate_figures, gate_prompt_ids
+
+
+async def capacity(m: GenerativeModel, texts: list[str], rows: int, max_new: int = 32) -> dict:
+    s = GenerationScheduler(m, max_batch=rows, max_new_tokens=max_new, ignore_eos=True, prefill_tokens=4096,
+                            max_tokens=rows * 1024)
+    s.add_prefix(m.prefix_of(TEMPLATES["reply"].render("")[0]))
+    s.start()
+    try:
+        prompts = [m.render(*TEMPLATES["reply"].render(t)) for t in texts]
+        await s.generate(prompts[:8])  # warm-up
+        batch = [p + f" (#{i})" for i, p in enumerate((prompts * (1 + 2 * rows // len(prompts)))[: 2 * rows])]
+        t = time.perf_counter()
+        res = await s.generate(batch)
+        dt = time.perf_counter() - t
+        ttft = sorted(r.timings["ttft"] for r in res)
+        return {"rows": rows, "answers_per_s": round(len(res) / dt, 2),
+                "tokens_per_s": round(sum(r.tokens for r in res) / dt, 1),
+                "decode_step_ms": round(s.call_seconds * 1000, 2), "ttft_p50_ms": round(ttft[len(ttft) // 2] * 1000, 1)}
+    finally:
+        await s.close()
+
+
+def texts(n: int = 256) -> list[str]:
+    from producers.synthetic import Generator
+
+    return [ev.text for _, ev in zip(range(n), Generator("mixed", seed=3))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--variant")
+    ap.add_argument("--provider", default="auto")
+    ap.add_argument("--rows", default="32,64,128,256")
+    a = ap.parse_args()
+    m = GenerativeModel(a.artifact, variant=a.variant, provider=a.provider)
+    report: dict = {"model": m.model_id, "variant": m.variant, "provider": m.session.get_providers()[0]}
+    ref = m.manifest.gate.get("reference_tokens")
+    if ref:
+        hyp = m.greedy(gate_prompt_ids(m), 16)
+        report["gate"] = gate_figures(ref, hyp)
+        report["samples"] = [m.decode_text(h) for h in hyp[:5]]
+    report["capacity"] = [asyncio.run(capacity(m, texts(), int(r))) for r in a.rows.split(",")]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
