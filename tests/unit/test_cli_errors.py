@@ -193,3 +193,17 @@ def test_bench_refuses_another_presets_artifact_too(capsys, tmp_path, tiny_artif
                             "--bootstrap", f"127.0.0.1:{free_port()}")
     assert rc == 2 and err.startswith(f"error: bench --model: the artifact at {slot} is tiny@1, not the "
                                       "sentiment-minilm preset")
+
+
+def test_generator_user_errors_are_one_line(capsys, tmp_path, tiny_artifact):
+    rc, _, err = run_main(capsys, "demo", "--task", "poem")
+    assert rc == 2 and "error: demo --task: unknown task 'poem'" in err
+    cfg = tmp_path / "gen.toml"
+    cfg.write_text('[generate]\ntemplate = "reply"\nmax_new_tokens = 0\n')
+    rc, _, err = run_main(capsys, "run", "--config", str(cfg))
+    assert rc == 2 and "'generate.max_new_tokens' must be positive" in err
+    cfg.write_text('[generate]\nstop = 5\n')
+    rc, _, err = run_main(capsys, "run", "--config", str(cfg))
+    assert rc == 2 and "'generate.stop' must be a list of strings" in err
+    rc, _, err = run_main(capsys, "model", "build", "--preset", "tiny", "--variants", "int4", "--out", str(tmp_path))
+    assert rc == 2 and "unknown variant 'int4'" in err
