@@ -87,9 +87,13 @@ def choose(manifest: ModelManifest, variant: str | None, provider: str) -> tuple
         providers = ["CPUExecutionProvider"]
     if variant is None:
         order = ("fp16", "fp32") if gpu else ("int8", "fp32")
-        variant = next((v for v in order if v in manifest.variants), None)
+        # A variant the build could not validate (it could not run it there) is never picked automatically.
+        variant = next((v for v in order if v in manifest.variants and manifest.variants[v].validated), None)
         if variant is None:
-            raise ModelError(f"artifact {manifest.model_id} has no variant usable on {providers[0]}")
+            unvalidated = [v for v in order if v in manifest.variants]
+            raise ModelError(f"artifact {manifest.model_id} has no validated variant usable on {providers[0]}"
+                             + (f" ({', '.join(unvalidated)} could not be validated where it was built)" if unvalidated else ""),
+                             hint="pass --variant explicitly to run it anyway, or rebuild on a machine that can run it")
     return variant, providers
 
 

@@ -31,6 +31,8 @@ def model_build(
     max_drop: Annotated[float, typer.Option(help="Refuse a variant whose accuracy is this many points below FP32.")] = 1.0,
     max_length: Annotated[Optional[int], typer.Option(help="Token cap (default: preset's or the tokenizer's).", callback=positive)] = None,
     variants: Annotated[Optional[str], typer.Option(help="Variants to build, comma-separated (classifiers: fp32,int8,fp16; generators: int4,int8,fp16 and fp32).")] = None,
+    min_agreement: Annotated[float, typer.Option(help="Classifiers: refuse a variant whose labels agree with FP32's (FP32: PyTorch's) on fewer than this share of the parity texts.")] = 0.95,
+    max_logit_diff: Annotated[float, typer.Option(help="Classifiers: refuse a variant whose largest |logit − FP32 logit| on the parity texts exceeds this.")] = 1.5,
     min_exact: Annotated[float, typer.Option(help="Generators: refuse a variant whose first 16 greedy tokens match PyTorch FP32 on fewer than this share of the gate prompts.")] = 0.5,
     min_rouge: Annotated[float, typer.Option(help="Generators: refuse a variant whose ROUGE-L against PyTorch FP32 is below this.")] = 0.7,
     bench: Annotated[bool, typer.Option(help="Measure FP32/INT8 throughput at batch 1 and 32.")] = True,
@@ -51,7 +53,8 @@ def model_build(
     else:
         res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
                     max_drop=max_drop, max_length=max_length, variants=variant_list or ["fp32", "int8", "fp16"],
-                    bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep)
+                    bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep,
+                    min_agreement=min_agreement, max_logit_diff=max_logit_diff)
     if json_out:
         from pipeline.model.build import summary_dict
 
@@ -128,6 +131,9 @@ def _print_manifest(root: Path, m) -> None:
     c.print(f"  base: {m.base_model}")
     if m.training.get("data"):
         c.print(f"  trained on: {', '.join(m.training['data'])}  [dim]{m.training.get('licence', '')}[/]")
+    if "min_agreement" in m.gate:
+        c.print(f"  parity gate: label agreement ≥ {m.gate['min_agreement']} and |Δlogit| ≤ {m.gate['max_logit_diff']} "
+                f"vs fp32: {'passed' if not m.gate.get('parity_refused') else 'REFUSED ' + ', '.join(m.gate['parity_refused'])}")
     if m.gate.get("eval"):
         c.print(f"  quality gate: max drop {m.gate['max_drop_points']} points vs fp32 on {m.gate['eval']}: "
                 f"{'passed' if m.gate.get('passed') else 'REFUSED ' + ', '.join(m.gate.get('refused', []))}")

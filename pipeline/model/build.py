@@ -116,6 +116,8 @@ def build(
     bench: bool = True,
     break_variant: str | None = None,
     reporter: Reporter | None = None,
+    min_agreement: float = 0.95,
+    max_logit_diff: float = 1.5,
 ) -> BuildResult:
     from pipeline.model import export as X
     from pipeline.model import presets as P
@@ -239,7 +241,16 @@ def build(
                     parity[v]["max_abs_logit_diff_vs_fp32"] = round(float(np.abs(lg - logits["fp32"]).max()), 6)
 
         qualities: dict[str, dict] = {}
-        gate = {"max_drop_points": max_drop, "eval": None, "passed": True, "refused": []}
+        gate = {"max_drop_points": max_drop, "eval": None, "passed": True, "refused": [],
+                "min_agreement": min_agreement, "max_logit_diff": max_logit_diff, "parity_refused": {}}
+        # Parity floors act on every build, labelled set or not: each variant against FP32 (FP32 against PyTorch).
+        for v, p in parity.items():
+            agr = p.get("agreement_vs_fp32", p["agreement_vs_torch"])
+            diff = p.get("max_abs_logit_diff_vs_fp32", p["max_abs_logit_diff_vs_torch"])
+            if agr < min_agreement or diff > max_logit_diff:
+                gate["parity_refused"][v] = {"agreement": agr, "max_abs_logit_diff": diff,
+                                             "against": "fp32" if v != "fp32" else "PyTorch"}
+                gate["refused"].append(v)
         if eval_examples is not None:
             with rep.step(f"quality on {len(eval_examples)} labelled examples ({eval_where})"):
                 texts = [e.text for e in eval_examples]
@@ -251,9 +262,9 @@ def build(
             for v, q in qualities.items():
                 drop = round((base_acc - q["accuracy"]) * 100, 2)
                 q["drop_points_vs_fp32"] = drop
-                if v != "fp32" and drop > max_drop:
+                if v != "fp32" and drop > max_drop and v not in gate["refused"]:
                     gate["refused"].append(v)
-            gate["passed"] = not gate["refused"]
+        gate["passed"] = not gate["refused"]
 
         throughput: dict[str, dict] = {}
         if bench:
@@ -269,7 +280,7 @@ def build(
         final = {
             v: Variant(name=v, file=d.file, sha256=d.sha256, bytes=d.bytes, provider=d.provider,
                        parity=parity.get(v, {}), quality=qualities.get(v), throughput=throughput.get(v),
-                       note=notes.get(v))
+                       note=notes.get(v), validated=v in parity)
             for v, d in vdata.items()
         }
         gate["fusions"] = fusions
@@ -277,14 +288,24 @@ def build(
             rejected = root / f"rejected-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
             (stage / MANIFEST).write_bytes(manifest_for(final, gate).to_json())
             stage.rename(rejected)
-            details = "; ".join(
-                f"{v} accuracy {qualities[v]['accuracy']:.4f} vs fp32 {qualities['fp32']['accuracy']:.4f} "
-                f"(−{qualities[v]['drop_points_vs_fp32']:.2f} points)" for v in gate["refused"])
+            by_quality = [v for v in gate["refused"] if v in qualities and v != "fp32"
+                          and qualities[v]["drop_points_vs_fp32"] > max_drop]
+            parts = []
+            if by_quality:
+                details = "; ".join(
+                    f"{v} accuracy {qualities[v]['accuracy']:.4f} vs fp32 {qualities['fp32']['accuracy']:.4f} "
+                    f"(−{qualities[v]['drop_points_vs_fp32']:.2f} points)" for v in by_quality)
+                parts.append(f"quality gate refused {', '.join(by_quality)}: {details}, more than the allowed "
+                             f"{max_drop} points")
+            if gate["parity_refused"]:
+                details = "; ".join(f"{v} label agreement {r['agreement']:.4f} and max |Δlogit| {r['max_abs_logit_diff']:.4g} "
+                                    f"vs {r['against']}" for v, r in gate["parity_refused"].items())
+                parts.append(f"parity gate refused {', '.join(gate['parity_refused'])}: {details} (floors: agreement "
+                             f"≥ {min_agreement}, |Δlogit| ≤ {max_logit_diff}, on {len(parity_texts)} parity texts)")
             raise QualityGateError(
-                f"quality gate refused {', '.join(gate['refused'])}: {details}, more than the allowed {max_drop} points",
-                where=str(rejected),
-                hint="the artifact was not published; inspect it there, raise --max-drop deliberately, "
-                     "or build without that variant (--variants)",
+                "; ".join(parts), where=str(rejected),
+                hint="the artifact was not published; inspect it there, change --max-drop / --min-agreement / "
+                     "--max-logit-diff deliberately, or build without that variant (--variants)",
             )
         version = next_version(root)
         m = manifest_for(final, gate)

@@ -146,3 +146,34 @@ def test_build_from_a_causal_lm_directory_makes_a_generator(tmp_path):
 def test_generator_build_errors_are_one_line(tmp_path):
     r = run_cli("model", "build", "--preset", "tiny-generator", "--variants", "int3", "--out", str(tmp_path))
     assert r.returncode == 2 and "unknown generator variant 'int3'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parity_gate_acts_without_a_labelled_set(tmp_path):
+    """No --eval: a variant whose labels disagree with FP32's is still refused (it used to be published, exit 0)."""
+    r = run_cli("model", "build", "--preset", "tiny", "--out", str(tmp_path), "--variants", "fp32,int8", "--no-bench",
+                "--break-variant", "int8")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "parity gate refused int8" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in (tmp_path / "tiny").iterdir() if p.name.isdigit()], "nothing published"
+    _, rm = load_manifest(next((tmp_path / "tiny").glob("rejected-*")))
+    assert rm.gate["parity_refused"]["int8"]["agreement"] < 0.95 and rm.gate["eval"] is None
+
+
+def test_unvalidated_variants_are_never_chosen_automatically(artifact_copy):
+    from pipeline.engine import choose
+    from pipeline.errors import ModelError
+
+    path = artifact_copy / "manifest.json"
+    doc = json.loads(path.read_text())
+    assert all(v["validated"] for v in doc["variants"].values()), "the build validated every variant it could run"
+    doc["variants"]["int8"]["validated"] = False
+    path.write_text(json.dumps(doc))
+    _, m = load_manifest(artifact_copy)
+    assert choose(m, None, "cpu")[0] == "fp32", "int8 was not validated: the next validated variant"
+    assert choose(m, "int8", "cpu")[0] == "int8", "asked for by name, it runs"
+    doc["variants"]["fp32"]["validated"] = False
+    path.write_text(json.dumps(doc))
+    _, m = load_manifest(artifact_copy)
+    with pytest.raises(ModelError) as exc:
+        choose(m, None, "cpu")
+    assert "no validated variant" in str(exc.value) and "--variant" in exc.value.hint
