@@ -64,6 +64,42 @@ def model_build(
         rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
 
 
+@app.command("distil")
+def model_distil(
+    teacher: Annotated[Path, typer.Option(help="Teacher artifact (built from a preset, e.g. models/sentiment-minilm).")],
+    student: Annotated[str, typer.Option(help="minilm-l3 | minilm-l2 | minilm-l6 (layers kept from MiniLM-L6) | tiny-l1")] = "minilm-l3",
+    out: Annotated[Path, typer.Option("--out", help="Artifact root; the build lands in OUT/NAME/VERSION.")] = Path("models"),
+    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: TEACHER-STUDENT).")] = None,
+    epochs: Annotated[int, typer.Option(callback=positive)] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate.", callback=positive)] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the soft targets.", callback=positive)] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft-target loss (1 − alpha: the hard labels).")] = 0.7,
+    unlabelled: Annotated[int, typer.Option(help="Unlabelled texts the teacher labels (Banking77 queries).")] = 3000,
+    max_examples: Annotated[Optional[int], typer.Option(help="Cap the labelled training examples (quick runs).", callback=positive)] = None,
+    bench: Annotated[bool, typer.Option(help="Measure FP32/INT8 throughput at batch 1 and 32.")] = True,
+    data_preset: Annotated[Optional[str], typer.Option(help="Preset whose labelled data to use (default: the teacher's).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
+) -> None:
+    """Distil a teacher artifact into a smaller student (soft + hard labels), then export, INT8, parity, gate."""
+    from pipeline.errors import UsageError
+    from pipeline.model.build import Reporter
+    from pipeline.model.distil import distil
+
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"--alpha must be between 0 and 1, got {alpha}")
+    rep = Reporter(quiet=False)
+    res = distil(teacher=teacher, student=student, out=out, name=name, epochs=epochs, lr=lr, temperature=temperature,
+                 alpha=alpha, unlabelled=unlabelled, max_examples=max_examples, bench=bench, data_preset=data_preset,
+                 reporter=rep)
+    if json_out:
+        from pipeline.model.build import summary_dict
+
+        emit_json(summary_dict(res.manifest))
+    else:
+        _print_manifest(res.path, res.manifest)
+        rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
+
+
 @app.command("eval")
 def model_eval(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],
@@ -129,6 +165,11 @@ def _print_manifest(root: Path, m) -> None:
     c.print(f"[bold]{m.model_id}[/]  {root}")
     c.print(f"  task {m.task}; labels {', '.join(m.labels)}; max length {m.max_length}; inputs {', '.join(m.inputs)}")
     c.print(f"  base: {m.base_model}")
+    if m.training.get("teacher"):
+        d = m.training.get("distillation", {})
+        c.print(f"  distilled from {m.training['teacher']} into {m.training.get('student')} (layers "
+                f"{m.training.get('pruning', {}).get('kept_layers')}), T={d.get('temperature')}, alpha={d.get('alpha')}, "
+                f"{d.get('labelled_examples')} labelled + {d.get('unlabelled_texts')} unlabelled texts")
     if m.training.get("data"):
         c.print(f"  trained on: {', '.join(m.training['data'])}  [dim]{m.training.get('licence', '')}[/]")
     if "min_agreement" in m.gate:

@@ -118,6 +118,7 @@ def build(
     reporter: Reporter | None = None,
     min_agreement: float = 0.95,
     max_logit_diff: float = 1.5,
+    lineage: dict | None = None,
 ) -> BuildResult:
     from pipeline.model import export as X
     from pipeline.model import presets as P
@@ -170,7 +171,9 @@ def build(
             base = str(hf_dir)
             parity_texts = None
         if eval_examples is not None and eval_file:
-            eval_where = str(eval_file)
+            eval_where = str(eval_file) if not lineage else f"held-out test split of {', '.join(lineage.get('data', []))}"
+        if lineage:  # a distilled / pruned student: where it came from
+            training.update(lineage)
 
         with rep.step(f"loading {'the fine-tuned' if preset else 'the'} classifier"):
             clf = X.load_hf_classifier(hf_dir, labels)

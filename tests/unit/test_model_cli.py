@@ -177,3 +177,51 @@ def test_unvalidated_variants_are_never_chosen_automatically(artifact_copy):
     with pytest.raises(ModelError) as exc:
         choose(m, None, "cpu")
     assert "no validated variant" in str(exc.value) and "--variant" in exc.value.hint
+
+
+def test_distillation_lowers_the_students_kl_to_the_teacher(tmp_path):
+    """A layer-dropped student, distilled from a teacher's soft labels, ends far closer to the teacher."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.model import presets as P
+    from pipeline.model.build import Reporter, build
+
+    # A teacher with decided opinions: the tiny BERT with its head scaled up (random-init logits are near-uniform).
+    hf = tmp_path / "teacher-hf"
+    P.build_tiny_hf(hf, P.get("tiny"), seed=0)
+    t = AutoModelForSequenceClassification.from_pretrained(str(hf))
+    with torch.no_grad():
+        t.classifier.weight.mul_(400.0)
+    t.save_pretrained(str(hf))
+    teacher = build(out=tmp_path / "t", from_dir=hf, name="teacher", variants=("fp32", "int8"), bench=False,
+                    reporter=Reporter(quiet=True), max_logit_diff=100.0).path
+    _, val, _ = P.get("tiny").examples()
+    fixed = [e.text for e in val[:300]]
+    eng = OnnxEngine(teacher, variant="fp32", provider="cpu", warmup=False)
+    t_logits = eng.logits(fixed)
+    eng.close()
+
+    def kl(logits) -> float:
+        return float(torch.nn.functional.kl_div(torch.log_softmax(torch.as_tensor(logits), -1),
+                                                torch.log_softmax(torch.as_tensor(t_logits), -1),
+                                                log_target=True, reduction="batchmean"))
+
+    from pipeline.model.distil import kl_to_teacher, make_student
+
+    base = tmp_path / "base"
+    P.build_tiny_hf(base, P.get("tiny"), seed=1)
+    make_student(base, (0,), eng.labels, tmp_path / "init")
+    before = kl_to_teacher(tmp_path / "init", fixed, t_logits)
+    r = run_cli("model", "distil", "--teacher", str(teacher), "--data-preset", "tiny", "--student", "tiny-l1",
+                "--out", str(tmp_path / "out"), "--max-examples", "2000", "--unlabelled", "300", "--epochs", "3", "--lr", "3e-3",
+                "--temperature", "1", "--alpha", "1", "--no-bench", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    assert m["training"]["teacher"] == "teacher@1" and m["training"]["pruning"]["kept_layers"] == [0]
+    assert m["training"]["distillation"]["unlabelled_texts"] == 300 and m["gate"]["passed"]
+    assert set(m["variants"]) == {"fp32", "int8"} and m["variants"]["int8"]["quality"] is not None
+    student = OnnxEngine(tmp_path / "out" / m["name"], variant="fp32", provider="cpu", warmup=False)
+    after = kl(student.logits(fixed))
+    student.close()
+    assert before > 0.1 and after < before / 2, f"KL to the teacher {before:.4f} → {after:.4f}"
