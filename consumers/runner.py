@@ -33,12 +33,18 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     log = logs.get("streamlabel.runner").bind(worker=name)
     m = settings.model
     own_engine = engine is None
+    if engine is None and m.cascade:
+        from pipeline.cascade import load_cascade
+
+        engine = load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads)
     if engine is None:
         engine = load_engine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length)
     log.info("engine_ready", model=engine.model_id, variant=getattr(engine, "variant", None),
              provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None))
     metrics = Metrics()
     metrics.track_cpu(getattr(engine, "thread_ids", set()))
+    if hasattr(engine, "pressure"):  # a cascade counts its escalations
+        engine.metrics = metrics
     # Everything loaded so far (modules, the model's Python objects) lives for the whole run: take it out of
     # the collector's reach, so a full collection scans what the stream allocates, not the libraries. Measured
     # on the tiny model at 6,500 events/s: full collections of 37-77 ms every ~2 s before, each a latency spike

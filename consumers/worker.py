@@ -123,6 +123,8 @@ class Worker:
             self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens,
                                         max_wait_ms=b.max_wait_ms, concurrency=b.engine_concurrency, metrics=self.metrics,
                                         slo=self.slo, timeout_s=b.engine_timeout_s)
+            if hasattr(engine, "pressure"):  # a cascade: a full batch waiting means no time to escalate
+                engine.pressure = lambda: self.batcher.waiting() >= self.batcher.max_batch
         self.eos = settings.worker.delivery == "exactly_once"
         self.inflight = 0
         self.paused = False

@@ -34,6 +34,8 @@ def cache_key(model_id: str, text: str) -> str:
 def _pack(p: Prediction | Generation) -> bytes:
     if isinstance(p, Generation):
         return orjson.dumps({"g": p.text, "n": p.tokens, "f": p.finish_reason, "m": p.model})
+    if p.stage is not None:
+        return orjson.dumps({"l": p.label, "s": p.score, "ps": dict(p.scores), "m": p.model, "st": p.stage})
     return orjson.dumps({"l": p.label, "s": p.score, "ps": dict(p.scores), "m": p.model})
 
 
@@ -42,7 +44,7 @@ def _unpack(raw: bytes) -> Prediction | Generation | None:
         d = orjson.loads(raw)
         if "g" in d:
             return Generation(text=str(d["g"]), tokens=int(d["n"]), finish_reason=str(d["f"]), model=d["m"], cached=True)
-        return Prediction(label=d["l"], score=float(d["s"]), scores=d["ps"], model=d["m"], cached=True)
+        return Prediction(label=d["l"], score=float(d["s"]), scores=d["ps"], model=d["m"], cached=True, stage=d.get("st"))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None  # a damaged entry is a miss, never an error
 

@@ -96,6 +96,8 @@ class ModelSettings:
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     threads: int | None = None
     max_length: int | None = None
+    cascade: tuple[str, ...] = ()  # two classifier artifacts: [first, second]; replaces path (see pipeline/cascade.py)
+    cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)
 
 
 @dataclass(frozen=True)

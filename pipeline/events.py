@@ -44,6 +44,8 @@ class Prediction:
     model: str
     cached: bool = False
     timings: Mapping[str, float] = field(default_factory=dict)  # stage → seconds
+    stage: int | None = None  # a cascade's stage that answered (0: the first model); None: no cascade
+    degraded: bool = False  # a cascade under overload kept the first stage's unsure answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,13 @@ def now_ms() -> int:
 
 
 def label_record(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> dict:
+    if pred.stage is not None:
+        return {**_label_fields(event, pred, labeled_at_ms, latency_ms), "cascade_stage": pred.stage,
+                "cascade_degraded": pred.degraded}
+    return _label_fields(event, pred, labeled_at_ms, latency_ms)
+
+
+def _label_fields(event: Event, pred: Prediction, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> dict:
     return {
         "id": event.id,
         "label": pred.label,

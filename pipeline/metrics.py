@@ -41,6 +41,8 @@ class Metrics:
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.gen_occupancy = Gauge("streamlabel_generation_batch_occupancy", "Decode batch rows / max_batch (last step).",
                                    registry=r)
+        self.cascade = Counter("streamlabel_cascade", "Cascade answers: first_stage, escalated (answered by the "
+                               "second stage), degraded (not escalated under overload).", ["result"], registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
 
     def track_cpu(self, engine_threads: set[int]) -> None:

@@ -100,6 +100,22 @@ def model_distil(
         rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
 
 
+@app.command("calibrate-cascade")
+def model_calibrate_cascade(
+    first: Annotated[Path, typer.Option(help="First stage: the small model that answers every text.")],
+    second: Annotated[Path, typer.Option(help="Second stage: the model unsure texts go to.")],
+    target: Annotated[float, typer.Option(help="Agreement with the second stage to reach.")] = 0.995,
+    data_preset: Annotated[Optional[str], typer.Option(help="Preset whose validation split to use (default: the second's).")] = None,
+) -> None:
+    """Pick model.cascade_threshold on a validation split: the smallest reaching TARGET agreement with SECOND."""
+    from pipeline.cascade import calibrate_on_preset
+    from pipeline.errors import UsageError
+
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target must be in (0, 1], got {target}")
+    emit_json(calibrate_on_preset(first, second, data_preset, target))
+
+
 @app.command("eval")
 def model_eval(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],

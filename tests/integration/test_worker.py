@@ -191,3 +191,27 @@ async def test_deadline_header_is_honoured_and_late_records_are_still_labelled(k
         assert w.batcher.late == 3, "exactly the records whose header deadline had passed"
         assert w._bad_deadline_logged, "an unreadable deadline header is reported (and the default applies)"
     assert len(set(ids_of(out))) == 9 and w.dead_lettered == 0
+
+
+async def test_cascade_worker_says_which_stage_answered(kafka, names, tiny_artifact):
+    """Through the worker: every answer says its stage; a threshold of 1 escalates everything (which the
+    unit tests split text by text)."""
+    from pipeline.cascade import CascadeEngine
+
+    first = OnnxEngine(tiny_artifact, variant="int8", provider="cpu")
+    second = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
+    cascade = CascadeEngine(first, second, 1.0)
+    metrics = Metrics()
+    cascade.metrics = metrics
+    s = settings_for(kafka, names)
+    async with running_worker(s, cascade, metrics=metrics):
+        await produce(kafka.bootstrap, names.input, [encode_input(f"cascade text {i} about fees", id=f"c{i}")
+                                                     for i in range(40)])
+        out = await read_labels(kafka.bootstrap, names.output, {f"c{i}" for i in range(40)})
+    docs = [orjson.loads(r.value) for r in out]
+    assert len({d["id"] for d in docs}) == 40
+    assert all(d["cascade_stage"] == 1 and d["cascade_degraded"] is False and d["model"] == second.model_id
+               for d in docs)
+    sample = metrics.registry.get_sample_value
+    assert sample("streamlabel_cascade_total", {"result": "escalated"}) == 40
+    cascade.close()

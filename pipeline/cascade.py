@@ -1,0 +1,163 @@
+"""A confidence cascade: a small model answers every text; only those it is unsure of go to a bigger one.
+
+``CascadeEngine`` is an ``Engine`` over two classifier engines of the same labels and tokenizer (e.g. a
+distilled MiniLM-L3 student and its MiniLM-L6 teacher). In one engine call (one batch formed by the
+batcher), the first stage labels every text; texts whose top probability is below ``threshold`` are
+answered by the second stage, in the same call. Each answer says which model gave it (``model``) and at
+which stage (``cascade_stage``: 0 or 1).
+
+Overload: when the batcher has a full batch or more waiting (``pressure()``), escalating would make
+everyone later, so the cascade stops escalating: those answers stay the student's and say so
+(``cascade_degraded``), and ``streamlabel_cascade_total{result="degraded"}`` counts them. Degradation
+instead of missed SLOs.
+
+``calibrate`` picks the threshold on a labelled validation split: the smallest one at which the
+cascade's labels agree with the second stage's on at least ``target`` of the texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.engine import DaemonExecutor, NoTokens, OnnxEngine, Tokens, softmax
+from pipeline.errors import UsageError
+from pipeline.events import Prediction
+
+
+class CascadeEngine:
+    def __init__(self, first: OnnxEngine, second: OnnxEngine, threshold: float, *, metrics=None) -> None:
+        if tuple(first.labels) != tuple(second.labels):
+            raise UsageError(f"cascade stages have different labels: {first.labels} vs {second.labels}",
+                             hint="cascade a student with its own teacher")
+        if first.manifest.tokenizer_sha256 != second.manifest.tokenizer_sha256:
+            raise UsageError("cascade stages use different tokenizers",
+                             hint="cascade models built from the same base (e.g. MiniLM students and teacher)")
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"model.cascade_threshold must be between 0 and 1, got {threshold}")
+        self.stages = (first, second)
+        self.threshold = threshold
+        self.labels = first.labels
+        self.model_id = f"{first.model_id}>{second.model_id}"
+        self.manifest = first.manifest
+        self.variant = f"{first.variant}>{second.variant}"
+        self.providers = first.providers
+        self.threads = first.threads
+        self.max_length = min(first.max_length, second.max_length)
+        self.width = first.width
+        self.call_overhead_tokens = first.call_overhead_tokens
+        self._executor = DaemonExecutor("cascade")
+        self.thread_ids = set(first.thread_ids) | set(second.thread_ids) | {self._executor.native_id}
+        self.pressure: Callable[[], bool] = lambda: False
+        self.metrics = metrics
+        self.counts = {"first": 0, "escalated": 0, "degraded": 0}
+
+    def tokenize(self, texts: Sequence[str]) -> list[Tokens]:
+        return self.stages[0].tokenize(texts)
+
+    def infer_sync(self, batch: Sequence[Tokens]) -> list[Prediction | NoTokens]:
+        first, second = self.stages
+        t0 = time.perf_counter()
+        out = first.infer_sync(batch)
+        unsure = [i for i, p in enumerate(out) if isinstance(p, Prediction) and p.score < self.threshold]
+        degraded = bool(unsure) and self.pressure()
+        if unsure and not degraded:
+            again = second.infer_sync([batch[i] for i in unsure])
+            for i, p in zip(unsure, again):
+                if isinstance(p, Prediction):
+                    out[i] = dataclasses.replace(p, stage=1)
+        took = time.perf_counter() - t0
+        for i, p in enumerate(out):
+            if isinstance(p, Prediction) and p.stage is None:
+                out[i] = dataclasses.replace(p, stage=0, degraded=degraded and i in unsure,
+                                             timings={"infer": took})
+        n_first = len(out) - len(unsure)
+        self.counts["first"] += n_first
+        self.counts["degraded" if degraded else "escalated"] += len(unsure)
+        if self.metrics is not None:
+            self.metrics.cascade.labels("first_stage").inc(n_first)
+            if unsure:
+                self.metrics.cascade.labels("degraded" if degraded else "escalated").inc(len(unsure))
+        return out
+
+    async def infer(self, batch: Sequence[Tokens]):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
+
+    def predict_sync(self, texts: Sequence[str]):
+        return self.infer_sync(self.tokenize(texts))
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities the cascade answers with (first stage's, or the second's where it escalated)."""
+        first, second = self.stages
+        p = softmax(first.logits(texts).astype(np.float64))
+        unsure = np.flatnonzero(p.max(1) < self.threshold)
+        if len(unsure):
+            p[unsure] = softmax(second.logits([texts[i] for i in unsure]).astype(np.float64))
+        return p
+
+    def warmup(self) -> None:
+        for s in self.stages:
+            s.warmup()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for s in self.stages:
+            s.close()
+
+
+def load_cascade(paths: Sequence[str], threshold: float, *, provider: str = "auto", threads: int | None = None,
+                 metrics=None) -> CascadeEngine:
+    if len(paths) != 2:
+        raise UsageError(f"model.cascade names {len(paths)} artifacts; a cascade has two (first, second)",
+                         hint='e.g. cascade = ["models/sentiment-minilm-minilm-l3", "models/sentiment-minilm"]')
+    first, second = (OnnxEngine(p, provider=provider, threads=threads) for p in paths)
+    return CascadeEngine(first, second, threshold, metrics=metrics)
+
+
+def calibrate(first: OnnxEngine, second: OnnxEngine, texts: Sequence[str], y: np.ndarray | None,
+              target: float = 0.995) -> dict:
+    """The smallest threshold whose cascade agrees with ``second`` on ≥ ``target`` of ``texts``, and its figures."""
+    p1 = np.concatenate([softmax(first.logits(texts[i:i + 64]).astype(np.float64)) for i in range(0, len(texts), 64)])
+    l2 = np.concatenate([second.logits(texts[i:i + 64]).argmax(1) for i in range(0, len(texts), 64)])
+    l1, conf = p1.argmax(1), p1.max(1)
+    best = None
+    for t in np.unique(np.concatenate([[0.0], conf, [1.01]])):
+        final = np.where(conf < t, l2, l1)
+        agree = float((final == l2).mean())
+        if agree >= target:
+            best = (float(t), agree, float((conf < t).mean()), final)
+            break
+    t, agree, esc, final = best
+    out = {"threshold": round(min(1.0, t), 6), "target_agreement": target, "agreement_with_second": round(agree, 4),
+           "escalation_rate": round(esc, 4), "n": len(texts),
+           "first_agreement_with_second": round(float((l1 == l2).mean()), 4)}
+    if y is not None:
+        out.update({"accuracy_first": round(float((l1 == y).mean()), 4), "accuracy_second": round(float((l2 == y).mean()), 4),
+                    "accuracy_cascade": round(float((final == y).mean()), 4)})
+    return out
+
+
+def calibrate_on_preset(first_path: Path, second_path: Path, preset: str | None, target: float) -> dict:
+    from pipeline.model import data as D
+    from pipeline.model import presets as P
+
+    first = OnnxEngine(first_path, provider="cpu", warmup=False)
+    second = OnnxEngine(second_path, provider="cpu", warmup=False)
+    name = preset or second.manifest.training.get("preset") or first.manifest.training.get("teacher_preset")
+    if not name:
+        raise UsageError("no labelled validation split: the second stage was not built from a preset",
+                         hint="pass --data-preset NAME")
+    _, val, _ = P.get(name).examples()
+    texts = [e.text for e in val]
+    y = D.label_indices(val, first.labels, f"{name} validation split")
+    res = calibrate(first, second, texts, y, target)
+    res.update({"first": first.model_id, "second": second.model_id, "data": f"{name} validation split"})
+    first.close()
+    second.close()
+    return res

@@ -1,0 +1,59 @@
+"""The confidence cascade on tiny artifacts: who escalates, what the output says, overload, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.cascade import CascadeEngine, calibrate
+from pipeline.engine import OnnxEngine, softmax
+from pipeline.events import Event, label_record
+from pipeline.model import presets as P
+
+TEXTS = [e.text for e in P.get("tiny").examples()[1][:120]]
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_artifact):
+    first = OnnxEngine(tiny_artifact, variant="int8", provider="cpu", warmup=False)
+    second = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu", warmup=False)
+    yield first, second
+    first.close()
+    second.close()
+
+
+def test_escalates_exactly_the_texts_below_the_threshold(stages):
+    first, second = stages
+    conf = softmax(first.logits(TEXTS).astype(np.float64)).max(1)
+    threshold = float(np.median(conf))  # about half escalate
+    cascade = CascadeEngine(first, second, threshold)
+    out = cascade.predict_sync(TEXTS)
+    stage = np.array([p.stage for p in out])
+    assert (stage == 1).tolist() == (conf < threshold).tolist()
+    assert 0 < (stage == 1).sum() < len(TEXTS)
+    ref2 = second.predict_sync(TEXTS)
+    for p, q, s in zip(out, ref2, stage):
+        if s == 1:
+            assert p.label == q.label and p.model == second.model_id
+        assert not p.degraded
+    assert cascade.counts == {"first": int((stage == 0).sum()), "escalated": int((stage == 1).sum()), "degraded": 0}
+    doc = label_record(Event("e", "t"), out[0], labeled_at_ms=1, latency_ms={"e2e": 1})
+    assert doc["cascade_stage"] in (0, 1) and doc["cascade_degraded"] is False
+
+
+def test_under_overload_the_cascade_stops_escalating_and_says_so(stages):
+    first, second = stages
+    cascade = CascadeEngine(first, second, 1.0)  # everything would escalate
+    cascade.pressure = lambda: True
+    out = cascade.predict_sync(TEXTS[:20])
+    assert all(p.stage == 0 and p.degraded for p in out)
+    assert cascade.counts["degraded"] == 20 and cascade.counts["escalated"] == 0
+
+
+def test_calibration_reaches_the_target_agreement(stages):
+    first, second = stages
+    res = calibrate(first, second, TEXTS, None, target=1.0)
+    assert res["agreement_with_second"] == 1.0 and 0.0 <= res["threshold"] <= 1.0
+    cascade = CascadeEngine(first, second, res["threshold"])
+    final = cascade.logits(TEXTS).argmax(1)
+    assert (final == second.logits(TEXTS).argmax(1)).mean() == 1.0
