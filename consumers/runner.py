@@ -62,6 +62,15 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     stopping = asyncio.Event()
     current: list = []
 
+    def readiness() -> tuple[bool, dict]:
+        """/readyz: the model is loaded and warm (it is, by now), partitions assigned, the broker reachable."""
+        w = current[0] if current else None
+        checks = {"model_loaded": True, "partitions_assigned": bool(w and w.ready.is_set() and w.assigned()),
+                  "kafka_reachable": bool(w and w.kafka_reachable()), "stopping": stopping.is_set()}
+        return (checks["partitions_assigned"] and checks["kafka_reachable"] and not checks["stopping"]), checks
+
+    metrics.readiness = readiness
+
     def request_stop() -> None:
         stopping.set()
         for w in current:

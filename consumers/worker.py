@@ -149,6 +149,16 @@ class Worker:
         self._stop_waiter: asyncio.Future | None = None
         self._missing_topics: set[str] = set()
 
+    def assigned(self) -> bool:
+        """Partitions are assigned to this worker now."""
+        try:
+            return bool(self.consumer is not None and self.consumer.assignment())
+        except Exception:  # noqa: BLE001 — a consumer that is closing has no assignment
+            return False
+
+    def kafka_reachable(self) -> bool:
+        return self._kafka_down_since is None
+
     @property
     def commits(self) -> int:
         return self.delivery.commits if self.delivery else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 _LAT = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,9 +49,54 @@ class Metrics:
         """Export ``streamlabel_cpu_seconds_total{part="engine"|"outside_engine"}`` (read at scrape time)."""
         self.registry.register(_CpuCollector(engine_threads))
 
-    def serve(self, port: int, host: str = "127.0.0.1"):
-        """Start the /metrics HTTP endpoint (a daemon thread); returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", readiness=None):
+        """Start the HTTP endpoint on a daemon thread: ``/metrics`` (Prometheus), ``/healthz`` (the process
+        answers) and ``/readyz`` (``readiness()`` → ``(ready, {check: ok})``: 200 or 503 with the checks as
+        JSON). Returns (server, thread)."""
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        registry = self.registry
+        self.readiness = readiness or self.readiness
+
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 — the http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif path == "/readyz":
+                    ready, checks = metrics.readiness()
+                    self._send(200 if ready else 503, json.dumps({"ready": ready, "checks": checks}).encode(),
+                               "application/json")
+                else:
+                    self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes every few seconds: not log lines
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        return server, thread
+
+    @staticmethod
+    def readiness() -> tuple[bool, dict]:
+        return False, {"worker": False}
 
 
 class _CpuCollector:

@@ -25,7 +25,7 @@ def bench_texts(n: int = 2048, seed: int = 1) -> list[str]:
 
 
 def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0,
-                      provider: str = "cpu") -> float:
+                      provider: str = "cpu", cascade_to: str | None = None, threshold: float = 0.9) -> float:
     """Our engine as the worker drives it (no Kafka): the texts are admitted in arrival order, in poll-sized
     groups (``MicroBatcher.submit_many``: tokenized once at admission), the batcher forms its runs of similar
     length, the engine pads each to its own longest and runs it on its thread. A backlog, so every engine call
@@ -35,6 +35,10 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
 
     texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
     eng = OnnxEngine(artifact, variant=variant, provider=provider)
+    if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of
+        from pipeline.cascade import CascadeEngine
+
+        eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider), threshold)
 
     async def go() -> float:
         b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128))

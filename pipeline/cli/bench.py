@@ -63,6 +63,10 @@ def bench_cmd(
     bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
     delivery: Annotated[Delivery, typer.Option(help="Delivery of the workers (and the label reader).")] = Delivery.at_least_once,
     compare_eos: Annotated[bool, typer.Option(help="Also run the ladder in exactly-once mode (its cost, same run).")] = False,
+    cascade_first: Annotated[Optional[Path], typer.Option(help="Serve a cascade: this artifact first, the --model artifact "
+                                                               "for the texts it is unsure of (the engine figure and "
+                                                               "the ladder are the cascade's).")] = None,
+    cascade_threshold: Annotated[float, typer.Option(help="With --cascade-first: the escalation threshold.")] = 0.9,
     refine_steps: Annotated[int, typer.Option(help="Extra steps per ladder that bisect its knee (0: the ladder only).")] = 2,
     engine_only: Annotated[bool, typer.Option(help="Only the ORT ceiling and the engine, no Kafka (e.g. on a GPU "
                                                    "machine); with --provider, --variant, --engine-batches.")] = False,
@@ -123,6 +127,7 @@ def bench_cmd(
                 artifact=art, bootstrap=bootstrap, quick=quick, rate=rate, slo_ms=slo_ms, plot_prefix=plots,
                 naive=naive, handwritten=handwritten, duplicates=duplicates, step_seconds=step_seconds, max_batch=max_batch, fp32=fp32,
                 delivery=delivery.value, compare_eos=compare_eos, refine_steps=refine_steps, console=console,
+                cascade=(str(cascade_first), cascade_threshold) if cascade_first else None,
                 max_new_tokens=max_new_tokens, gen_variant=variant))
 
         report, sig = run_async(go)
@@ -186,7 +191,7 @@ async def until_stopped(stop: asyncio.Event, coro) -> object | None:
 async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | None, slo_ms: float,
                 plot_prefix: Path | None, naive: bool, handwritten: bool, duplicates: bool, step_seconds: float | None, max_batch: int,
                 fp32: bool, delivery: str, compare_eos: bool, console, refine_steps: int = 2,
-                max_new_tokens: int = 32, gen_variant: str | None = None) -> dict:
+                max_new_tokens: int = 32, gen_variant: str | None = None, cascade: tuple[str, float] | None = None) -> dict:
     """The measurements, on a running broker; the report as a dict."""
     from pipeline.model.manifest import load_manifest
     from producers import loadtest as L
@@ -216,6 +221,14 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     t_start = time.monotonic()
     cfg = L.BenchConfig(bootstrap=bootstrap, artifact=str(art), slo_ms=slo_ms, max_batch=max_batch,
                         step_seconds=step_seconds or (10.0 if quick else 20.0), delivery=delivery)
+    cascade_kw: dict = {}
+    if cascade is not None:
+        import dataclasses
+        import json
+
+        cfg = dataclasses.replace(cfg, env={"STREAMLABEL_MODEL__CASCADE": json.dumps([cascade[0], str(art)]),
+                                            "STREAMLABEL_MODEL__CASCADE_THRESHOLD": str(cascade[1])})
+        cascade_kw = {"cascade_to": str(art), "threshold": cascade[1]}
     texts = [ev.text for _, ev in zip(range(2048), Generator("mixed", seed=1))]
     variant = "int8" if "int8" in manifest.variants else "fp32"
     secs = 4 if quick else 8
@@ -223,8 +236,8 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         # In a thread: the loop stays free to take a Ctrl-C (the measurement finishes in seconds anyway).
         ceiling = await asyncio.to_thread(L.ceiling_throughput, str(art), texts, variant=variant, batch=max_batch,
                                           seconds=secs)
-        eng = await asyncio.to_thread(L.engine_throughput, str(art), texts, variant=variant, batch=max_batch,
-                                      seconds=secs)
+        eng = await asyncio.to_thread(L.engine_throughput, cascade[0] if cascade else str(art), texts, variant=variant,
+                                      batch=max_batch, seconds=secs, **cascade_kw)
         eng_fp32 = (await asyncio.to_thread(L.engine_throughput, str(art), texts, variant="fp32", batch=max_batch,
                                             seconds=secs)) if fp32 else None
     say(f"ORT ceiling ({variant}, length-sorted batches of {max_batch}, plain session.run): {ceiling:.0f} msgs/s")
@@ -239,6 +252,7 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
                               rounds=refine_steps)
     report: dict = {
         "model": manifest.model_id, "variant": variant, "delivery": delivery,
+        "cascade": {"first": cascade[0], "threshold": cascade[1]} if cascade else None,
         "slo": {"objective_ms": slo_ms, "target": cfg.target},
         "machine": L.machine(), "batch": max_batch, "step_seconds": cfg.step_seconds,
         "ceiling_msgs_per_s": round(ceiling, 1),

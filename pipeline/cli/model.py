@@ -116,6 +116,21 @@ def model_calibrate_cascade(
     emit_json(calibrate_on_preset(first, second, data_preset, target))
 
 
+@app.command("compare")
+def model_compare(
+    artifacts: Annotated[list[Path], typer.Argument(help="Classifier artifacts of the same labels (e.g. a teacher and its students).")],
+    cascade: Annotated[Optional[str], typer.Option(help="Also a cascade: FIRST,SECOND,THRESHOLD (artifact paths and the threshold).")] = None,
+    data_preset: Annotated[Optional[str], typer.Option(help="Preset whose held-out test split to score (default: the first artifact's).")] = None,
+    seconds: Annotated[float, typer.Option(help="Seconds per throughput figure.", callback=positive)] = 5.0,
+    batch: Annotated[int, typer.Option(help="Engine batch size.", callback=positive)] = 64,
+    plot: Annotated[Optional[Path], typer.Option(help="Write PLOT.png and PLOT.html: accuracy vs throughput.")] = None,
+) -> None:
+    """Speed vs quality: accuracy and macro-F1 on a held-out split and engine throughput (no Kafka), per variant."""
+    from pipeline.model.compare import compare
+
+    emit_json(compare(artifacts, cascade=cascade, data_preset=data_preset, seconds=seconds, batch=batch, plot=plot))
+
+
 @app.command("eval")
 def model_eval(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],

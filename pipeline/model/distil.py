@@ -132,7 +132,8 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            running = 0.95 * running + 0.05 * float(loss) if step > 1 else float(loss)
+            lv = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+            running = 0.95 * running + 0.05 * lv if step > 1 else lv
             if progress:
                 progress("train", step, total, {"epoch": epoch + 1, "loss": round(running, 4)})
         model.eval()

@@ -215,3 +215,52 @@ async def test_cascade_worker_says_which_stage_answered(kafka, names, tiny_artif
     sample = metrics.registry.get_sample_value
     assert sample("streamlabel_cascade_total", {"result": "escalated"}) == 40
     cascade.close()
+
+
+async def test_health_and_readiness_endpoints(kafka, names, engine):
+    """/healthz answers while the process lives; /readyz is 200 only once partitions are assigned (503 before,
+    with the failing checks named)."""
+    import json
+    import time
+    import urllib.error
+
+    from consumers.runner import serve
+
+    port = free_port()
+    s = settings_for(kafka, names, metrics={"port": port, "host": "127.0.0.1", "summary_interval_s": 5})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq])
+    holder = {}
+    task = asyncio.create_task(serve(s, engine=engine, install_signals=False, on_ready=lambda w: holder.setdefault("w", w)))
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    seen = set()
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            code, body = await asyncio.to_thread(get, "/readyz")
+            if code:
+                seen.add(code)
+                doc = json.loads(body)
+                assert set(doc["checks"]) == {"model_loaded", "partitions_assigned", "kafka_reachable", "stopping"}
+                if code == 503:
+                    assert doc["ready"] is False and not all(doc["checks"][k] for k in ("partitions_assigned", "kafka_reachable"))
+                if code == 200:
+                    break
+            await asyncio.sleep(0.05)  # polling an HTTP endpoint, not synchronising
+        assert 200 in seen, f"never ready (saw {seen})"
+        code, body = await asyncio.to_thread(get, "/healthz")
+        assert code == 200 and body == b"ok\n"
+        code, body = await asyncio.to_thread(get, "/metrics")
+        assert code == 200 and b"streamlabel_events_total" in body
+        assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+    finally:
+        holder["w"].stop()
+        await asyncio.wait_for(task, 60)

@@ -57,3 +57,15 @@ def test_calibration_reaches_the_target_agreement(stages):
     cascade = CascadeEngine(first, second, res["threshold"])
     final = cascade.logits(TEXTS).argmax(1)
     assert (final == second.logits(TEXTS).argmax(1)).mean() == 1.0
+
+
+def test_compare_gives_speed_and_quality_points_and_a_plot(tiny_artifact, tmp_path):
+    from pipeline.model.compare import compare
+
+    rep = compare([tiny_artifact], cascade=f"{tiny_artifact},{tiny_artifact},0.5", data_preset="tiny", seconds=0.3,
+                  batch=32, plot=tmp_path / "cmp")
+    names = [r["name"] for r in rep["rows"]]
+    assert names[:2] == ["tiny@1 fp32", "tiny@1 int8"] and names[-1].startswith("cascade")
+    for r in rep["rows"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["msgs_per_s"] > 0
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000 and "<img" in (tmp_path / "cmp.html").read_text()
