@@ -21,11 +21,13 @@ $(BIN)/streamlabel: pyproject.toml requirements.lock
 
 setup: $(BIN)/streamlabel
 
-# Kafka broker jars from Maven Central; redis-server (and kcat, which the poison tests write with) from Debian.
+# Kafka broker jars from Maven Central; redis-server, kcat (the poison tests write with it) and promtool (the
+# prometheus package: the alert-rule tests) from Debian.
 services:
 	deploy/kafka/kafka.sh resolve
 	@missing=""; command -v redis-server >/dev/null || missing="redis-server"; \
 	  command -v kcat >/dev/null || missing="$$missing kcat"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	    else echo "missing: $$missing (sudo apt-get install $$missing)" >&2; exit 2; fi; fi
