@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import alerts, bench, demo, feed, model, run
+from pipeline.cli import alerts, bench, demo, feed, model, run, top
 from pipeline.cli.common import Interrupted, raise_interrupted
 from pipeline.errors import StreamlabelError
 
@@ -62,6 +62,7 @@ app.command("replay")(feed.replay_cmd)
 app.command("produce")(feed.produce_cmd)
 app.command("bench")(bench.bench_cmd)
 app.add_typer(alerts.app, name="alerts")
+app.command("top")(top.top_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
