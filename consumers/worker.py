@@ -146,6 +146,7 @@ class Worker:
         self._background: list[asyncio.Task] = []
         self._kafka_down_since: float | None = None
         self._expect: dict[TopicPartition, int] = {}  # per partition: the next offset the worker has not taken
+        self._positions: dict[TopicPartition, int] = {}  # fetch position at assignment (lag before the first record)
         self._stop_waiter: asyncio.Future | None = None
         self._missing_topics: set[str] = set()
 
@@ -219,7 +220,8 @@ class Worker:
                           model=self.engine.model_id, delivery=self.delivery.mode)
             self._background = [self._supervise(self._commit_loop(), "commit"),
                                 self._supervise(self._summary_loop(), "summary"),
-                                self._supervise(self._watch_loop(), "kafka-watch")]
+                                self._supervise(self._watch_loop(), "kafka-watch"),
+                                self._supervise(self._lag_loop(), "lag")]
             self.batcher.task.add_done_callback(lambda task: self._background_done("batcher", task))
             try:
                 await self._poll_loop()
@@ -660,6 +662,11 @@ class Worker:
     async def _on_revoked(self, revoked) -> None:
         for tp in revoked:
             self._expect.pop(tp, None)
+            self._positions.pop(tp, None)
+            try:  # a partition this worker no longer owns has no lag here
+                self.metrics.lag.remove(str(tp.partition))
+            except KeyError:
+                pass
         revoked = [tp for tp in revoked if tp in self.delivery.parts]
         if not revoked:
             return
@@ -677,16 +684,31 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ reporting
     def lag(self) -> int:
+        """Records behind the partition end: high watermark − the next offset this worker reads (before it has
+        read one: its fetch position, i.e. the committed offset). Sets ``streamlabel_consumer_lag``."""
         total = 0
         if self.consumer is None or self.delivery is None:
             return 0
-        for tp, p in list(self.delivery.parts.items()):
+        for tp in list(self.delivery.parts):
             hw = self.consumer.highwater(tp)
-            if hw is not None:
-                lag = max(0, hw - (p.last_offset + 1)) if p.last_offset >= 0 else hw
+            pos = self._expect.get(tp, self._positions.get(tp))
+            if hw is not None and pos is not None:
+                lag = max(0, hw - pos)
                 self.metrics.lag.labels(str(tp.partition)).set(lag)
                 total += lag
         return total
+
+    async def _lag_loop(self) -> None:
+        """Keep ``streamlabel_consumer_lag`` current (every second, not only when the summary is logged)."""
+        while True:
+            for tp in list(self.delivery.parts) if self.delivery else ():
+                if tp not in self._expect and tp not in self._positions:
+                    try:  # the fetch position after assignment: the committed offset (or the reset policy's)
+                        self._positions[tp] = await asyncio.wait_for(self.consumer.position(tp), 2.0)
+                    except (KafkaError, asyncio.TimeoutError, AssertionError, IllegalStateError):
+                        pass
+            self.lag()
+            await asyncio.sleep(1.0)  # a refresh period, not synchronisation
 
     def summary(self) -> dict:
         snap = self.slo.snapshot()
