@@ -43,6 +43,11 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
              provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None))
     metrics = Metrics()
     metrics.track_cpu(getattr(engine, "thread_ids", set()))
+    from pipeline import __version__
+
+    metrics.build_info.labels(__version__, engine.model_id, str(getattr(engine, "variant", "")),
+                              str((getattr(engine, "providers", None) or ["?"])[0]),
+                              getattr(engine, "task", "text-classification")).set(1)
     if hasattr(engine, "pressure"):  # a cascade counts its escalations
         engine.metrics = metrics
     # Everything loaded so far (modules, the model's Python objects) lives for the whole run: take it out of

@@ -94,6 +94,8 @@ class Worker:
         self.engine = self.fail.wrap_engine(engine)
         self.metrics = metrics or Metrics()
         self.slo = slo or SloTracker(settings.slo.objective_ms, settings.slo.target)
+        stage_hist = self.metrics.stage
+        self.slo.observer = lambda stage, seconds: stage_hist.labels(stage).observe(seconds)
         self.cache = cache or NullCache()
         self.caching = not isinstance(self.cache, NullCache)
         self._labelled_counter = self.metrics.events.labels("labelled")
@@ -708,13 +710,21 @@ class Worker:
                     except (KafkaError, asyncio.TimeoutError, AssertionError, IllegalStateError):
                         pass
             self.lag()
+            self.refresh_gauges()
             await asyncio.sleep(1.0)  # a refresh period, not synchronisation
 
-    def summary(self) -> dict:
+    def refresh_gauges(self):
+        """Goodput (since start and windowed), burn rates, lag: the gauges a scrape reads."""
         snap = self.slo.snapshot()
         self.metrics.goodput.set(snap.goodput)
         for wname, v in snap.burn_rates.items():
             self.metrics.burn.labels(wname).set(v)
+            # burn = bad share / error budget, so the window's goodput is 1 − burn × (1 − target)
+            self.metrics.goodput_window.labels(wname).set(max(0.0, 1.0 - v * (1.0 - self.slo.target)))
+        return snap
+
+    def summary(self) -> dict:
+        snap = self.refresh_gauges()
         return {
             "rate_per_s": round(snap.rate_per_s, 1), "p50_ms": round(snap.p50_ms, 2), "p99_ms": round(snap.p99_ms, 2),
             "goodput": round(snap.goodput, 4), "burn_1m": round(snap.burn_rates["1m"], 2),

@@ -27,6 +27,14 @@ class Metrics:
         self.lag = Gauge("streamlabel_consumer_lag", "Records behind the partition end.", ["partition"], registry=r)
         self.goodput = Gauge("streamlabel_slo_goodput_ratio", "Share of events within the latency objective.", registry=r)
         self.burn = Gauge("streamlabel_slo_burn_rate", "Error-budget burn rate.", ["window"], registry=r)
+        self.goodput_window = Gauge("streamlabel_slo_goodput_window_ratio", "Share of events within the objective "
+                                    "over the last window.", ["window"], registry=r)
+        self.build_info = Gauge("streamlabel_build_info", "1, labelled with the version and the model served.",
+                                ["version", "model", "variant", "provider", "task"], registry=r)
+        from prometheus_client import PlatformCollector, ProcessCollector
+
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
+        PlatformCollector(registry=r)
         self.coalesced = Counter("streamlabel_coalesced", "Texts answered by an identical text already in flight.", registry=r)
         self.late = Counter("streamlabel_batcher_late", "Texts that could no longer meet their deadline when batched "
                             "(still labelled, after the texts that could).", registry=r)

@@ -46,11 +46,14 @@ class SloTracker:
         self._count = 0
         self._seconds: deque[list[int]] = deque()  # [second, good, total], newest last, at most an hour
         self._start = clock()
+        self.observer = None  # (stage, seconds) → None, called per record_stage
 
     def record_stage(self, stage: str, seconds: float, count: int = 1) -> None:
         """``count`` events spent ``seconds`` each in ``stage`` (one call per batch, not per event)."""
         with self._lock:
             self.stages[stage].record_value(max(1, min(int(seconds * 1e6), _MAX_US)), count)
+        if self.observer is not None:  # e.g. streamlabel_stage_seconds: one observation per batch
+            self.observer(stage, seconds)
 
     def record_e2e(self, ms: float) -> bool:
         """Record one event's end-to-end latency; returns whether it met the objective."""

@@ -169,6 +169,10 @@ async def test_metrics_endpoint_serves_histograms(kafka, names, engine):
     assert 'streamlabel_slo_burn_rate{window="1m"}' in body
     assert 'streamlabel_cpu_seconds_total{part="engine"}' in body
     assert 'streamlabel_cpu_seconds_total{part="outside_engine"}' in body
+    # stage histograms observed (one observation per batch), windowed goodput, standard process metrics
+    assert 'streamlabel_stage_seconds_count{stage="infer"}' in body and 'streamlabel_stage_seconds_count{stage="queue"}' in body
+    assert 'streamlabel_slo_goodput_window_ratio{window="5m"}' in body
+    assert "process_resident_memory_bytes" in body
 
 
 async def test_deadline_header_is_honoured_and_late_records_are_still_labelled(kafka, names, engine):
