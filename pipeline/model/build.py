@@ -171,9 +171,10 @@ def build(
             base = str(hf_dir)
             parity_texts = None
         if eval_examples is not None and eval_file:
-            eval_where = str(eval_file) if not lineage else f"held-out test split of {', '.join(lineage.get('data', []))}"
+            eval_where = str(eval_file) if not lineage else lineage.get("eval", str(eval_file))
         if lineage:  # a distilled / pruned student: where it came from
-            training.update(lineage)
+            training.update({k: v for k, v in lineage.items() if k != "eval"})
+            base = lineage.get("base", base)
 
         with rep.step(f"loading {'the fine-tuned' if preset else 'the'} classifier"):
             clf = X.load_hf_classifier(hf_dir, labels)

@@ -214,7 +214,10 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
         lineage = {"teacher": tm.model_id, "teacher_path": str(troot), "student": student, "distillation": figures,
                    "pruning": {"structured": "layers", **init},
                    "data": list(pre.files) + (["banking77/train.jsonl.gz (unlabelled)"] if extra else []),
-                   "teacher_preset": preset_name, "licence": pre.licence}
+                   "teacher_preset": preset_name, "licence": pre.licence,
+                   "eval": f"held-out test split of {', '.join(pre.files)}",
+                   "base": f"{student}: layers {init['kept_layers']} of {base_dir.name if base_kind != 'minilm' else 'all-MiniLM-L6-v2'}, "
+                           f"distilled from {tm.model_id}"}
         return build(out=out, from_dir=work / "student", name=name or f"{tm.name}-{student}", eval_file=eval_file,
                      max_length=tm.max_length, variants=("fp32", "int8"), bench=bench, reporter=rep, lineage=lineage)
     finally:
