@@ -146,7 +146,10 @@ def model_accuracy(artifact: Path) -> dict | None:
     from pipeline.model.manifest import load_manifest
 
     _, m = load_manifest(artifact, verify=False)
-    v = next((m.variants[n] for n in ("int8", "fp32") if n in m.variants and m.variants[n].quality), None)
+    if m.task != "text-classification":
+        return None  # a generator's gate figures are exact match and ROUGE-L, printed by `model info`
+    v = next((m.variants[n] for n in ("int8", "fp32") if n in m.variants and (m.variants[n].quality or {}).get("accuracy")
+              is not None), None)
     if v is None:
         return None
     return {"model": m.model_id, "variant": v.name, "accuracy": v.quality["accuracy"],

@@ -268,3 +268,50 @@ async def test_health_and_readiness_endpoints(kafka, names, engine):
     finally:
         holder["w"].stop()
         await asyncio.wait_for(task, 60)
+
+
+async def test_a_real_prometheus_scrapes_a_running_worker(kafka, names, engine, tmp_path):
+    """Prometheus (the Debian server `make services` installs with promtool) scrapes the worker's /metrics and
+    answers a query for streamlabel_events_total."""
+    import json
+    import shutil
+    import subprocess
+    import time
+    import urllib.parse
+
+    prom = shutil.which("prometheus")
+    if prom is None:
+        pytest.skip("prometheus not installed (make services installs it)")
+    port, prom_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: streamlabel, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n")
+    m = Metrics()
+    server, _ = m.serve(port)
+    p = subprocess.Popen([prom, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with running_worker(settings_for(kafka, names), engine, metrics=m):
+            await produce(kafka.bootstrap, names.input, [encode_input(f"prom {i}", id=f"p{i}") for i in range(20)])
+            await read_labels(kafka.bootstrap, names.output, {f"p{i}" for i in range(20)})
+            q = urllib.parse.quote('streamlabel_events_total{outcome="labelled"}')
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={q}"
+
+            def ask():
+                try:
+                    with urllib.request.urlopen(url, timeout=3) as r:
+                        return json.loads(r.read())["data"]["result"]
+                except (OSError, KeyError, ValueError):
+                    return []
+
+            deadline, result = time.monotonic() + 60, []
+            while time.monotonic() < deadline:
+                result = await asyncio.to_thread(ask)
+                if result and float(result[0]["value"][1]) >= 20:
+                    break
+                await asyncio.sleep(0.5)  # Prometheus scrapes every second; bounded by the deadline
+            assert result and float(result[0]["value"][1]) >= 20, result
+    finally:
+        p.terminate()
+        p.wait(20)
+        server.shutdown()
