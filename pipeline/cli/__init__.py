@@ -15,6 +15,7 @@ in use; both are handled. Unexpected exceptions (bugs) keep their traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated
@@ -98,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def entry() -> None:
+    """The ``streamlabel`` script: ``main``, then exit with its code.
+
+    A model build imports torch's Triton, whose nanobind bindings print hundreds of "leaked instance" lines
+    at interpreter shutdown (harmless, and not ours); when it is loaded, and everything is flushed and
+    closed, the process ends without the interpreter's teardown.
+    """
+    rc = main()
+    if "triton" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 def _install_sigterm():

@@ -81,7 +81,7 @@ def demo_cmd(
         artifact = build_model(path, name, console)
     accuracy = model_accuracy(artifact)
     if accuracy:
-        console.print(f"model {accuracy['model']} [{accuracy['variant']}]: accuracy {accuracy['accuracy']:.3f}, "
+        console.print(f"model {accuracy['model']} ({accuracy['variant']}): accuracy {accuracy['accuracy']:.3f}, "
                       f"macro-F1 {accuracy['macro_f1']:.3f} on {accuracy['n']} held-out examples"
                       + (f"  [dim](the full model: --preset {DEFAULT_PRESET})[/]" if name == DEMO_PRESET and model is None else ""))
 
