@@ -52,7 +52,7 @@ def demo_cmd(
     task: Annotated[str, typer.Option(help="label (the classifier) | reply | summary | explain-label (the generator, "
                                            "on a support stream for reply; default preset reply-smollm2).")] = "label",
 ) -> None:
-    """Everything on this machine: local Kafka + Redis, the sentiment model, a worker, a synthetic feed, live figures."""
+    """Everything on this machine: local Kafka + Redis, a model (sentiment, or a generator with --task), a worker, a synthetic feed, live figures."""
     from rich.console import Console
 
     from pipeline import logs

@@ -21,7 +21,7 @@ def run_cmd(
     group: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
     create_topics: CreateTopicsOpt = False,
 ) -> None:
-    """Run classify workers: Kafka in → labels out, until SIGTERM/SIGINT (then drain and commit)."""
+    """Run workers (classify or generate, as the artifact says): Kafka in → labels or texts out, until SIGTERM/SIGINT (then drain and commit)."""
     from consumers.runner import run_workers
     from pipeline import logs
 
