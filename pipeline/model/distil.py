@@ -83,7 +83,7 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.model.train import evaluate_torch
+    from pipeline.model.train import evaluate_torch, length_batches
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -97,16 +97,6 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
     soft_t = torch.as_tensor(soft, dtype=torch.float32)
     lengths = [len(t) for t in texts]
 
-    def batches() -> list[list[int]]:
-        idx = list(range(len(texts)))
-        rng.shuffle(idx)
-        out_b = []
-        for i in range(0, len(idx), batch_size * 50):
-            chunk = sorted(idx[i:i + batch_size * 50], key=lambda j: lengths[j])
-            out_b += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-        rng.shuffle(out_b)
-        return out_b
-
     total = math.ceil(len(texts) / batch_size) * epochs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -118,7 +108,7 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
     t0 = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        for b in batches():
+        for b in length_batches(lengths, batch_size, rng):
             enc = tok([texts[j] for j in b], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             logits = model(**enc).logits
             kd = torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1),

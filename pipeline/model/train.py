@@ -54,18 +54,6 @@ def fine_tune(
     lengths = [len(t) for t in texts]
     rng = random.Random(seed)
 
-    def batches() -> list[list[int]]:
-        # Sort by length inside shuffled pools: little padding, still random across the epoch.
-        idx = list(range(len(texts)))
-        rng.shuffle(idx)
-        pool = batch_size * 50
-        out = []
-        for i in range(0, len(idx), pool):
-            chunk = sorted(idx[i:i + pool], key=lambda j: lengths[j])
-            out += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-        rng.shuffle(out)
-        return out
-
     steps_per_epoch = math.ceil(len(texts) / batch_size)
     total = steps_per_epoch * epochs
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,7 +67,7 @@ def fine_tune(
     for epoch in range(epochs):
         model.train()
         running = 0.0
-        for b in batches():
+        for b in length_batches(lengths, batch_size, rng):
             enc = tok([texts[j] for j in b], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             out = model(**enc, labels=torch.as_tensor(y_train[b]))
             out.loss.backward()
@@ -103,6 +91,19 @@ def fine_tune(
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "steps": step,
             "train_examples": len(train), "val_examples": len(val), "seconds": round(time.perf_counter() - t0, 1),
             "history": history}
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch's batches of indices: sorted by length inside shuffled pools (little padding, still random)."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    pool = batch_size * 50
+    out = []
+    for i in range(0, len(idx), pool):
+        chunk = sorted(idx[i:i + pool], key=lambda j: lengths[j])
+        out += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
 
 
 def evaluate_torch(model, tok, labels: Sequence[str], examples: Sequence[Example], max_length: int) -> dict:
