@@ -13,44 +13,22 @@ import time
 from pathlib import Path
 
 from producers import loadtest as L
-from producers.synthetic import Generator
+from producers.generator_check import texts  # noqa: F401 — the bench's prompts, shared
 
 LADDER = {False: (0.15, 0.3, 0.5, 0.7, 0.85, 1.0, 1.2), True: (0.2, 0.5, 0.8, 1.0)}
 NAIVE_LADDER = {False: (0.3, 0.5, 0.7, 0.85, 1.0), True: (0.4, 0.7, 1.0)}
 
 
-def texts(n: int = 256) -> list[str]:
-    return [ev.text for _, ev in zip(range(n), Generator("mixed", seed=3))]
-
-
 def capacity(artifact: str, prompts_text: list[str], *, max_batch: int, max_new: int, template: str,
-             variant: str | None, rounds: int = 2, provider: str = "cpu") -> dict:
-    """Closed loop, no Kafka: ``rounds × max_batch`` prompts through the scheduler at once; answers/s and tokens/s."""
-    from pipeline.generator import GenerationScheduler, GenerativeModel, template_from
+             variant: str | None, provider: str = "cpu") -> dict:
+    """Closed loop, no Kafka, with the worker's admission settings (``generator_check.capacity``)."""
+    from pipeline.generator import GenerativeModel
+    from producers.generator_check import capacity as closed_loop
 
     model = GenerativeModel(artifact, variant=variant, provider=provider)
-    tpl = template_from(template)
-
-    async def run() -> dict:
-        sched = GenerationScheduler(model, max_batch=max_batch, max_new_tokens=max_new, ignore_eos=True)
-        sched.add_prefix(model.prefix_of(tpl.render("")[0]))
-        sched.start()
-        try:
-            prompts = [model.render(*tpl.render(t)) for t in prompts_text]
-            await sched.generate(prompts[:4])  # warm-up
-            batch = prompts[4:4 + rounds * max_batch]
-            t0 = time.perf_counter()
-            res = await sched.generate(batch)
-            dt = time.perf_counter() - t0
-            toks = sum(r.tokens for r in res)
-            return {"answers_per_s": round(len(res) / dt, 2), "tokens_per_s": round(toks / dt, 1),
-                    "variant": model.variant, "provider": model.providers[0], "rows": max_batch,
-                    "decode_steps": sched.batches, "decode_step_ms": round(sched.call_seconds * 1000, 2)}
-        finally:
-            await sched.close()
-
     try:
-        return asyncio.run(run())
+        r = asyncio.run(closed_loop(model, prompts_text, max_batch, max_new, template=template))
+        return {**r, "variant": model.variant, "provider": model.providers[0]}
     finally:
         model.close()
 
