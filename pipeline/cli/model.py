@@ -35,6 +35,7 @@ def model_build(
     max_logit_diff: Annotated[float, typer.Option(help="Classifiers: refuse a variant whose largest |logit − FP32 logit| on the parity texts exceeds this.")] = 1.5,
     min_exact: Annotated[float, typer.Option(help="Generators: refuse a variant whose first 16 greedy tokens match PyTorch FP32 on fewer than this share of the gate prompts.")] = 0.5,
     min_rouge: Annotated[float, typer.Option(help="Generators: refuse a variant whose ROUGE-L against PyTorch FP32 is below this.")] = 0.7,
+    prune_heads: Annotated[Optional[float], typer.Option(help="Classifier presets: remove this share of the attention heads (least important first), then fine-tune one epoch to recover; lands as NAME-headsN.")] = None,
     bench: Annotated[bool, typer.Option(help="Measure FP32/INT8 throughput at batch 1 and 32.")] = True,
     break_variant: Annotated[Optional[VariantName], typer.Option(help="Testing aid: damage this variant to see the gate refuse it.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
@@ -48,13 +49,17 @@ def model_build(
     rep = Reporter(quiet=False)
     variant_list = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     if preset in GEN_PRESETS or (preset is None and from_dir is not None and is_causal_lm(from_dir)):
+        if prune_heads is not None:
+            from pipeline.errors import UsageError
+
+            raise UsageError("--prune-heads applies to classifiers (BERT-family encoders), not to generators")
         res = build_generator(out=out, preset=preset, from_dir=from_dir, name=name, variants=variant_list,
                               min_exact=min_exact, min_rouge=min_rouge, context=max_length, reporter=rep, bench=bench)
     else:
         res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
                     max_drop=max_drop, max_length=max_length, variants=variant_list or ["fp32", "int8", "fp16"],
                     bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep,
-                    min_agreement=min_agreement, max_logit_diff=max_logit_diff)
+                    min_agreement=min_agreement, max_logit_diff=max_logit_diff, prune_heads=prune_heads)
     if json_out:
         from pipeline.model.build import summary_dict
 

@@ -119,12 +119,14 @@ def build(
     min_agreement: float = 0.95,
     max_logit_diff: float = 1.5,
     lineage: dict | None = None,
+    prune_heads: float | None = None,
 ) -> BuildResult:
     from pipeline.model import export as X
     from pipeline.model import presets as P
 
     rep = reporter or Reporter()
     t_start = time.perf_counter()
+    name_given = name is not None
     if (preset is None) == (from_dir is None):
         raise UsageError("give exactly one of --preset NAME or --from HF_DIR")
     if break_variant and break_variant not in variants:
@@ -134,6 +136,12 @@ def build(
             raise UsageError(f"unknown variant '{v}'", hint="choose from fp32, int8, fp16")
     if "fp32" not in variants:
         raise UsageError("the fp32 variant is the reference for parity and the gate; it must be built")
+    if prune_heads is not None:
+        if preset is None:
+            raise UsageError("--prune-heads needs --preset: pruned heads are recovered by fine-tuning on the preset's data",
+                             hint="build from a preset (e.g. --preset sentiment-minilm --prune-heads 0.5)")
+        if not 0.0 < prune_heads < 1.0:
+            raise UsageError(f"--prune-heads is the share of attention heads removed, between 0 and 1; got {prune_heads}")
     eval_examples = D.read_labelled(eval_file) if eval_file else None
     X.torch_threads()
 
@@ -174,6 +182,22 @@ def build(
                 training.update(fine_tune(base_dir, hf_dir, pre.labels, train, val, epochs=pre.epochs, lr=pre.lr,
                                           max_length=pre.max_length, progress=rep.train_progress))
                 rep.say(f"[green]✓[/] fine-tuned in {training['seconds']:.0f} s")
+            if prune_heads:
+                from pipeline.model.prune import prune_and_recover
+
+                # tiny is random-init: a short recovery on a slice of its data is enough to show the mechanics
+                tr_p, va_p = (train[:512], val[:128]) if preset == "tiny" else (train, val)
+                rep.say(f"pruning {prune_heads:.0%} of the attention heads (least important first), then fine-tuning "
+                        f"one epoch on {len(tr_p)} examples to recover")
+                training["head_pruning"] = prune_and_recover(
+                    hf_dir, work / "hf-pruned", pre.labels, tr_p, va_p, fraction=prune_heads, max_length=pre.max_length,
+                    lr=pre.lr / 2, progress=rep.train_progress)
+                hp = training["head_pruning"]
+                rep.say(f"[green]✓[/] {hp['heads_after']} of {hp['heads_before']} heads kept "
+                        f"(per layer {hp['heads_per_layer']}), recovered in {hp['recovery']['seconds']:.0f} s")
+                hf_dir = work / "hf-pruned"
+                base += f", {hp['heads_after']} of {hp['heads_before']} attention heads kept"
+                name = name if name_given else f"{pre.name}-heads{hp['heads_after']}"
             training.update({"preset": pre.name, "data": list(pre.files), "licence": pre.licence})
         else:
             hf_dir = Path(from_dir)
@@ -205,6 +229,8 @@ def build(
         raw = work / "model.raw.onnx"
         with rep.step("export to ONNX (encoder + pooling + head, dynamic batch/sequence)"):
             inputs = X.export_onnx(clf, raw)
+            if clf.num_heads == 0:  # head-pruned: layers differ, so each attention's count goes into the graph
+                X.pin_head_counts(raw)
         with rep.step("optimize (ONNX Runtime transformer fusions)"):
             fusions = X.optimize(raw, stage / FILES["fp32"], clf)
         if "int8" in variants:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import ModelError
+from pipeline.model.prune import PRUNED_HEADS as PRUNED
 
 OPSET = 17
 _GENERIC = "LABEL_"
@@ -24,7 +25,7 @@ class HfClassifier:
     tokenizer: object  # transformers fast tokenizer
     labels: tuple[str, ...]
     model_type: str
-    num_heads: int
+    num_heads: int  # 0: layers differ (head-pruned); the optimizer reads each attention's heads from the graph
     hidden_size: int
     source: str
 
@@ -70,14 +71,16 @@ def load_hf_classifier(model_dir: str | Path, labels: Sequence[str] | None = Non
         labels = tuple(head_labels)
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         # eager attention exports to the plain MatMul/Softmax pattern that ORT's optimizer fuses.
-        model = AutoModelForSequenceClassification.from_pretrained(str(d), attn_implementation="eager")
+        from pipeline.model.prune import load_classifier
+
+        model = load_classifier(d, attn_implementation="eager")  # head-pruned directories too
         tok = AutoTokenizer.from_pretrained(str(d))
     except Exception as exc:  # transformers raises OSError/ValueError/… with long texts
         raise ModelError(f"transformers could not load it: {str(exc).splitlines()[0]}", where=str(d),
@@ -93,8 +96,8 @@ def load_hf_classifier(model_dir: str | Path, labels: Sequence[str] | None = Non
         tokenizer=tok,
         labels=tuple(labels),
         model_type=c.model_type,
-        num_heads=int(getattr(c, "num_attention_heads", getattr(c, "n_heads", 0)) or 0),
-        hidden_size=int(getattr(c, "hidden_size", getattr(c, "dim", 0)) or 0),
+        num_heads=0 if (d / PRUNED).is_file() else int(getattr(c, "num_attention_heads", getattr(c, "n_heads", 0)) or 0),
+        hidden_size=0 if (d / PRUNED).is_file() else int(getattr(c, "hidden_size", getattr(c, "dim", 0)) or 0),
         source=str(d),
     )
 
@@ -145,8 +148,15 @@ def optimize(raw: Path, out: Path, clf: HfClassifier) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = "bert" if clf.model_type in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else clf.model_type
-    opt = optimize_model(str(raw), model_type=model_type, num_heads=clf.num_heads, hidden_size=clf.hidden_size,
-                         opt_level=1, use_gpu=False, only_onnxruntime=False)
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    if clf.num_heads == 0:  # head-pruned: per-layer counts come from the graph; the optimizer warns about each one
+        quiet.setLevel(logging.ERROR)
+    try:
+        opt = optimize_model(str(raw), model_type=model_type, num_heads=clf.num_heads, hidden_size=clf.hidden_size,
+                             opt_level=1, use_gpu=False, only_onnxruntime=False)
+    finally:
+        quiet.setLevel(level)
     opt.save_model_to_file(str(out))
     stats = opt.get_fused_operator_statistics()
     return {k: int(v) for k, v in stats.items() if v}
@@ -203,3 +213,50 @@ def torch_threads() -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pin_head_counts(path: Path) -> int:
+    """Write each attention's head count into its Q/K/V reshapes (where the export left -1); returns how many.
+
+    Transformers reshapes Q, K and V to ``(batch, sequence, -1, head_size)``. ORT's optimizer reads the head
+    count of each attention from that shape (or takes one count for the whole model); in a head-pruned model
+    layers differ, so the count is pinned per reshape from its projection's width: ``out_features // head_size``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def const(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        n = producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            return numpy_helper.to_array(n.attribute[0].t)
+        return None
+
+    pinned = 0
+    for node in list(g.node):
+        if node.op_type != "Reshape":
+            continue
+        concat = producer.get(node.input[1])
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+            continue
+        heads, size = const(concat.input[2]), const(concat.input[3])
+        if heads is None or size is None or heads.size != 1 or size.size != 1 or int(heads.ravel()[0]) != -1:
+            continue
+        src = producer.get(node.input[0])
+        if src is not None and src.op_type == "Add":  # projection bias
+            src = next((producer[i] for i in src.input if i in producer and producer[i].op_type == "MatMul"), None)
+        if src is None or src.op_type != "MatMul" or src.input[1] not in inits:
+            continue
+        width = int(numpy_helper.to_array(inits[src.input[1]]).shape[-1])
+        name = f"{concat.name or node.name}_pinned_heads"
+        g.initializer.append(numpy_helper.from_array(np.asarray([width // int(size.ravel()[0])], dtype=heads.dtype), name))
+        concat.input[2] = name
+        pinned += 1
+    onnx.save(m, str(path))
+    return pinned

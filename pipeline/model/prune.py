@@ -1,0 +1,214 @@
+"""Structured pruning of attention heads (BERT-family encoders), then fine-tuning to recover.
+
+Unstructured sparsity (zeroed weights) does not speed ONNX Runtime up on CPU; removing whole heads does: each
+removed head takes ``head_size`` rows out of the layer's query, key and value projections and as many columns
+out of its output projection, so the exported graph has smaller MatMuls and fewer attention heads.
+
+* **Importance** (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"): a gate of 1.0 on every
+  head's output; a head's importance is the mean |∂loss/∂gate| over labelled examples, normalised per layer.
+* **Choice**: the least important heads across all layers go first (a global ranking), keeping at least one
+  head in every layer.
+* **Saved as**: a standard Hugging Face directory plus ``pruned_heads.json`` (layer → heads kept). The weights
+  have the pruned shapes, so :func:`load_classifier` builds the model from its config, prunes the same heads
+  and loads the weights strictly. Transformers 5 removed its own ``prune_heads``; this is the same operation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import ModelError, UsageError
+
+PRUNED_HEADS = "pruned_heads.json"
+
+
+def _layers(model):
+    enc = getattr(model.base_model, "encoder", None)
+    layers = getattr(enc, "layer", None)
+    if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0].attention, "self"):
+        raise UsageError(f"head pruning supports BERT-family encoders; {type(model).__name__} is not one",
+                         hint="drop --prune-heads, or prune layers instead (keep_layers / model distil --student)")
+    return layers
+
+
+def head_count(model) -> list[int]:
+    """Heads per layer as the model is now."""
+    return [int(layer.attention.self.query.out_features // layer.attention.self.attention_head_size)
+            for layer in _layers(model)]
+
+
+def head_importance(model, tok, texts: Sequence[str], y: np.ndarray, max_length: int, batch_size: int = 32) -> np.ndarray:
+    """[layers, heads] importance: mean |∂loss/∂gate| per head (gates of 1.0 on each head's output)."""
+    import torch
+
+    layers = _layers(model)
+    heads = head_count(model)
+    gates = [torch.ones(h, requires_grad=True) for h in heads]
+    hooks = []
+    for layer, gate in zip(layers, gates):
+        size = layer.attention.self.attention_head_size
+
+        def pre(module, args, gate=gate, size=size):  # the heads' concatenated output, before the output projection
+            return (args[0] * gate.repeat_interleave(size),) + tuple(args[1:])
+
+        hooks.append(layer.attention.output.dense.register_forward_pre_hook(pre))
+    was_training = model.training
+    model.eval()  # no dropout: importance of the function the model computes
+    try:
+        with torch.enable_grad():
+            for i in range(0, len(texts), batch_size):
+                enc = tok(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+                out = model(**enc, labels=torch.as_tensor(y[i:i + batch_size]))
+                out.loss.backward()
+                for gate in gates:  # accumulate |gradient| per batch, not the signed sum
+                    gate.grad_abs = getattr(gate, "grad_abs", 0) + gate.grad.abs().detach().clone()
+                    gate.grad = None
+                model.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    width = max(heads)
+    imp = np.full((len(heads), width), np.nan)
+    for li, gate in enumerate(gates):
+        v = np.asarray(getattr(gate, "grad_abs", torch.zeros(heads[li])).numpy(), dtype=np.float64)
+        norm = np.linalg.norm(v)
+        imp[li, :heads[li]] = v / norm if norm > 0 else v
+    return imp
+
+
+def choose_heads(importance: np.ndarray, fraction: float) -> dict[int, list[int]]:
+    """Heads to keep per layer after removing ``fraction`` of all heads, least important first (≥ 1 per layer)."""
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"--prune-heads must be a fraction between 0 and 1 (share of heads removed), got {fraction}")
+    present = [(li, h) for li in range(importance.shape[0]) for h in range(importance.shape[1])
+               if not np.isnan(importance[li, h])]
+    n_remove = int(round(fraction * len(present)))
+    order = sorted(present, key=lambda lh: (importance[lh], lh))  # ties: lower index first, deterministic
+    keep = {li: set(h for l2, h in present if l2 == li) for li in range(importance.shape[0])}
+    removed = 0
+    for li, h in order:
+        if removed >= n_remove:
+            break
+        if len(keep[li]) > 1:
+            keep[li].discard(h)
+            removed += 1
+    return {li: sorted(hs) for li, hs in keep.items()}
+
+
+def prune(model, keep: dict[int, Sequence[int]]) -> None:
+    """Remove the heads not in ``keep`` (layer → heads kept, original head indices), in place."""
+    import torch
+
+    for li, layer in enumerate(_layers(model)):
+        att = layer.attention.self
+        size = att.attention_head_size
+        n = att.query.out_features // size
+        kept = sorted(int(h) for h in keep.get(li, keep.get(str(li), range(n))))
+        if not kept or max(kept) >= n:
+            raise ModelError(f"layer {li} has {n} heads; cannot keep {kept}", hint=f"check {PRUNED_HEADS}")
+        if len(kept) == n:
+            continue
+        idx = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept])
+        for name in ("query", "key", "value"):
+            setattr(att, name, _slice_linear(getattr(att, name), idx, dim=0))
+        out = layer.attention.output
+        out.dense = _slice_linear(out.dense, idx, dim=1)
+        att.num_attention_heads = len(kept)
+        att.all_head_size = len(kept) * size
+
+
+def _slice_linear(lin, idx, dim: int):
+    import torch
+
+    w = lin.weight.detach().index_select(dim, idx).clone()
+    b = None if lin.bias is None else (lin.bias.detach()[idx].clone() if dim == 0 else lin.bias.detach().clone())
+    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def save(model, tok, out: Path, keep: dict[int, Sequence[int]], figures: dict | None = None) -> None:
+    """A Hugging Face directory + ``pruned_heads.json``; :func:`load_classifier` reads it back."""
+    out = Path(out)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / PRUNED_HEADS).write_text(json.dumps({"kept_heads": {str(k): list(v) for k, v in keep.items()},
+                                                **(figures or {})}, indent=1))
+
+
+def kept_heads(model_dir: Path) -> dict[int, list[int]] | None:
+    f = Path(model_dir) / PRUNED_HEADS
+    if not f.is_file():
+        return None
+    try:
+        return {int(k): [int(h) for h in v] for k, v in json.loads(f.read_text())["kept_heads"].items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{PRUNED_HEADS} is unreadable ({exc})", where=str(f),
+                         hint="rebuild the pruned model; the file maps each layer to the heads it kept") from None
+
+
+def load_classifier(model_dir: Path, **kwargs):
+    """``AutoModelForSequenceClassification.from_pretrained``, head-pruned directories included."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    keep = kept_heads(model_dir)
+    if keep is None:
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    from safetensors.torch import load_file
+
+    cfg_kwargs = {k: v for k, v in kwargs.items() if k != "attn_implementation"}
+    config = AutoConfig.from_pretrained(str(model_dir), **cfg_kwargs)
+    model = AutoModelForSequenceClassification.from_config(
+        config, attn_implementation=kwargs.get("attn_implementation", "eager"))
+    prune(model, keep)
+    weights = Path(model_dir) / "model.safetensors"
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(f"the pruned weights do not fit the pruned model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})", where=str(weights), hint="rebuild the pruned model")
+    return model.eval()
+
+
+def prune_and_recover(hf_dir: Path, out: Path, labels: Sequence[str], train, val, *, fraction: float,
+                      max_length: int, importance_examples: int = 512, epochs: int = 1, lr: float = 5e-5,
+                      progress=None) -> dict:
+    """Importance on training examples → remove ``fraction`` of heads → fine-tune to recover → ``out``."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.model.data import label_indices
+    from pipeline.model.train import fine_tune
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = load_classifier(hf_dir, attn_implementation="eager")
+    before = head_count(model)
+    sample = list(train[:importance_examples])
+    imp = head_importance(model, tok, [e.text for e in sample], label_indices(sample, labels, "training data"),
+                          max_length)
+    keep = choose_heads(imp, fraction)
+    prune(model, keep)
+    after = head_count(model)
+    with tempfile.TemporaryDirectory(prefix="streamlabel-pruned-") as tmp:
+        save(model, tok, Path(tmp), keep)
+        del model
+        torch.set_grad_enabled(True)
+        recovery = fine_tune(Path(tmp), out, labels, train, val, epochs=epochs, lr=lr, max_length=max_length,
+                             progress=progress)
+    figures = {"structured": "heads", "fraction": fraction, "heads_before": sum(before), "heads_after": sum(after),
+               "heads_per_layer": after, "importance": "mean |dloss/dgate| (Michel et al. 2019), "
+               f"{len(sample)} training examples",
+               "kept_heads": {str(k): v for k, v in keep.items()}, "recovery": recovery}
+    return figures
