@@ -504,7 +504,8 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     slo = report["slo"]["objective_ms"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
-    for key, label in (("steps", "streamlabel"), ("handwritten_steps", "hand-written"), ("naive_steps", "naive")):
+    for key, label in (("steps", "streamlabel"), ("handwritten_steps", "hand-written"), ("naive_steps", "naive"),
+                       ("second_steps", "second stage alone")):
         steps = [s for s in report.get(key, []) if s["labelled"]]
         if not steps:
             continue

@@ -273,6 +273,9 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     report["low_load_rate"] = low.offered_rate
     busiest_ok = max((s for s in steps if s.meets_slo), key=lambda s: s.offered_rate, default=steps[-1])
     report["series_step"] = {"offered_rate": busiest_ok.offered_rate, "series": busiest_ok.series}
+    if cascade is not None:
+        report.update(await _cascade_vs_second(cfg, cascade, art, manifest, texts, variant, max_batch, secs, rates,
+                                               knee, eng, rate, refine_steps, say))
     if handwritten:
         say("hand-written baseline (aiokafka getmany → ONNX Runtime, sorted batches), same offered rates:")
         cmd = [sys.executable, "-m", "consumers.handwritten_baseline"]
@@ -321,6 +324,59 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     for line in summary(report):
         say(line)
     return report
+
+
+async def _cascade_vs_second(cfg, cascade, art, manifest, texts, variant, max_batch, secs, rates, knee, eng, rate,
+                             refine_steps, say) -> dict:
+    """The cascade's second stage served alone, same run, broker, texts and offered rates, and both scored on
+    the held-out test split of the second stage's preset: what the cascade buys and what it costs."""
+    import dataclasses
+
+    import numpy as np
+
+    from pipeline.cascade import CascadeEngine
+    from pipeline.engine import OnnxEngine, softmax
+    from pipeline.model import data as D
+    from pipeline.model import presets as P
+    from producers import loadtest as L
+
+    first, threshold = cascade
+    plain = dataclasses.replace(cfg, env={})
+    second_eng = await asyncio.to_thread(L.engine_throughput, str(art), texts, variant=variant, batch=max_batch,
+                                         seconds=secs)
+    say(f"second stage alone ({manifest.model_id} {variant}): engine {second_eng:.0f} msgs/s; its ladder, same rates:")
+    steps = []
+    for f, r in sorted(rates, key=lambda x: x[1]):
+        steps.append(await L.run_step(plain, f"second@{f:.2f}", r, progress=say))
+        if not steps[-1].meets_slo:
+            break
+    if not rate:
+        steps += await refine(steps, lambda r: L.run_step(plain, f"second@{r / eng:.2f}", r, progress=say), say,
+                              rounds=refine_steps)
+    second_knee, note = L.at_slo(steps)
+    out = {"second_stage": manifest.model_id, "second_engine_msgs_per_s": round(second_eng, 1),
+           "second_steps": [s.row() for s in steps], "second_msgs_per_s_at_slo": second_knee, "second_note": note,
+           "cascade_vs_second_engine": L.ratio(eng, second_eng, 2),
+           "cascade_vs_second_at_slo": L.ratio(knee, second_knee, 2)}
+    one = OnnxEngine(first, variant=variant, provider="cpu", warmup=False)
+    two = OnnxEngine(art, variant=variant, provider="cpu", warmup=False)
+    conf = np.concatenate([softmax(one.logits(texts[i:i + 64]).astype(np.float64)).max(1)
+                           for i in range(0, len(texts), 64)])
+    out["escalation_rate_bench_texts"] = round(float((conf < threshold).mean()), 4)
+    preset = manifest.training.get("preset") or manifest.training.get("teacher_preset")
+    if preset in P.PRESETS:
+        _, _, test = P.get(preset).examples()
+        y = D.label_indices(test, manifest.labels, f"{preset} test split")
+        tt = [e.text for e in test]
+        casc = CascadeEngine(one, two, threshold)
+        for key, e in (("second", two), ("cascade", casc)):
+            pred = np.concatenate([e.logits(tt[i:i + 64]).argmax(1) for i in range(0, len(tt), 64)])
+            out[f"{key}_accuracy"] = D.quality(y, pred, manifest.labels)["accuracy"]
+        out["cascade_accuracy_drop_points"] = round((out["second_accuracy"] - out["cascade_accuracy"]) * 100, 2)
+        out["accuracy_data"] = f"{preset} held-out test split (n={len(tt)})"
+    one.close()
+    two.close()
+    return out
 
 
 # The naive ladder's fractions of its in-process capacity (--quick: True); fine enough to find its knee.
@@ -396,12 +452,19 @@ def summary(report: dict) -> list[str]:
     if "handwritten_msgs_per_s_at_slo" in report:
         lines.append(f"  hand-written at the SLO       {fig('handwritten_msgs_per_s_at_slo'):>12}   "
                      f"pipeline / hand-written  {x('pipeline_vs_handwritten')}")
+    if "second_msgs_per_s_at_slo" in report:
+        lines.append(f"  second stage alone at the SLO {fig('second_msgs_per_s_at_slo'):>12}   "
+                     f"cascade / second stage  {x('cascade_vs_second_at_slo')} (engine {x('cascade_vs_second_engine')})")
+        if report.get("cascade_accuracy") is not None:
+            lines.append(f"  accuracy: cascade {report['cascade_accuracy']:.4f}, second stage {report['second_accuracy']:.4f} "
+                         f"({report['cascade_accuracy_drop_points']:+.2f} points drop) on {report['accuracy_data']}; "
+                         f"escalated on the bench texts: {report['escalation_rate_bench_texts']:.1%}")
     if "naive_msgs_per_s_at_slo" in report:
         lines.append(f"  naive at the SLO              {fig('naive_msgs_per_s_at_slo'):>12}   "
                      f"pipeline / naive         {x('pipeline_vs_naive')}")
     lines.append(f"  worker CPU per event outside the engine: {us('worker_cpu_us_per_event')}"
                  + (f" (engine: {us('engine_cpu_us_per_event')})" if report.get("engine_cpu_us_per_event") is not None else ""))
-    for key in ("handwritten_note", "naive_note"):
+    for key in ("handwritten_note", "naive_note", "second_note"):
         if report.get(key):
             lines.append(f"  {key.split('_')[0]}: {report[key]}")
     return lines

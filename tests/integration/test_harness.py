@@ -122,3 +122,24 @@ async def test_replay_file_once_and_looping(kafka, names, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "replay", str(bad), "--bootstrap", kafka.bootstrap],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad.jsonl:2: missing or empty 'text'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cascade_bench_serves_the_second_stage_alone_in_the_same_run(kafka, tiny_artifact, tmp_path):
+    """`bench --cascade-first`: the cascade's ladder, then the second stage's own, same broker, texts and rates;
+    both scored on the held-out split. With the same model in both stages the two must agree exactly."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--model", str(tiny_artifact), "--cascade-first",
+                        str(tiny_artifact), "--cascade-threshold", "1.0", "--bootstrap", kafka.bootstrap, "--quick",
+                        "--rate", "100", "--step-seconds", "3", "--no-naive", "--no-handwritten", "--no-duplicates",
+                        "--no-fp32", "--refine-steps", "0", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["cascade"] == {"first": str(tiny_artifact), "threshold": 1.0}
+    assert [s["name"] for s in rep["second_steps"]] == ["second@" + rep["steps"][0]["name"].split("@")[1]]
+    assert rep["second_steps"][0]["labelled"] == rep["second_steps"][0]["sent"] == 300
+    assert rep["second_msgs_per_s_at_slo"] > 0 and rep["cascade_vs_second_at_slo"] > 0
+    assert rep["escalation_rate_bench_texts"] == 1.0  # every confidence is below 1.0
+    assert rep["cascade_accuracy"] == rep["second_accuracy"] and rep["cascade_accuracy_drop_points"] == 0.0
+    assert "tiny held-out test split" in rep["accuracy_data"]
+    assert "cascade / second stage" in r.stderr
