@@ -125,6 +125,13 @@ def build(
     from pipeline.model import presets as P
 
     rep = reporter or Reporter()
+    if preset and P.get(preset).teacher:  # a distilled preset: the teacher's artifact taught to a student
+        if from_dir is not None or prune_heads is not None or break_variant:
+            raise UsageError(f"preset {preset} is distilled from {P.get(preset).teacher}; it takes no --from, "
+                             "--prune-heads or --break-variant")
+        from pipeline.model.distil import build_distilled_preset
+
+        return build_distilled_preset(P.get(preset), out=out, name=name, bench=bench, reporter=rep)
     t_start = time.perf_counter()
     name_given = name is not None
     if (preset is None) == (from_dir is None):

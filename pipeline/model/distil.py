@@ -139,18 +139,41 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
             "seconds": round(time.perf_counter() - t0, 1), "history": history}
 
 
-def unlabelled_texts(n: int, seed: int = 0) -> list[str]:
-    """Texts nobody labelled for this task: Banking77 support queries (CC BY 4.0, a replay corpus)."""
+UNLABELLED = {  # replay corpora a teacher labels for its student (their own labels, if any, are not used)
+    "banking77": ("banking77/train.jsonl.gz", "Banking77 support queries, CC BY 4.0"),
+    "twitter_financial_news": ("twitter_financial_news/train.jsonl.gz", "finance tweets, MIT; labels unused"),
+}
+
+
+def unlabelled_texts(n: int, seed: int = 0, source: str = "banking77") -> list[str]:
+    """``n`` texts nobody labelled for this task, from a replay corpus (``UNLABELLED``)."""
     from pipeline.model.data import REPO_ROOT, read_labelled
 
-    bank = [e.text for e in read_labelled(REPO_ROOT / "data/banking77/train.jsonl.gz")]
-    random.Random(seed).shuffle(bank)
-    return bank[:n]
+    if source not in UNLABELLED:
+        raise UsageError(f"unknown unlabelled corpus '{source}'", hint=f"choose one of: {', '.join(UNLABELLED)}")
+    texts = [e.text for e in read_labelled(REPO_ROOT / "data" / UNLABELLED[source][0])]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def build_distilled_preset(pre, *, out: Path, name: str | None = None, bench: bool = True, reporter=None):
+    """A preset made by distillation: the latest ``OUT/TEACHER`` artifact taught to ``pre.student``."""
+    from pipeline.model import presets as P
+
+    root = Path(out) / pre.teacher
+    if not (root.is_dir() and any(p.name.isdigit() for p in root.iterdir())):
+        t = P.get(pre.teacher)
+        raise UsageError(f"preset {pre.name} is distilled from {pre.teacher}, which is not built in {out}",
+                         hint=f"build the teacher first: streamlabel model build --preset {pre.teacher} --out {out}"
+                              + (f" ({t.minutes})" if t.minutes else ""))
+    return distil(teacher=root, student=pre.student, out=out, name=name or pre.name, data_preset=pre.teacher,
+                  bench=bench, reporter=reporter, preset_name=pre.name, **pre.distil)
 
 
 def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, epochs: int = 2,
            temperature: float = 2.0, alpha: float = 0.7, unlabelled: int = 3000, max_examples: int | None = None,
-           lr: float = 1e-4, bench: bool = True, data_preset: str | None = None, reporter=None):
+           lr: float = 1e-4, bench: bool = True, data_preset: str | None = None, reporter=None,
+           unlabelled_source: str = "banking77", preset_name: str | None = None):
     """``streamlabel model distil``: teacher artifact → student → the usual build. Returns the ``BuildResult``."""
     import json
     import shutil
@@ -166,13 +189,13 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
     if student not in STUDENTS:
         raise UsageError(f"unknown student '{student}'", hint=f"choose one of: {', '.join(STUDENTS)}")
     troot, tm = load_manifest(teacher, verify=True)
-    preset_name = data_preset or tm.training.get("preset")
-    if not preset_name or preset_name not in P.PRESETS:
+    data_name = data_preset or tm.training.get("preset")
+    if not data_name or data_name not in P.PRESETS:
         raise UsageError(f"the teacher {tm.model_id} was not built from a preset, so its training data is unknown",
                          hint="name the preset whose data to distil on with --data-preset (e.g. sentiment-minilm)")
-    if tuple(P.get(preset_name).labels) != tuple(tm.labels):
-        raise UsageError(f"preset {preset_name}'s labels {P.get(preset_name).labels} differ from the teacher's {tm.labels}")
-    pre = P.get(preset_name)
+    if tuple(P.get(data_name).labels) != tuple(tm.labels):
+        raise UsageError(f"preset {data_name}'s labels {P.get(data_name).labels} differ from the teacher's {tm.labels}")
+    pre = P.get(data_name)
     train, val, test = pre.examples()
     if max_examples:
         train, val, test = train[:max_examples], val[: max_examples // 4], test[: max_examples // 4]
@@ -185,7 +208,7 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
         else:
             base_dir = work / "tiny-base"
             P.build_tiny_hf(base_dir, P.get("tiny"), seed=1)
-        extra = unlabelled_texts(unlabelled) if unlabelled else []
+        extra = unlabelled_texts(unlabelled, source=unlabelled_source) if unlabelled else []
         texts = [e.text for e in train] + extra
         with rep.step(f"teacher {tm.model_id} (fp32) soft labels on {len(texts)} texts "
                       f"({len(train)} labelled, {len(extra)} unlabelled)"):
@@ -203,8 +226,9 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
         eval_file.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in test))
         lineage = {"teacher": tm.model_id, "teacher_path": str(troot), "student": student, "distillation": figures,
                    "pruning": {"structured": "layers", **init},
-                   "data": list(pre.files) + (["banking77/train.jsonl.gz (unlabelled)"] if extra else []),
-                   "teacher_preset": preset_name, "licence": pre.licence,
+                   "data": list(pre.files) + ([f"{UNLABELLED[unlabelled_source][0]} (unlabelled)"] if extra else []),
+                   "teacher_preset": data_name, "licence": pre.licence,
+                   **({"preset": preset_name} if preset_name else {}),
                    "eval": f"held-out test split of {', '.join(pre.files)}",
                    "base": f"{student}: layers {init['kept_layers']} of {base_dir.name if base_kind != 'minilm' else 'all-MiniLM-L6-v2'}, "
                            f"distilled from {tm.model_id}"}

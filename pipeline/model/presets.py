@@ -34,6 +34,11 @@ class Preset:
     licence: str = ""
     keep_layers: tuple[int, ...] | None = None  # MiniLM-L6 layers kept (structured pruning); None: all six
     max_val: int | None = None  # cap the validation split (a quick build evaluates less per epoch)
+    # A distilled preset: built by `model distil` from the latest artifact of preset ``teacher`` (built first)
+    teacher: str | None = None
+    student: str | None = None  # pipeline.model.distil.STUDENTS key
+    distil: dict = field(default_factory=dict)  # distil() settings: epochs, lr, temperature, alpha, unlabelled, …
+    minutes: str = ""  # how long a build takes on the 2-core reference machine (said before it starts)
 
     def examples(self) -> tuple[list[Example], list[Example], list[Example]]:
         """(train, validation, test) splits by text hash; caps applied to train only, deterministically."""
@@ -81,6 +86,17 @@ PRESETS: dict[str, Preset] = {
         description="random-init 2-layer BERT for tests (fixed seed, seconds to build)",
         files=("twitter_financial_news/train.jsonl.gz",),
         licence="MIT (vocabulary trained on Twitter Financial News text)",
+    ),
+    "tiny-student": Preset(
+        name="tiny-student",
+        labels=("negative", "neutral", "positive"),
+        max_length=64,
+        description="tests: the tiny model distilled into one of its two layers (build tiny first)",
+        files=("twitter_financial_news/train.jsonl.gz",),
+        teacher="tiny",
+        student="tiny-l1",
+        distil={"epochs": 1, "lr": 3e-3, "unlabelled": 100, "max_examples": 500},
+        licence="MIT (Twitter Financial News)",
     ),
     "sentiment-minilm": Preset(
         name="sentiment-minilm",

@@ -110,3 +110,17 @@ def test_prune_heads_user_errors(tmp_path, args, says):
 def test_prune_heads_from_a_directory_needs_a_preset(tiny_hf, tmp_path):
     r = run_cli("model", "build", "--from", str(tiny_hf), "--prune-heads", "0.5", "--out", str(tmp_path), "--no-bench")
     assert r.returncode == 2 and "--prune-heads needs --preset" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_distilled_preset_needs_its_teacher_then_records_its_lineage(tmp_path):
+    r = run_cli("model", "build", "--preset", "tiny-student", "--out", str(tmp_path), "--no-bench")
+    assert r.returncode == 2 and "distilled from tiny, which is not built" in r.stderr
+    assert f"streamlabel model build --preset tiny --out {tmp_path}" in r.stderr and "Traceback" not in r.stderr
+    assert run_cli("model", "build", "--preset", "tiny", "--out", str(tmp_path), "--no-bench").returncode == 0
+    r = run_cli("model", "build", "--preset", "tiny-student", "--out", str(tmp_path), "--no-bench", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    t = m["training"]
+    assert m["name"] == "tiny-student" and t["preset"] == "tiny-student" and t["teacher"] == "tiny@1"
+    assert t["student"] == "tiny-l1" and t["pruning"]["kept_layers"] == [0] and t["teacher_preset"] == "tiny"
+    assert t["distillation"]["unlabelled_texts"] == 100 and m["gate"]["passed"]
