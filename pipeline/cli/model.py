@@ -23,7 +23,7 @@ class VariantName(str, Enum):
 @app.command("build")
 def model_build(
     out: Annotated[Path, typer.Option("--out", help="Artifact root; the build lands in OUT/NAME/VERSION.")] = Path("models"),
-    preset: Annotated[Optional[str], typer.Option(help="tiny | sentiment-minilm | moderation-minilm | reply-smollm2 | tiny-generator")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A built-in recipe: `streamlabel model presets` lists them.")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="A Hugging Face directory: a fine-tuned classifier, or a causal LM (built as a generator).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label names in the head's output order, comma-separated.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Artifact name (default: preset or directory name).")] = None,
@@ -67,6 +67,33 @@ def model_build(
     else:
         _print_manifest(res.path, res.manifest)
         rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
+
+
+@app.command("presets")
+def model_presets(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the presets as JSON on stdout.")] = False,
+) -> None:
+    """The built-in recipes `model build --preset` takes: what each builds, from what, and its licence."""
+    from pipeline.model import presets as P
+    from pipeline.model.generative import GEN_PRESETS
+
+    rows = []
+    for p in P.PRESETS.values():
+        kind = f"distilled from {p.teacher} ({p.student})" if p.teacher else "classifier"
+        rows.append({"name": p.name, "kind": kind, "labels": list(p.labels), "description": p.description,
+                     "licence": p.licence})
+    for name, g in GEN_PRESETS.items():
+        rows.append({"name": name, "kind": "generator", "labels": [], "description": g.get("description", ""),
+                     "licence": g.get("licence", "")})
+    if json_out:
+        return emit_json(rows)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("preset", "kind", "what it builds", show_lines=False)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], r["description"])
+    Console().print(t)
 
 
 @app.command("distil")

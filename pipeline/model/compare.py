@@ -49,6 +49,7 @@ def compare(artifacts: Sequence[Path], *, cascade: str | None, data_preset: str 
             tput = engine_throughput(str(root), speed_texts, variant=variant, batch=batch, seconds=seconds)
             rows.append({"name": f"{m.model_id} {variant}", "model": m.model_id, "variant": variant,
                          "layers": (m.training.get("pruning") or {}).get("kept_layers"),
+                         "heads": (m.training.get("head_pruning") or {}).get("heads_after"),
                          "accuracy": q["accuracy"], "macro_f1": q["macro_f1"], "msgs_per_s": round(tput, 1)})
     if cascade:
         try:

@@ -124,3 +124,13 @@ def test_a_distilled_preset_needs_its_teacher_then_records_its_lineage(tmp_path)
     assert m["name"] == "tiny-student" and t["preset"] == "tiny-student" and t["teacher"] == "tiny@1"
     assert t["student"] == "tiny-l1" and t["pruning"]["kept_layers"] == [0] and t["teacher_preset"] == "tiny"
     assert t["distillation"]["unlabelled_texts"] == 100 and m["gate"]["passed"]
+
+
+def test_model_presets_lists_every_recipe_with_its_kind(capsys):
+    from pipeline.cli import main
+
+    assert main(["model", "presets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(P.PRESETS) <= set(rows) and {"reply-smollm2", "tiny-generator"} <= set(rows)
+    assert rows["sentiment-finance-minilm-l3"]["kind"] == "distilled from sentiment-finance-minilm (minilm-l3)"
+    assert rows["reply-smollm2"]["kind"] == "generator" and all(r["licence"] for r in rows.values())
