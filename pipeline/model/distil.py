@@ -186,6 +186,9 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
     from pipeline.model.manifest import load_manifest
 
     rep = reporter or Reporter()
+    from pipeline.model import require_train
+
+    require_train("model distil")
     if student not in STUDENTS:
         raise UsageError(f"unknown student '{student}'", hint=f"choose one of: {', '.join(STUDENTS)}")
     troot, tm = load_manifest(teacher, verify=True)

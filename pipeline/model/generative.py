@@ -288,6 +288,9 @@ def build_generator(*, out: Path, preset: str | None = None, from_dir: Path | No
     for v in variants:
         if v not in GEN_VARIANTS:
             raise UsageError(f"unknown generator variant '{v}'", hint=f"choose from {', '.join(GEN_VARIANTS)}")
+    from pipeline.model import require_train
+
+    require_train("model build")
     torch_threads()
     work = Path(tempfile.mkdtemp(prefix="streamlabel-genbuild-"))
     stage = None

@@ -209,3 +209,18 @@ def test_generator_user_errors_are_one_line(capsys, tmp_path, tiny_artifact):
     assert rc == 2 and "'generate.stop' must be a list of strings" in err
     rc, _, err = run_main(capsys, "model", "build", "--preset", "tiny", "--variants", "int4", "--out", str(tmp_path))
     assert rc == 2 and "unknown variant 'int4'" in err
+
+
+@pytest.mark.parametrize("args", [
+    ["model", "build", "--preset", "tiny"],
+    ["model", "build", "--preset", "tiny-generator"],
+    ["model", "distil", "--teacher", "models/none", "--student", "tiny-l1"],
+])
+def test_build_commands_in_a_serving_install_say_what_to_install(tmp_path, args):
+    """A serving-only install (requirements-serve.lock: no torch) asked to build: one line, exit 2."""
+    code = ("import sys; sys.modules['torch'] = None; from pipeline.cli import entry; "
+            f"sys.argv = ['streamlabel', *{args!r}, '--out', {str(tmp_path)!r}]; entry()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert "needs the train extra, and torch" in r.stderr and "not installed here" in r.stderr
+    assert "pip install -e '.[train]'" in r.stderr

@@ -65,6 +65,7 @@ def test_a_variant_is_checked_later_against_the_stored_reference(tiny_generator,
                                                             for k in ("n", "exact_match_16", "rouge_l")}
 
 
+@pytest.mark.train
 def test_gate_refuses_a_variant_under_the_floor(tmp_path):
     from pipeline.model.build import Reporter
     from pipeline.model.generative import build_generator

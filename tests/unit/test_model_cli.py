@@ -65,6 +65,7 @@ def test_eval_bad_files_are_one_line_errors(tiny_artifact, tmp_path, content, ex
     assert str(f) in r.stderr or "bad.jsonl" in r.stderr
 
 
+@pytest.mark.train
 def test_build_bad_sources_are_one_line_errors(tmp_path):
     not_clf = tmp_path / "encoder"
     not_clf.mkdir()
@@ -82,6 +83,7 @@ def test_build_bad_sources_are_one_line_errors(tmp_path):
         assert expect in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.train
 def test_build_from_hf_dir_with_wrong_label_count(tmp_path):
     from pipeline.model.presets import PRESETS, build_tiny_hf
 
@@ -91,6 +93,7 @@ def test_build_from_hf_dir_with_wrong_label_count(tmp_path):
     assert r.returncode == 2 and "--labels names 2 labels but the model's head has 3 outputs" in r.stderr
 
 
+@pytest.mark.train
 def test_build_from_hf_dir_and_gate_refuses_broken_variant(tmp_path, self_labelled):
     from pipeline.model.presets import PRESETS, build_tiny_hf
 
@@ -126,6 +129,7 @@ def test_info_prints_manifest_and_rejects_corruption(artifact_copy):
     assert r.returncode == 2 and "model.fp32.onnx' is corrupt" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.train
 def test_build_from_a_causal_lm_directory_makes_a_generator(tmp_path):
     """`--from` a Hugging Face causal LM (here a tiny local Llama) builds a generator artifact, gate included."""
     from pipeline.model.generative import build_tiny_llama
@@ -148,6 +152,7 @@ def test_generator_build_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "unknown generator variant 'int3'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.train
 def test_parity_gate_acts_without_a_labelled_set(tmp_path):
     """No --eval: a variant whose labels disagree with FP32's is still refused (it used to be published, exit 0)."""
     r = run_cli("model", "build", "--preset", "tiny", "--out", str(tmp_path), "--variants", "fp32,int8", "--no-bench",
@@ -179,6 +184,7 @@ def test_unvalidated_variants_are_never_chosen_automatically(artifact_copy):
     assert "no validated variant" in str(exc.value) and "--variant" in exc.value.hint
 
 
+@pytest.mark.train
 def test_distillation_lowers_the_students_kl_to_the_teacher(tmp_path):
     """A layer-dropped student, distilled from a teacher's soft labels, ends far closer to the teacher."""
     import torch

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
 from pipeline.engine import OnnxEngine
@@ -14,6 +13,7 @@ from pipeline.model import presets as P
 from pipeline.model import prune
 from tests.unit.test_model_cli import run_cli
 
+pytestmark = pytest.mark.train
 torch = pytest.importorskip("torch")
 
 
@@ -87,6 +87,8 @@ def test_a_head_pruned_build_loads_and_keeps_the_parity_check(tmp_path):
     assert m["gate"]["passed"] and m["gate"]["fusions"].get("Attention") == 2  # fused despite the odd widths
     assert m["variants"]["fp32"]["parity"]["max_abs_logit_diff_vs_torch"] < 1e-3
     assert m["variants"]["int8"]["parity"]["agreement_vs_fp32"] >= 0.95
+    import onnx
+
     root = tmp_path / "tiny-heads2" / "1"
     heads = [a.i for n in onnx.load(str(root / "model.fp32.onnx")).graph.node if n.op_type == "Attention"
              for a in n.attribute if a.name == "num_heads"]
