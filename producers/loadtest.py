@@ -479,7 +479,9 @@ BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
         ("pipeline_msgs_per_s_at_slo", "pipeline at SLO", "#2a7"),
         ("handwritten_msgs_per_s_at_slo", "hand-written at SLO", "#d92"),
         ("naive_msgs_per_s_at_slo", "naive at SLO", "#c55"),
-        ("dup50_msgs_per_s_at_slo", "pipeline, 50% dup", "#27a"))
+        ("dup50_msgs_per_s_at_slo", "pipeline, 50% dup", "#27a"),
+        ("second_engine_msgs_per_s", "second stage engine", "#aaa"),
+        ("second_msgs_per_s_at_slo", "second stage alone at SLO", "#7a4"))
 # (report key, row label, note key) of the HTML figures table
 FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain session.run (no Kafka)", None),
                ("capacity_answers_per_s", "generator capacity: the scheduler, closed loop (no Kafka)", None),
@@ -489,8 +491,12 @@ FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain sessio
                ("handwritten_msgs_per_s_at_slo", "hand-written consumer at the SLO", "handwritten_note"),
                ("naive_msgs_per_s_at_slo", "naive consumer at the SLO", "naive_note"),
                ("dup50_msgs_per_s_at_slo", "pipeline, 50% duplicate texts, at the SLO", None),
-               ("eos_msgs_per_s_at_slo", "pipeline, exactly-once, at the SLO", None))
-STEP_KEYS = ("steps", "handwritten_steps", "naive_steps", "dup50_steps", "eos_steps")
+               ("eos_msgs_per_s_at_slo", "pipeline, exactly-once, at the SLO", None),
+               ("second_engine_msgs_per_s", "cascade's second stage alone: engine (no Kafka)", None),
+               ("second_msgs_per_s_at_slo", "cascade's second stage alone: pipeline at the SLO", "second_note"),
+               ("cascade_vs_second_at_slo", "cascade / second stage alone, at the SLO", None),
+               ("escalation_rate_bench_texts", "share of the bench texts the cascade escalates", None))
+STEP_KEYS = ("steps", "handwritten_steps", "naive_steps", "dup50_steps", "eos_steps", "second_steps")
 
 
 def plots(report: dict, out_prefix: Path) -> list[Path]:
@@ -504,7 +510,8 @@ def plots(report: dict, out_prefix: Path) -> list[Path]:
     slo = report["slo"]["objective_ms"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
-    for key, label in (("steps", "streamlabel"), ("handwritten_steps", "hand-written"), ("naive_steps", "naive"),
+    ours = "cascade" if report.get("cascade") else "streamlabel"
+    for key, label in (("steps", ours), ("handwritten_steps", "hand-written"), ("naive_steps", "naive"),
                        ("second_steps", "second stage alone")):
         steps = [s for s in report.get(key, []) if s["labelled"]]
         if not steps:

@@ -457,7 +457,7 @@ def summary(report: dict) -> list[str]:
                      f"cascade / second stage  {x('cascade_vs_second_at_slo')} (engine {x('cascade_vs_second_engine')})")
         if report.get("cascade_accuracy") is not None:
             lines.append(f"  accuracy: cascade {report['cascade_accuracy']:.4f}, second stage {report['second_accuracy']:.4f} "
-                         f"({report['cascade_accuracy_drop_points']:+.2f} points drop) on {report['accuracy_data']}; "
+                         f"(cascade − second: {-report['cascade_accuracy_drop_points']:+.2f} points) on {report['accuracy_data']}; "
                          f"escalated on the bench texts: {report['escalation_rate_bench_texts']:.1%}")
     if "naive_msgs_per_s_at_slo" in report:
         lines.append(f"  naive at the SLO              {fig('naive_msgs_per_s_at_slo'):>12}   "

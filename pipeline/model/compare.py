@@ -91,6 +91,7 @@ def _plot(report: dict, prefix: Path) -> list[Path]:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"speed vs quality — {report['data']}", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
     fig.tight_layout()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     png = prefix.with_suffix(".png")

@@ -186,6 +186,7 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
     from pipeline.model.manifest import load_manifest
 
     rep = reporter or Reporter()
+    t_start = time.perf_counter()
     from pipeline.model import require_train
 
     require_train("model distil")
@@ -235,7 +236,9 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
                    "eval": f"held-out test split of {', '.join(pre.files)}",
                    "base": f"{student}: layers {init['kept_layers']} of {base_dir.name if base_kind != 'minilm' else 'all-MiniLM-L6-v2'}, "
                            f"distilled from {tm.model_id}"}
-        return build(out=out, from_dir=work / "student", name=name or f"{tm.name}-{student}", eval_file=eval_file,
-                     max_length=tm.max_length, variants=("fp32", "int8"), bench=bench, reporter=rep, lineage=lineage)
+        res = build(out=out, from_dir=work / "student", name=name or f"{tm.name}-{student}", eval_file=eval_file,
+                    max_length=tm.max_length, variants=("fp32", "int8"), bench=bench, reporter=rep, lineage=lineage)
+        res.seconds = time.perf_counter() - t_start  # the whole distillation, not only the final build
+        return res
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -143,3 +143,5 @@ def test_cascade_bench_serves_the_second_stage_alone_in_the_same_run(kafka, tiny
     assert rep["cascade_accuracy"] == rep["second_accuracy"] and rep["cascade_accuracy_drop_points"] == 0.0
     assert "tiny held-out test split" in rep["accuracy_data"]
     assert "cascade / second stage" in r.stderr
+    html = out.with_suffix(".html").read_text()
+    assert out.with_suffix(".png").stat().st_size > 20_000 and "second stage alone: pipeline at the SLO" in html
