@@ -264,6 +264,7 @@ def test_demo_task_reply_generates_answers_end_to_end(kafka, tiny_generator):
     assert out["samples"] and all(s["out"] is not None for s in out["samples"])
 
 
+@pytest.mark.train
 def test_demo_preset_builds_into_its_own_slot(kafka, tmp_path):
     r = cli("demo", "--preset", "tiny", "--events", "40", "--rate", "100", "--bootstrap", kafka.bootstrap,
             "--redis", "none", "--json", cwd=tmp_path, timeout=300)
