@@ -254,7 +254,7 @@ def pin_head_counts(path: Path) -> int:
         if src is None or src.op_type != "MatMul" or src.input[1] not in inits:
             continue
         width = int(numpy_helper.to_array(inits[src.input[1]]).shape[-1])
-        name = f"{concat.name or node.name}_pinned_heads"
+        name = f"streamlabel_pinned_heads_{pinned}"  # unique even where the exporter left nodes unnamed
         g.initializer.append(numpy_helper.from_array(np.asarray([width // int(size.ravel()[0])], dtype=heads.dtype), name))
         concat.input[2] = name
         pinned += 1

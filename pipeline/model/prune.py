@@ -48,6 +48,7 @@ def head_importance(model, tok, texts: Sequence[str], y: np.ndarray, max_length:
     layers = _layers(model)
     heads = head_count(model)
     gates = [torch.ones(h, requires_grad=True) for h in heads]
+    sums = [torch.zeros(h) for h in heads]  # Σ over batches of |∂loss/∂gate|, not the signed sum
     hooks = []
     for layer, gate in zip(layers, gates):
         size = layer.attention.self.attention_head_size
@@ -65,8 +66,8 @@ def head_importance(model, tok, texts: Sequence[str], y: np.ndarray, max_length:
                           return_tensors="pt")
                 out = model(**enc, labels=torch.as_tensor(y[i:i + batch_size]))
                 out.loss.backward()
-                for gate in gates:  # accumulate |gradient| per batch, not the signed sum
-                    gate.grad_abs = getattr(gate, "grad_abs", 0) + gate.grad.abs().detach().clone()
+                for gate, acc in zip(gates, sums):
+                    acc += gate.grad.abs()
                     gate.grad = None
                 model.zero_grad(set_to_none=True)
     finally:
@@ -75,8 +76,8 @@ def head_importance(model, tok, texts: Sequence[str], y: np.ndarray, max_length:
         model.train(was_training)
     width = max(heads)
     imp = np.full((len(heads), width), np.nan)
-    for li, gate in enumerate(gates):
-        v = np.asarray(getattr(gate, "grad_abs", torch.zeros(heads[li])).numpy(), dtype=np.float64)
+    for li, acc in enumerate(sums):
+        v = acc.numpy().astype(np.float64)
         norm = np.linalg.norm(v)
         imp[li, :heads[li]] = v / norm if norm > 0 else v
     return imp
@@ -204,7 +205,7 @@ def prune_and_recover(hf_dir: Path, out: Path, labels: Sequence[str], train, val
     with tempfile.TemporaryDirectory(prefix="streamlabel-pruned-") as tmp:
         save(model, tok, Path(tmp), keep)
         del model
-        torch.set_grad_enabled(True)
+        torch.set_grad_enabled(True)  # load_hf_classifier turns gradients off process-wide
         recovery = fine_tune(Path(tmp), out, labels, train, val, epochs=epochs, lr=lr, max_length=max_length,
                              progress=progress)
     figures = {"structured": "heads", "fraction": fraction, "heads_before": sum(before), "heads_after": sum(after),
