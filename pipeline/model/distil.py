@@ -60,10 +60,12 @@ def kl_to_teacher(student_dir: Path, texts: Sequence[str], teacher_logits: np.nd
                   max_length: int = 128) -> float:
     """Mean KL(teacher ‖ student) on ``texts`` at ``temperature`` (the figure distillation lowers)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from pipeline.model.prune import load_classifier
 
     tok = AutoTokenizer.from_pretrained(str(student_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(student_dir)).eval()
+    model = load_classifier(student_dir).eval()
     outs = []
     with torch.no_grad():
         for i in range(0, len(texts), 128):
@@ -81,14 +83,15 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
                  progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
     """Train the student on ``labelled`` + ``unlabelled`` texts against the teacher's logits ``soft`` (same order)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from pipeline.model.prune import load_classifier
     from pipeline.model.train import evaluate_torch, length_batches
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = AutoTokenizer.from_pretrained(str(student_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(student_dir), attn_implementation="eager")
+    model = load_classifier(student_dir, attn_implementation="eager")
     for p in model.base_model.embeddings.parameters():  # half of MiniLM's weights: frozen, as in fine-tuning
         p.requires_grad = False
     texts = [e.text for e in labelled] + list(unlabelled)
