@@ -60,6 +60,11 @@ def model_build(
                     max_drop=max_drop, max_length=max_length, variants=variant_list or ["fp32", "int8", "fp16"],
                     bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep,
                     min_agreement=min_agreement, max_logit_diff=max_logit_diff, prune_heads=prune_heads)
+    _built(res, rep, json_out)
+
+
+def _built(res, rep, json_out: bool) -> None:
+    """What `model build` and `model distil` print: the manifest as JSON on stdout, or readably with the time."""
     if json_out:
         from pipeline.model.build import summary_dict
 
@@ -123,13 +128,7 @@ def model_distil(
     res = distil(teacher=teacher, student=student, out=out, name=name, epochs=epochs, lr=lr, temperature=temperature,
                  alpha=alpha, unlabelled=unlabelled, max_examples=max_examples, bench=bench, data_preset=data_preset,
                  reporter=rep)
-    if json_out:
-        from pipeline.model.build import summary_dict
-
-        emit_json(summary_dict(res.manifest))
-    else:
-        _print_manifest(res.path, res.manifest)
-        rep.say(f"[bold green]built {res.manifest.model_id}[/] → {res.path} in {res.seconds:.1f} s")
+    _built(res, rep, json_out)
 
 
 @app.command("calibrate-cascade")
