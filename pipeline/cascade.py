@@ -144,18 +144,17 @@ def calibrate(first: OnnxEngine, second: OnnxEngine, texts: Sequence[str], y: np
 
 
 def calibrate_on_preset(first_path: Path, second_path: Path, preset: str | None, target: float) -> dict:
-    from pipeline.model import data as D
     from pipeline.model import presets as P
 
     first = OnnxEngine(first_path, provider="cpu", warmup=False)
     second = OnnxEngine(second_path, provider="cpu", warmup=False)
-    name = preset or second.manifest.training.get("preset") or first.manifest.training.get("teacher_preset")
-    if not name:
+    found = P.labelled_split([preset, second.manifest.training.get("preset"),
+                              first.manifest.training.get("teacher_preset")], "validation", first.labels)
+    if found is None:
         raise UsageError("no labelled validation split: the second stage was not built from a preset",
                          hint="pass --data-preset NAME")
-    _, val, _ = P.get(name).examples()
+    name, val, y = found
     texts = [e.text for e in val]
-    y = D.label_indices(val, first.labels, f"{name} validation split")
     res = calibrate(first, second, texts, y, target)
     res.update({"first": first.model_id, "second": second.model_id, "data": f"{name} validation split"})
     first.close()

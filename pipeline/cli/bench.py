@@ -363,10 +363,10 @@ async def _cascade_vs_second(cfg, cascade, art, manifest, texts, variant, max_ba
     conf = np.concatenate([softmax(one.logits(texts[i:i + 64]).astype(np.float64)).max(1)
                            for i in range(0, len(texts), 64)])
     out["escalation_rate_bench_texts"] = round(float((conf < threshold).mean()), 4)
-    preset = manifest.training.get("preset") or manifest.training.get("teacher_preset")
-    if preset in P.PRESETS:
-        _, _, test = P.get(preset).examples()
-        y = D.label_indices(test, manifest.labels, f"{preset} test split")
+    found = P.labelled_split([p for p in (manifest.training.get("preset"), manifest.training.get("teacher_preset"))
+                              if p in P.PRESETS], "test", manifest.labels)
+    if found is not None:
+        preset, test, y = found
         tt = [e.text for e in test]
         casc = CascadeEngine(one, two, threshold)
         for key, e in (("second", two), ("cascade", casc)):

@@ -24,13 +24,13 @@ def compare(artifacts: Sequence[Path], *, cascade: str | None, data_preset: str 
     if not artifacts:
         raise UsageError("name at least one artifact")
     _, m0 = load_manifest(artifacts[0], verify=False)
-    name = data_preset or m0.training.get("preset") or m0.training.get("teacher_preset")
-    if not name:
+    found = P.labelled_split([data_preset, m0.training.get("preset"), m0.training.get("teacher_preset")], "test",
+                             m0.labels)
+    if found is None:
         raise UsageError("no held-out split to score: the first artifact was not built from a preset",
                          hint="pass --data-preset NAME")
-    _, _, test = P.get(name).examples()
+    name, test, y = found
     texts = [e.text for e in test]
-    y = D.label_indices(test, m0.labels, f"{name} test split")
     speed_texts = bench_texts()
     rows = []
 

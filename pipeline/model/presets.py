@@ -187,6 +187,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def labelled_split(candidates, split: str, labels):
+    """``(preset name, examples, label indices)`` of a preset's ``train``/``validation``/``test`` split: the first
+    non-empty name among ``candidates`` (e.g. ``--data-preset``, then an artifact's ``training.preset``). ``None``
+    when there is none, so each caller says what to pass."""
+    from pipeline.model.data import label_indices
+
+    name = next((c for c in candidates if c), None)
+    if name is None:
+        return None
+    examples = get(name).examples()[("train", "validation", "test").index(split)]
+    return name, examples, label_indices(examples, labels, f"{name} {split} split")
+
+
 def get(name: str) -> Preset:
     if name not in PRESETS:
         raise ModelError(f"unknown preset '{name}'", hint=f"choose one of: {', '.join(PRESETS)}")
