@@ -156,6 +156,15 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
         if last_seq.get(r.key, -1) > seq:
             order += 1
         last_seq[r.key] = max(seq, last_seq.get(r.key, -1))
+    dups = [i for i, c in counts.items() if c > 1 and i in want]
+    if dups:  # where each copy sits: one transaction's worth, a re-read range, or a retried produce batch
+        where_in = {orjson.loads(r.value).get("id"): (r.partition, r.offset) for r in ins}
+        copies: dict[str, list] = {}
+        for r in outs:
+            i = orjson.loads(r.value)["id"]
+            if i in dups:
+                copies.setdefault(i, []).append((r.partition, r.offset, r.timestamp))
+        ctx.notes["duplicates"] = [{"id": i, "input": where_in.get(i), "outputs": copies[i]} for i in sorted(dups)[:12]]
     rep = FaultReport(
         fault=fault, delivery=delivery, produced=len(want), labelled=len(set(counts) & want),
         lost=len(want - set(counts)), duplicated=sum(c - 1 for i, c in counts.items() if i in want),
