@@ -61,6 +61,9 @@ def test_settings_from_toml_and_env(tmp_path):
                               "STREAMLABEL_CACHE__ENABLED": "false", "OTHER": "x"})
     assert s.kafka.bootstrap_servers == "k:9092" and s.batching.max_batch == 32 and s.slo.objective_ms == 50.0
     assert s.cache.redis_url is None and s.cache.enabled is False
+    assert s.model.sessions is None and s.batching.engine_concurrency is None, "unset: the engine's replicas decide"
+    zero = load_settings(None, env={"STREAMLABEL_MODEL__SESSIONS": "0", "STREAMLABEL_BATCHING__ENGINE_CONCURRENCY": "0"})
+    assert zero.model.sessions == 0 and zero.batching.engine_concurrency == 0  # 0 reads as the default (README)
 
 
 @pytest.mark.parametrize("toml, env, expect", [
@@ -70,6 +73,7 @@ def test_settings_from_toml_and_env(tmp_path):
     ("[slo]\ntarget = 99\n", {}, "'slo.target' must be between 0 and 1"),
     ("[model]\nprovider = \"gpu\"\n", {}, "'model.provider' is 'gpu'"),
     ("[batching]\nmax_batch = 0\n", {}, "'batching.max_batch' must be positive"),
+    ("[model]\nsessions = -2\n", {}, "'model.sessions' must be 0 (the default) or positive"),
     ("[kafka]\nsecurity_protocol = \"SASL_SSL\"\n", {}, "SASL needs"),
     ("not toml [", {}, "not valid TOML"),
 ])
@@ -94,3 +98,40 @@ def test_slo_goodput_percentiles_and_burn_rate():
     assert snap.burn_rates["1m"] == pytest.approx(2.0)  # 2% bad against a 1% budget
     now[0] += 120
     assert s.burn_rate(60) == 0.0 and s.burn_rate(300) == pytest.approx(2.0)
+
+
+def test_e2e_many_equals_one_by_one():
+    """Aggregating a batch's repeated latencies gives the same histogram, goodput and burn as recording each."""
+    values = [3, 3, 3, 7, 120, 120, 99.5, 100, 100.001, 0, 250, 3]
+    a, b = SloTracker(objective_ms=100, clock=lambda: 5.0), SloTracker(objective_ms=100, clock=lambda: 5.0)
+    a.record_e2e_many(values)
+    for v in values:
+        b.record_e2e(v)
+    sa, sb = a.snapshot(), b.snapshot()
+    assert (sa.count, sa.good, sa.p50_ms, sa.p99_ms, sa.max_ms) == (sb.count, sb.good, sb.p50_ms, sb.p99_ms, sb.max_ms)
+    assert sa.good == 8 and sa.burn_rates == sb.burn_rates
+
+
+def test_batch_histogram_exposes_what_a_prometheus_histogram_does():
+    """``observe_many`` (one numpy pass per batch) gives the exposition ``Histogram.observe`` gives per value."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from pipeline.metrics import BatchHistogram
+
+    bounds = (0.001, 0.0025, 0.005, 0.01, 0.1, 1.0)
+    values_ms = [0, 1, 1, 2.5, 2.6, 5, 9.99, 10, 10.01, 99, 100, 1000, 1000.5, 7000]
+    r1, r2 = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("lat_seconds", "doc", buckets=bounds, registry=r1)
+    h2 = BatchHistogram("lat_seconds", "doc", buckets=bounds, registry=r2)
+    for v in values_ms:
+        h1.observe(v / 1000)
+    h2.observe_many(values_ms[:5], scale=0.001)
+    h2.observe_many(values_ms[5:], scale=0.001)
+
+    def samples(r):
+        return sorted(line for line in generate_latest(r).decode().splitlines()
+                      if line.startswith("lat_seconds_") and "_created" not in line)
+
+    assert samples(r2) == samples(r1)
+    assert 'lat_seconds_bucket{le="0.01"} 8.0' in samples(r2)
