@@ -38,9 +38,11 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
 
         engine = load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads)
     if engine is None:
-        engine = load_engine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length)
+        engine = load_engine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
+                             sessions=m.sessions or None)
     log.info("engine_ready", model=engine.model_id, variant=getattr(engine, "variant", None),
-             provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None))
+             provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None),
+             sessions=getattr(engine, "sessions", 1))
     metrics = Metrics()
     metrics.track_cpu(getattr(engine, "thread_ids", set()))
     from pipeline import __version__

@@ -182,12 +182,12 @@ class MicroBatcher:
             else:
                 # On the tokenizer's thread (the Rust tokenizer releases the GIL): the loop goes on polling,
                 # decoding and publishing meanwhile. The items queue when their encodings are back.
-                job = asyncio.get_running_loop().run_in_executor(self._tokenizer, self._tokenize, texts_new)
+                job = self._tokenizer.run(self._tokenize, texts_new)
                 job.add_done_callback(lambda f, items=items: self._admit_job(items, f))
         return fut
 
     def _tokenize(self, texts: list[str]) -> tuple[list, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             toks: list = self.engine.tokenize(texts)
         except Exception:  # noqa: BLE001 — find the text the tokenizer fails on; the others go on
@@ -197,6 +197,8 @@ class MicroBatcher:
                     toks.append(self.engine.tokenize([t])[0])
                 except Exception as exc:  # noqa: BLE001 — this text's answer is the failure
                     toks.append(EngineFailure(f"tokenizer: {type(exc).__name__}: {str(exc)[:200]}"))
+        if self.metrics is not None:  # this thread's CPU: all of it while the tokenizer's own pool is off (CPU)
+            self.metrics.tokenizer_cpu.inc(time.thread_time() - c0)
         return toks, time.perf_counter() - t0
 
     def _admit_job(self, items: list[_Item], job: asyncio.Future) -> None:
@@ -415,8 +417,9 @@ class MicroBatcher:
 
     async def _call(self, toks: list[Tokens]):
         try:
-            return await asyncio.wait_for(self.engine.infer(toks), self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout_s):  # a timer on this task: no extra task per call (wait_for)
+                return await self.engine.infer(toks)
+        except TimeoutError:
             raise EngineError(f"an engine call on {len(toks)} text(s) did not return within {self.timeout_s:g} s",
                               hint="the model or its execution provider is hung; raise batching.engine_timeout_s "
                                    "only if batches legitimately take that long") from None

@@ -47,6 +47,7 @@ class CascadeEngine:
         self.variant = f"{first.variant}>{second.variant}"
         self.providers = first.providers
         self.threads = first.threads
+        self.sessions = 1  # one executor runs both stages, one call at a time (each stage's first session)
         self.max_length = min(first.max_length, second.max_length)
         self.width = first.width
         self.call_overhead_tokens = first.call_overhead_tokens
@@ -85,9 +86,7 @@ class CascadeEngine:
         return out
 
     async def infer(self, batch: Sequence[Tokens]):
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
+        return await self._executor.run(self.infer_sync, list(batch))
 
     def predict_sync(self, texts: Sequence[str]):
         return self.infer_sync(self.tokenize(texts))

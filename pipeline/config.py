@@ -59,7 +59,7 @@ class BatchingSettings:
     max_batch: int = 64
     max_tokens: int = 8192  # padded tokens per engine call (rows × longest text)
     max_wait_ms: float = 0.0  # 0: dispatch at once when the engine is idle; >0: let small batches grow this long
-    engine_concurrency: int = 1  # concurrent engine calls; 1 is right for CPU (ORT parallelises inside a call)
+    engine_concurrency: int | None = None  # concurrent engine calls; default (0 or unset): model.sessions
     engine_timeout_s: float = 30.0  # an engine call longer than this means a hung engine: the worker stops (exit 4)
 
 
@@ -95,6 +95,7 @@ class ModelSettings:
     variant: Literal["fp32", "int8", "fp16", "int4"] | None = None
     provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
     threads: int | None = None
+    sessions: int | None = None  # session replicas sharing the threads (default, 0 or unset: 2 on CPU, 1 on GPU)
     max_length: int | None = None
     cascade: tuple[str, ...] = ()  # two classifier artifacts: [first, second]; replaces path (see pipeline/cascade.py)
     cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)
@@ -281,7 +282,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 def _check(s: Settings, where: str) -> None:
     positive = {
         "batching.max_batch": s.batching.max_batch, "batching.max_tokens": s.batching.max_tokens,
-        "batching.engine_concurrency": s.batching.engine_concurrency, "worker.max_inflight": s.worker.max_inflight,
+        "worker.max_inflight": s.worker.max_inflight,
         "worker.max_bytes": s.worker.max_bytes, "worker.max_chars": s.worker.max_chars,
         "slo.objective_ms": s.slo.objective_ms, "cache.ttl_s": s.cache.ttl_s,
         "batching.engine_timeout_s": s.batching.engine_timeout_s, "worker.dlq_max_bytes": s.worker.dlq_max_bytes,
@@ -292,6 +293,10 @@ def _check(s: Settings, where: str) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"'{key}' must be positive, got {v}", where=where)
+    for key, v in {"batching.engine_concurrency": s.batching.engine_concurrency, "model.sessions": s.model.sessions,
+                   "model.threads": s.model.threads}.items():
+        if v is not None and v < 0:
+            raise ConfigError(f"'{key}' must be 0 (the default) or positive, got {v}", where=where)
     if not 0 < s.slo.target < 1:
         raise ConfigError(f"'slo.target' must be between 0 and 1 (e.g. 0.99), got {s.slo.target}", where=where)
     if s.batching.max_wait_ms < 0:

@@ -25,7 +25,8 @@ def bench_texts(n: int = 2048, seed: int = 1) -> list[str]:
 
 
 def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0,
-                      provider: str = "cpu", cascade_to: str | None = None, threshold: float = 0.9) -> float:
+                      provider: str = "cpu", cascade_to: str | None = None, threshold: float = 0.9,
+                      sessions: int | None = None) -> float:
     """Our engine as the worker drives it (no Kafka): the texts are admitted in arrival order, in poll-sized
     groups (``MicroBatcher.submit_many``: tokenized once at admission), the batcher forms its runs of similar
     length, the engine pads each to its own longest and runs it on its thread. A backlog, so every engine call
@@ -34,14 +35,14 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
-    eng = OnnxEngine(artifact, variant=variant, provider=provider)
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=1 if cascade_to else sessions)
     if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of
         from pipeline.cascade import CascadeEngine
 
         eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider), threshold)
 
     async def go() -> float:
-        b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128))
+        b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128), concurrency=eng.sessions)
         b.start()
         try:
             await b.submit_many(texts[:batch])
@@ -60,16 +61,20 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
 
 
 def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int,
-                       seconds: float = 5.0, provider: str = "cpu", io_binding: bool = False) -> float:
-    """The ORT ceiling: our engine's session and tokenizer, no streamlabel batching code, ideal grouping.
+                       seconds: float = 5.0, provider: str = "cpu", io_binding: bool = False,
+                       sessions: int | None = None) -> float:
+    """The ORT ceiling: our engine's sessions and tokenizer, no streamlabel batching code, ideal grouping.
 
     The texts are sorted by token count (once, untimed) and cut into batches of ``batch``, each padded only
     to its own longest text; the timed loop is ``encode_batch`` (padding done by the tokenizer) +
     ``session.run``, the batches in a fixed shuffled order so any prefix of the loop is a fair sample.
-    Same artifact file, session options and warm-up as ``engine_throughput``. ``io_binding``: inputs and
-    outputs through an ``IOBinding`` (inputs copied to the device once, logits copied back once), the way
-    a GPU caller avoids ORT's own per-run staging.
+    Same artifact file, session options, session replicas (one plain loop per replica, in its own thread)
+    and warm-up as ``engine_throughput``. ``sessions=1``: one session with every thread, ORT's usual set-up.
+    ``io_binding``: inputs and outputs through an ``IOBinding`` (inputs copied to the device once, logits
+    copied back once), the way a GPU caller avoids ORT's own per-run staging.
     """
+    import threading
+
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -77,15 +82,15 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))
-    eng = OnnxEngine(artifact, variant=variant, provider=provider)
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=sessions)
     try:
         tok = Tokenizer.from_str(eng.tokenizer.to_str())  # a copy: the engine's own keeps no padding
         tok.enable_padding(pad_id=eng.pad_id, pad_token=tok.id_to_token(eng.pad_id) or "[PAD]")
         ordered = sorted(texts, key=lambda t: len(eng.tokenizer.encode(t).ids))
         chunks = [ordered[i:i + batch] for i in range(0, len(ordered) - batch + 1, batch)] or [ordered]
         random.Random(0).shuffle(chunks)
-        session, names = eng.session, eng.input_names
-        out_name = session.get_outputs()[0].name
+        names = eng.input_names
+        out_name = eng.session.get_outputs()[0].name
         device = "cuda" if eng.providers[0] != "CPUExecutionProvider" else "cpu"
 
         def arrays(chunk: list[str]) -> dict:
@@ -95,7 +100,7 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
                  "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
             return {k: a[k] for k in names}
 
-        def run(chunk: list[str]) -> int:
+        def run(chunk: list[str], session) -> int:
             feeds = arrays(chunk)
             if io_binding:
                 bind = session.io_binding()
@@ -107,12 +112,25 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
                 return len(bind.copy_outputs_to_cpu()[0])
             return len(session.run(None, feeds)[0])
 
-        run(chunks[0])
-        n, i, t0 = 0, 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            n += run(chunks[i % len(chunks)])
-            i += 1
-        return n / (time.perf_counter() - t0)
+        replicas = eng._replicas
+        for session in replicas:
+            run(chunks[0], session)
+        done = [0] * len(replicas)
+        t0 = time.perf_counter()
+
+        def loop(k: int) -> None:  # replica k takes every len(replicas)-th batch
+            n, i = 0, k
+            while time.perf_counter() - t0 < seconds:
+                n += run(chunks[i % len(chunks)], replicas[k])
+                i += len(replicas)
+            done[k] = n
+
+        threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(replicas))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - t0)
     finally:
         eng.close()
 

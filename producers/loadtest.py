@@ -71,6 +71,7 @@ class Step:
     backlog: int = 0  # not labelled when the read-back ended, at or past the committed offset: not lost, behind
     worker_cpu_us_per_event: float | None = None  # worker process CPU outside the engine thread, per labelled event
     engine_cpu_us_per_event: float | None = None  # CPU of the engine thread(s), per labelled event
+    tokenizer_cpu_us_per_event: float | None = None  # tokenizing, per labelled event (a part of worker_cpu_us_per_event)
     gen: dict | None = None  # generators: output tokens/s, tokens per answer, TTFT and time per output token p50/p99
 
     def row(self) -> dict:
@@ -260,7 +261,8 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
         after = worker_counters(await asyncio.to_thread(scrape, port)) if port else None
         queued = await _queued_ids(cfg.bootstrap, group, topics[0], ins, want - _ids(outs))
         step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target, queued=queued)
-        step.worker_cpu_us_per_event, step.engine_cpu_us_per_event = cpu_per_event(before, after)
+        (step.worker_cpu_us_per_event, step.engine_cpu_us_per_event,
+         step.tokenizer_cpu_us_per_event) = cpu_per_event(before, after)
         if progress:
             progress(progress_line(step))
         return step
@@ -319,6 +321,7 @@ def scrape(port: int | None, timeout: float = 5.0) -> str | None:
 
 
 CPU_SECONDS = "streamlabel_cpu_seconds_total"
+TOKENIZER_CPU = "streamlabel_tokenizer_cpu_seconds_total"
 EVENTS = "streamlabel_events_total"
 
 
@@ -338,6 +341,8 @@ def worker_counters(text: str | None) -> dict[str, float] | None:
                 if s.name == CPU_SECONDS and "part" in s.labels:
                     key = f"cpu_{s.labels['part']}"
                     out[key] = out.get(key, 0.0) + s.value
+                elif s.name == TOKENIZER_CPU:
+                    out["cpu_tokenizer"] = out.get("cpu_tokenizer", 0.0) + s.value
                 elif s.name == EVENTS and s.labels.get("outcome") == "labelled":
                     out["labelled"] = out.get("labelled", 0.0) + s.value
     except ValueError:  # not Prometheus text: treat as absent
@@ -345,10 +350,12 @@ def worker_counters(text: str | None) -> dict[str, float] | None:
     return out
 
 
-def cpu_per_event(before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> tuple[float | None, float | None]:
-    """(outside-engine, engine) CPU µs per labelled event between two scrapes; ``None`` where a figure is missing."""
+def cpu_per_event(before: Mapping[str, float] | None, after: Mapping[str, float] | None
+                  ) -> tuple[float | None, float | None, float | None]:
+    """(outside-engine, engine, tokenizer) CPU µs per labelled event between two scrapes; ``None`` where a figure
+    is missing. The tokenizer's share is a part of the outside-engine figure."""
     if not before or not after or "labelled" not in before or "labelled" not in after:
-        return None, None
+        return None, None, None
     events = after["labelled"] - before["labelled"]
 
     def per(part: str) -> float | None:
@@ -357,7 +364,7 @@ def cpu_per_event(before: Mapping[str, float] | None, after: Mapping[str, float]
             return None
         return round((after[k] - before[k]) / events * 1e6, 1)
 
-    return per("outside_engine"), per("engine")
+    return per("outside_engine"), per("engine"), per("tokenizer")
 
 
 class _VisibleTail:
@@ -464,16 +471,17 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
 
-def cpu_at_knee(steps: Sequence[Step]) -> tuple[float | None, float | None]:
-    """(outside-engine, engine) CPU µs per event at the knee step, else at the busiest step."""
+def cpu_at_knee(steps: Sequence[Step]) -> tuple[float | None, float | None, float | None]:
+    """(outside-engine, engine, tokenizer) CPU µs per event at the knee step, else at the busiest step."""
     if not steps:
-        return None, None
+        return None, None, None
     s = knee_step(steps) or max(steps, key=lambda s: s.offered_rate)
-    return s.worker_cpu_us_per_event, s.engine_cpu_us_per_event
+    return s.worker_cpu_us_per_event, s.engine_cpu_us_per_event, s.tokenizer_cpu_us_per_event
 
 
 # (report key, bar label, colour) of the throughput chart; a key that is absent or None is left out
 BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
+        ("ceiling_one_session_msgs_per_s", "ORT, one session (no Kafka)", "#777"),
         ("capacity_answers_per_s", "generator capacity (no Kafka)", "#888"),
         ("engine_msgs_per_s", "engine (no Kafka)", "#888"),
         ("pipeline_msgs_per_s_at_slo", "pipeline at SLO", "#2a7"),
@@ -483,7 +491,9 @@ BARS = (("ceiling_msgs_per_s", "ORT ceiling (no Kafka)", "#555"),
         ("second_engine_msgs_per_s", "second stage engine", "#aaa"),
         ("second_msgs_per_s_at_slo", "second stage alone at SLO", "#7a4"))
 # (report key, row label, note key) of the HTML figures table
-FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain session.run (no Kafka)", None),
+FIGURE_ROWS = (("ceiling_msgs_per_s", "ORT ceiling: sorted batches, plain session.run on the engine's session "
+                "replicas (no Kafka)", None),
+               ("ceiling_one_session_msgs_per_s", "ORT, one session with every core: sorted batches (no Kafka)", None),
                ("capacity_answers_per_s", "generator capacity: the scheduler, closed loop (no Kafka)", None),
                ("engine_msgs_per_s", "streamlabel engine (no Kafka)", None),
                ("fp32_engine_msgs_per_s", "streamlabel engine, FP32 (no Kafka)", None),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -236,11 +237,18 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         # In a thread: the loop stays free to take a Ctrl-C (the measurement finishes in seconds anyway).
         ceiling = await asyncio.to_thread(L.ceiling_throughput, str(art), texts, variant=variant, batch=max_batch,
                                           seconds=secs)
+        # The engine runs session replicas (model.sessions): also plain ORT's usual set-up, one session with
+        # every core, so the replicas' own gain shows.
+        from pipeline.engine import default_sessions
+
+        ceiling_one = (await asyncio.to_thread(L.ceiling_throughput, str(art), texts, variant=variant, batch=max_batch,
+                                               seconds=secs, sessions=1)) if default_sessions(os.cpu_count() or 1, False) > 1 else None
         eng = await asyncio.to_thread(L.engine_throughput, cascade[0] if cascade else str(art), texts, variant=variant,
                                       batch=max_batch, seconds=secs, **cascade_kw)
         eng_fp32 = (await asyncio.to_thread(L.engine_throughput, str(art), texts, variant="fp32", batch=max_batch,
                                             seconds=secs)) if fp32 else None
-    say(f"ORT ceiling ({variant}, length-sorted batches of {max_batch}, plain session.run): {ceiling:.0f} msgs/s")
+    say(f"ORT ceiling ({variant}, length-sorted batches of {max_batch}, plain session.run): {ceiling:.0f} msgs/s"
+        + (f" (one session with every core: {ceiling_one:.0f} msgs/s)" if ceiling_one else ""))
     say(f"engine ({variant}, batch {max_batch}): {eng:.0f} msgs/s (engine/ceiling = {eng / ceiling:.2f})" +
         (f"; fp32: {eng_fp32:.0f} msgs/s (int8/fp32 = {eng / eng_fp32:.2f}×)" if eng_fp32 else ""))
     fractions = [rate / eng] if rate else ([0.1, 0.5, 0.8, 0.95] if quick else [0.1, 0.25, 0.5, 0.7, 0.85, 0.95, 1.1])
@@ -256,6 +264,7 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         "slo": {"objective_ms": slo_ms, "target": cfg.target},
         "machine": L.machine(), "batch": max_batch, "step_seconds": cfg.step_seconds,
         "ceiling_msgs_per_s": round(ceiling, 1),
+        "ceiling_one_session_msgs_per_s": round(ceiling_one, 1) if ceiling_one else None,
         "engine_msgs_per_s": round(eng, 1),
         "engine_vs_ceiling": L.ratio(eng, ceiling),
         "int8_vs_fp32_engine_ratio": round(eng / eng_fp32, 2) if eng_fp32 else None,
@@ -267,7 +276,8 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     report["unique_msgs_per_s_at_slo"] = knee
     report["pipeline_vs_engine"] = L.ratio(knee, eng)
     report["pipeline_vs_ceiling"] = L.ratio(knee, ceiling)
-    report["worker_cpu_us_per_event"], report["engine_cpu_us_per_event"] = L.cpu_at_knee(steps)
+    (report["worker_cpu_us_per_event"], report["engine_cpu_us_per_event"],
+     report["tokenizer_cpu_us_per_event"]) = L.cpu_at_knee(steps)
     low = min(steps, key=lambda s: s.offered_rate)
     report["low_load_p99_ms"] = low.p99_ms
     report["low_load_rate"] = low.offered_rate
@@ -446,7 +456,9 @@ def summary(report: dict) -> list[str]:
 
     lines = [f"summary — {report['model']} ({report['variant']}, batch {report['batch']}), "
              f"SLO p99 ≤ {report['slo']['objective_ms']:.0f} ms, {report['delivery']}",
-             f"  ORT ceiling (no Kafka)        {fig('ceiling_msgs_per_s'):>12}",
+             f"  ORT ceiling (no Kafka)        {fig('ceiling_msgs_per_s'):>12}"
+             + (f"   one session, every core {fig('ceiling_one_session_msgs_per_s')}"
+                if report.get("ceiling_one_session_msgs_per_s") else ""),
              f"  engine (no Kafka)             {fig('engine_msgs_per_s'):>12}   engine / ceiling        {x('engine_vs_ceiling')}",
              f"  pipeline at the SLO           {fig('pipeline_msgs_per_s_at_slo'):>12}   pipeline / ceiling      {x('pipeline_vs_ceiling')}"]
     if "handwritten_msgs_per_s_at_slo" in report:
@@ -463,6 +475,8 @@ def summary(report: dict) -> list[str]:
         lines.append(f"  naive at the SLO              {fig('naive_msgs_per_s_at_slo'):>12}   "
                      f"pipeline / naive         {x('pipeline_vs_naive')}")
     lines.append(f"  worker CPU per event outside the engine: {us('worker_cpu_us_per_event')}"
+                 + (f", of which tokenizing {us('tokenizer_cpu_us_per_event')}"
+                    if report.get("tokenizer_cpu_us_per_event") is not None else "")
                  + (f" (engine: {us('engine_cpu_us_per_event')})" if report.get("engine_cpu_us_per_event") is not None else ""))
     for key in ("handwritten_note", "naive_note", "second_note"):
         if report.get(key):

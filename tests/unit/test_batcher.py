@@ -260,24 +260,32 @@ async def test_submit_many_answers_in_order_with_repeats_and_failures():
     await b.close()
 
 
-async def test_batched_outputs_equal_one_text_at_a_time(tiny_artifact):
-    """2,000 texts through the batcher (exact tokens, runs padded to their own longest) against the old
-    per-text path (each text alone, no padding at all): same labels, scores within 1e-5 (FP32 variant; INT8's
-    dynamic quantization scales activations per batch, see the README)."""
+@pytest.mark.parametrize("sessions", [1, 2])
+async def test_batched_outputs_equal_one_text_at_a_time(tiny_artifact, sessions):
+    """2,000 texts through the batcher (exact tokens, runs padded to their own longest; with 2 session
+    replicas, two engine calls at once) against the old per-text path (each text alone, no padding at all):
+    same labels, scores within 1e-5 (FP32 variant; INT8's dynamic quantization scales activations per
+    batch, see the README)."""
     from pipeline.engine import OnnxEngine
     from producers.synthetic import Generator
 
     texts = [ev.text for _, ev in zip(range(2000), Generator("mixed", seed=7))]
     texts[10] = "\u200b"  # no content tokens: answered as a failure in both paths
-    eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
+    eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu", sessions=sessions, threads=2)
+    used: set[int] = set()
+    run = eng.infer_sync
+    eng.infer_sync = lambda batch, replica=0: used.add(replica) or run(batch, replica)  # which replicas ran
     try:
         single = [eng.predict_sync([t])[0] for t in texts]
-        b = MicroBatcher(eng, max_batch=64)
+        used.clear()
+        b = MicroBatcher(eng, max_batch=64, concurrency=eng.sessions)
         b.start()
         futs = [b.submit_many(texts[i:i + 250]) for i in range(0, len(texts), 250)]
         batched = [r for f in futs for r in (await asyncio.wait_for(f, 60)).results]
         await b.close()
         assert b.batches < 200, "texts were batched"
+        assert used == set(range(sessions)), f"calls ran on replicas {used}, expected every one of {sessions}"
+        assert len(eng.thread_ids) >= sessions, "each replica's executor thread is counted as the engine's CPU"
         for one, many in zip(single, batched):
             if not isinstance(one, Prediction):
                 assert isinstance(many, EngineFailure)
@@ -286,3 +294,48 @@ async def test_batched_outputs_equal_one_text_at_a_time(tiny_artifact):
             assert max(abs(many.scores[k] - one.scores[k]) for k in one.scores) <= 1e-5
     finally:
         eng.close()
+
+
+async def test_a_hung_engine_call_breaks_the_batcher_at_its_timeout():
+    """A call on the engine's thread that never returns: ``EngineError`` at ``timeout_s`` for every waiting text."""
+    import threading
+
+    from pipeline.engine import DaemonExecutor
+    from pipeline.errors import EngineError
+
+    class HungEngine(RecordingEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = threading.Event()
+            self.executor = DaemonExecutor("hung")
+
+        async def infer(self, batch):
+            return await self.executor.run(self.release.wait)  # the thread blocks; the loop must not
+
+    eng = HungEngine()
+    b = MicroBatcher(eng, max_batch=4, timeout_s=0.3)
+    b.start()
+    try:
+        futs = [b.submit(t) for t in ("one", "two words")]
+        with pytest.raises(EngineError, match="did not return within 0.3 s"):
+            await asyncio.wait_for(asyncio.gather(*futs), 5)
+        assert b.broken is not None
+    finally:
+        eng.release.set()  # the late answer lands on a cancelled future: dropped, not raised
+        await b.close()
+        eng.executor.shutdown(wait=True)
+
+
+async def test_engine_thread_hop_delivers_results_and_errors():
+    from pipeline.engine import DaemonExecutor
+
+    ex = DaemonExecutor("hop")
+    try:
+        assert await ex.run(sum, [1, 2, 3]) == 6
+        with pytest.raises(ZeroDivisionError):
+            await ex.run(divmod, 1, 0)
+        cancelled = ex.run(sum, [1])
+        cancelled.cancel()
+        assert await ex.run(max, 4, 9) == 9, "a cancelled call does not stop the ones after it"
+    finally:
+        ex.shutdown(wait=True)

@@ -20,31 +20,35 @@ streamlabel_events_created{outcome="labelled"} 1.7e9
 # TYPE streamlabel_cpu_seconds_total counter
 streamlabel_cpu_seconds_total{part="outside_engine"} 2.5
 streamlabel_cpu_seconds_total{part="engine"} 10.0
+# HELP streamlabel_tokenizer_cpu_seconds_total CPU time spent tokenizing.
+# TYPE streamlabel_tokenizer_cpu_seconds_total counter
+streamlabel_tokenizer_cpu_seconds_total 1.0
 # HELP streamlabel_inflight Records taken from Kafka and not yet committed.
 # TYPE streamlabel_inflight gauge
 streamlabel_inflight 0.0
 """
 
 METRICS_AFTER = (METRICS_BEFORE.replace('outcome="labelled"} 1.0', 'outcome="labelled"} 1001.0')
-                 .replace('"outside_engine"} 2.5', '"outside_engine"} 2.75').replace('"engine"} 10.0', '"engine"} 11.5'))
+                 .replace('"outside_engine"} 2.5', '"outside_engine"} 2.75').replace('"engine"} 10.0', '"engine"} 11.5')
+                 .replace("tokenizer_cpu_seconds_total 1.0", "tokenizer_cpu_seconds_total 1.04"))
 
 
 def test_worker_counters_read_cpu_by_part_and_labelled_events():
     before, after = worker_counters(METRICS_BEFORE), worker_counters(METRICS_AFTER)
-    assert before == {"labelled": 1.0, "cpu_outside_engine": 2.5, "cpu_engine": 10.0}
-    # 0.25 s outside the engine and 1.5 s in it over 1000 events
-    assert cpu_per_event(before, after) == (250.0, 1500.0)
+    assert before == {"labelled": 1.0, "cpu_outside_engine": 2.5, "cpu_engine": 10.0, "cpu_tokenizer": 1.0}
+    # 0.25 s outside the engine (0.04 s of it tokenizing) and 1.5 s in it over 1000 events
+    assert cpu_per_event(before, after) == (250.0, 1500.0, 40.0)
 
 
 def test_cpu_figures_are_none_when_the_worker_does_not_export_them():
     no_cpu = "".join(line + "\n" for line in METRICS_BEFORE.splitlines() if "cpu_seconds" not in line)
     assert worker_counters(no_cpu) == {"labelled": 1.0}
-    assert cpu_per_event(worker_counters(no_cpu), worker_counters(no_cpu)) == (None, None)
-    assert cpu_per_event(None, worker_counters(METRICS_AFTER)) == (None, None)  # no endpoint answered
+    assert cpu_per_event(worker_counters(no_cpu), worker_counters(no_cpu)) == (None, None, None)
+    assert cpu_per_event(None, worker_counters(METRICS_AFTER)) == (None, None, None)  # no endpoint answered
     assert worker_counters(None) is None
     assert worker_counters("this is { not prometheus text") is None
     # no event labelled between the scrapes: no figure rather than a division by zero
-    assert cpu_per_event(worker_counters(METRICS_BEFORE), worker_counters(METRICS_BEFORE)) == (None, None)
+    assert cpu_per_event(worker_counters(METRICS_BEFORE), worker_counters(METRICS_BEFORE)) == (None, None, None)
 
 
 def _step(name: str, rate: float, latency_ms: int, n: int = 100, answered: int | None = None, queued=()) -> Step:
@@ -81,9 +85,10 @@ def test_cpu_at_the_knee_step_else_the_busiest():
     mid.engine_cpu_us_per_event = 500.0
     assert knee_step([low, mid, high]) in (low, mid) and knee([low, mid, high]) == knee_step([low, mid, high]).throughput
     mid.throughput = low.throughput + 1  # the knee is the busiest step that held the SLO
-    assert cpu_at_knee([low, mid, high]) == (90.0, 500.0)
-    assert cpu_at_knee([high]) == (80.0, None)  # no step met the SLO: the busiest step's figure
-    assert cpu_at_knee([]) == (None, None)
+    mid.tokenizer_cpu_us_per_event = 30.0
+    assert cpu_at_knee([low, mid, high]) == (90.0, 500.0, 30.0)
+    assert cpu_at_knee([high]) == (80.0, None, None)  # no step met the SLO: the busiest step's figure
+    assert cpu_at_knee([]) == (None, None, None)
 
 
 def test_ceiling_runs_on_the_engines_session_and_tokenizer(tiny_artifact):
