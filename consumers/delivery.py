@@ -272,6 +272,19 @@ class _Protocol:
                              offsets=f"{batch.first}-{batch.last}", note="not published; the owner re-reads them")
         part.check_open()
 
+    async def _send_all(self, producer, outputs: Sequence[Output]) -> list[tuple[Output, asyncio.Future]]:
+        """Enqueue every output in order; ``(output, ack future)`` each. The common case is one ``send`` per
+        record; a refused or failing one takes ``_send`` (retries, the too-large fallback)."""
+        send = producer.send
+        sent = []
+        for o in outputs:
+            try:
+                fut = await send(o.topic, value=o.value, key=o.key, headers=o.headers)
+            except KafkaError:
+                fut = await self._send(producer, o)
+            sent.append((o, fut))
+        return sent
+
     async def _send(self, producer, o: Output) -> asyncio.Future:
         """Enqueue one record (retrying a busy client); a record refused as too large is replaced by its fallback."""
         for attempt in range(SEND_RETRIES):
@@ -402,7 +415,7 @@ class AtLeastOnce(_Protocol):
         part = batch.owner
         try:
             await self._await_turn(part, batch)
-            sent = [(o, await self._send(self.producer, o)) for o in outputs]
+            sent = await self._send_all(self.producer, outputs)
         finally:
             batch.release_turn()
         for o, fut in sent:
@@ -543,8 +556,7 @@ class ExactlyOnce(_Protocol):
                     part.txn = _Txn(started=time.monotonic())
                 txn = part.txn
                 try:
-                    for o in outputs:
-                        txn.acks.append(await self._send(part.producer, o))
+                    txn.acks.extend(fut for _, fut in await self._send_all(part.producer, outputs))
                 except BaseException:
                     txn.dirty = True
                     raise

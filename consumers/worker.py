@@ -36,7 +36,7 @@ from pipeline.errors import BadEvent, ConfigError, EngineError
 from pipeline.events import Event, Generation, Prediction, decode_event, encode_generation, encode_label, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
-from pipeline.slo import SloTracker
+from pipeline.slo import STAGES, SloTracker
 
 H_ERROR = "streamlabel.error"
 H_TOPIC = "streamlabel.source.topic"
@@ -95,12 +95,14 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.slo = slo or SloTracker(settings.slo.objective_ms, settings.slo.target)
         stage_hist = self.metrics.stage
-        self.slo.observer = lambda stage, seconds: stage_hist.labels(stage).observe(seconds)
+        stage_obs = {st: stage_hist.labels(st).observe for st in STAGES}  # one label look-up per stage, not per batch
+        self.slo.observer = lambda stage, seconds: (stage_obs.get(stage) or stage_hist.labels(stage).observe)(seconds)
         self.cache = cache or NullCache()
         self.caching = not isinstance(self.cache, NullCache)
         self._labelled_counter = self.metrics.events.labels("labelled")
         self._bad_deadline_logged = False
         self._fetched = self._fetched_seen = self._fetched_bytes = self._fetched_bytes_seen = 0
+        self._takes = 0  # poll batches taken (one per partition per poll): records / takes is the batch size
         self.name = name
         self.log = logs.get("streamlabel.worker").bind(worker=name)
         b = settings.batching
@@ -123,7 +125,8 @@ class Worker:
                               f"{'|'.join(g.stop)}|{g.ignore_eos}|{g.do_sample and (g.temperature, g.top_p, g.seed)}")
         else:
             self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens,
-                                        max_wait_ms=b.max_wait_ms, concurrency=b.engine_concurrency, metrics=self.metrics,
+                                        max_wait_ms=b.max_wait_ms, metrics=self.metrics,
+                                        concurrency=b.engine_concurrency or getattr(self.engine, "sessions", 1),
                                         slo=self.slo, timeout_s=b.engine_timeout_s)
             if hasattr(engine, "pressure"):  # a cascade: a full batch waiting means no time to escalate
                 engine.pressure = lambda: self.batcher.waiting() >= self.batcher.max_batch
@@ -234,7 +237,8 @@ class Worker:
         finally:
             await self._close_clients(time.monotonic() + 5.0)
             self.log.info("worker_stopped", labelled=self.labelled, dlq=self.dead_lettered, unreadable=self.unreadable,
-                          commits=self.commits, refused_after_revoke=self.delivery.refused)
+                          commits=self.commits, refused_after_revoke=self.delivery.refused,
+                          records_per_poll_batch=round(self._fetched / max(1, self._takes), 1))
         if self._fatal is not None:
             if isinstance(self._fatal, (EngineError, ConfigError)):
                 raise self._fatal
@@ -347,6 +351,7 @@ class Worker:
         self._expect[tp] = records[-1].offset + 1
         self.inflight += len(records)
         self._fetched += len(records)
+        self._takes += 1
         self._fetched_bytes += sum(len(r.value or b"") for r in records) + 70 * len(records)  # + record framing
         self.fail.hit("after_poll")
         task = asyncio.get_running_loop().create_task(self._handle(tp, batch, records, t_poll))
@@ -598,9 +603,7 @@ class Worker:
             self.labelled += len(labelled)
             self._labelled_counter.inc(len(labelled))
             self.slo.record_e2e_many(e2e)
-            observe = self.metrics.e2e.observe
-            for ms in e2e:
-                observe(ms / 1000.0)
+            self.metrics.e2e.observe_many(e2e, scale=0.001)
         if reasons:
             self.dead_lettered += len(reasons)
             self.metrics.events.labels("dlq").inc(len(reasons))
