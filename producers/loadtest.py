@@ -73,6 +73,10 @@ class Step:
     engine_cpu_us_per_event: float | None = None  # CPU of the engine thread(s), per labelled event
     tokenizer_cpu_us_per_event: float | None = None  # tokenizing, per labelled event (a part of worker_cpu_us_per_event)
     gen: dict | None = None  # generators: output tokens/s, tokens per answer, TTFT and time per output token p50/p99
+    # classifiers: p50/p99 ms of each part of a label's latency, from the label's own latency_ms: to_batcher
+    # (input written → admitted to the batcher: produce, fetch, poll, decode, tokenize), batch_wait, infer,
+    # publish (label built → acknowledged by the broker)
+    breakdown: dict | None = None
 
     def row(self) -> dict:
         d = asdict(self)
@@ -94,6 +98,7 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
     tokens: list[int] = []
     ttft: list[float] = []
     tpot: list[float] = []
+    parts: dict[str, list[float]] = {"to_batcher": [], "batch_wait": [], "infer": [], "publish": []}
     t0 = min(inputs.values()) if inputs else 0
     for r in outputs:
         doc = orjson.loads(r.value)
@@ -112,6 +117,12 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
                 if doc["tokens"] > 1:
                     tpot.append(float(lm["decode"]) / (doc["tokens"] - 1))
         ms = r.timestamp - inputs[i]
+        lm = doc.get("latency_ms") or {}
+        if "batch_wait" in lm and not doc.get("cached"):  # a classifier's label: where its latency went
+            parts["batch_wait"].append(lm["batch_wait"])
+            parts["infer"].append(lm["infer"])
+            parts["to_batcher"].append(max(0.0, lm["e2e"] - lm["batch_wait"] - lm["infer"]))
+            parts["publish"].append(max(0.0, ms - lm["e2e"]))
         lat.append(ms)
         series.append(((inputs[i] - t0) / 1000.0, float(ms)))
     good = sum(1 for x in lat if x <= slo_ms)
@@ -128,6 +139,8 @@ def analyse(name: str, inputs: dict[str, int], outputs: list, offered: float, ac
                 throughput=round(len(seen) / span, 1) if span > 0 else 0.0,
                 meets_slo=bool(lat) and lost == 0 and backlog == 0 and p99 <= slo_ms and good / len(inputs) >= target - 1e-9,
                 series=sorted(series)[::step], backlog=backlog,
+                breakdown=({k: {"p50_ms": round(pct(v, 50), 2), "p99_ms": round(pct(v, 99), 2)} for k, v in parts.items()}
+                           if parts["publish"] else None),
                 gen=({"tokens_per_s": round(sum(tokens) / span, 1) if span > 0 else 0.0,
                       "tokens_per_answer": round(sum(tokens) / len(tokens), 1),
                       "ttft_p50_ms": pct(ttft, 50) if ttft else None, "ttft_p99_ms": pct(ttft, 99) if ttft else None,

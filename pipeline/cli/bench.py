@@ -281,6 +281,7 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     low = min(steps, key=lambda s: s.offered_rate)
     report["low_load_p99_ms"] = low.p99_ms
     report["low_load_rate"] = low.offered_rate
+    report["low_load_breakdown"] = low.breakdown
     busiest_ok = max((s for s in steps if s.meets_slo), key=lambda s: s.offered_rate, default=steps[-1])
     report["series_step"] = {"offered_rate": busiest_ok.offered_rate, "series": busiest_ok.series}
     if cascade is not None:
@@ -474,6 +475,10 @@ def summary(report: dict) -> list[str]:
     if "naive_msgs_per_s_at_slo" in report:
         lines.append(f"  naive at the SLO              {fig('naive_msgs_per_s_at_slo'):>12}   "
                      f"pipeline / naive         {x('pipeline_vs_naive')}")
+    b = report.get("low_load_breakdown")
+    if b:
+        lines.append(f"  at the lowest load ({report['low_load_rate']:,.0f}/s, p99 {report['low_load_p99_ms']:.0f} ms), "
+                     "p50/p99 ms: " + ", ".join(f"{k.replace('_', ' ')} {v['p50_ms']:g}/{v['p99_ms']:g}" for k, v in b.items()))
     lines.append(f"  worker CPU per event outside the engine: {us('worker_cpu_us_per_event')}"
                  + (f", of which tokenizing {us('tokenizer_cpu_us_per_event')}"
                     if report.get("tokenizer_cpu_us_per_event") is not None else "")

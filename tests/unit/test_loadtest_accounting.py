@@ -63,3 +63,21 @@ def test_generator_is_seeded_labelled_and_duplicates_as_asked():
     g.burst("ACME", 1.0)
     burst = [e for _, e in zip(range(400), g) if e.entity == "ACME"]
     assert burst and all(e.label == "negative" for e in burst)
+
+
+def test_latency_breakdown_from_the_labels_own_figures():
+    """Each label says when it was built and how long it waited and ran: the rest is before the batcher
+    (produce, fetch, decode, tokenize) and after it (publish to the broker's acknowledgement)."""
+    inputs = {f"e{i}": 1_000_000 for i in range(100)}
+    out = []
+    for n, i in enumerate(inputs):
+        slow_publish = 30 if n == 99 else 0  # one label whose publish took 30 ms longer
+        lm = {"e2e": 10, "batch_wait": 1.5, "infer": 2.5}
+        out.append(Rec(orjson.dumps({"id": i, "cached": False, "latency_ms": lm}), 1_000_000 + 12 + slow_publish))
+    out.append(Rec(orjson.dumps({"id": "e0", "cached": True, "latency_ms": {"e2e": 1}}), 1_000_050))  # a duplicate
+    s = analyse("x", inputs, out, offered=100, achieved=100, slo_ms=250, target=0.99)
+    b = s.breakdown
+    assert b["to_batcher"] == {"p50_ms": 6.0, "p99_ms": 6.0}
+    assert b["batch_wait"]["p99_ms"] == 1.5 and b["infer"]["p50_ms"] == 2.5
+    assert b["publish"] == {"p50_ms": 2.0, "p99_ms": 2.0} and s.max_ms == 42
+    assert analyse("y", inputs, outs((i, 1_000_005) for i in inputs), 100, 100, 250, 0.99).breakdown is None
