@@ -9,7 +9,6 @@ that start from text.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import queue
 import threading
@@ -340,11 +339,13 @@ def default_sessions(threads: int, gpu: bool) -> int:
     return 1 if gpu or threads < 2 else 2
 
 
-class DaemonExecutor(concurrent.futures.Executor):
-    """One daemon thread running calls in order.
+class DaemonExecutor:
+    """One daemon thread running calls in order, each answered through an asyncio future of the caller's loop.
 
     Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit), a call that never returns
     (a hung native kernel) cannot keep the process alive after the worker has stopped on its own timeout.
+    And the hop is half the CPU of ``loop.run_in_executor`` (55 vs 105 µs per call, both threads, measured
+    here), which wraps a ``concurrent.futures.Future`` (a lock and a condition each) in an asyncio one.
     """
 
     def __init__(self, name: str) -> None:
@@ -354,20 +355,8 @@ class DaemonExecutor(concurrent.futures.Executor):
         self._thread.start()
         self.native_id = self._thread.native_id
 
-    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
-        if self._closed:
-            raise RuntimeError("executor is shut down")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._q.put((fut, fn, args, kwargs))
-        return fut
-
     def run(self, fn, /, *args) -> asyncio.Future:
-        """``fn(*args)`` on this thread, as an asyncio future of the running loop.
-
-        The hop the engine takes per call: half the CPU of ``loop.run_in_executor`` (55 vs 105 µs per call,
-        both threads, measured here), which wraps a ``concurrent.futures.Future`` (a lock and a condition
-        each) in an asyncio one. Cancelling the future does not stop a call already running.
-        """
+        """``fn(*args)`` on this thread. Cancelling the future does not stop a call already running."""
         if self._closed:
             raise RuntimeError("executor is shut down")
         loop = asyncio.get_running_loop()
@@ -380,23 +369,15 @@ class DaemonExecutor(concurrent.futures.Executor):
             item = self._q.get()
             if item is None:
                 return
-            fut, fn, args, extra = item
-            if isinstance(extra, asyncio.AbstractEventLoop):
-                if fut.cancelled():
-                    continue
-                try:
-                    result = fn(*args)
-                except BaseException as exc:  # noqa: BLE001 — handed to the caller through the future
-                    _deliver_threadsafe(extra, fut, None, exc)
-                else:
-                    _deliver_threadsafe(extra, fut, result, None)
-                continue
-            if not fut.set_running_or_notify_cancel():
+            fut, fn, args, loop = item
+            if fut.cancelled():  # a read of its state: cancelled before it ran (a timeout, a shutdown)
                 continue
             try:
-                fut.set_result(fn(*args, **extra))
+                result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 — handed to the caller through the future
-                fut.set_exception(exc)
+                _deliver_threadsafe(loop, fut, None, exc)
+            else:
+                _deliver_threadsafe(loop, fut, result, None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if self._closed:
@@ -408,15 +389,11 @@ class DaemonExecutor(concurrent.futures.Executor):
                     item = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    continue
-                if isinstance(item[3], asyncio.AbstractEventLoop):  # an asyncio future: cancelled on its loop
+                if item is not None:  # cancelled on its own loop
                     try:
                         item[3].call_soon_threadsafe(item[0].cancel)
-                    except RuntimeError:
+                    except RuntimeError:  # that loop is closed: nobody waits
                         pass
-                else:
-                    item[0].cancel()
         self._q.put(None)
         if wait:
             self._thread.join()

@@ -108,4 +108,7 @@ class _FaultyEngine:
         if hang_at is not None and self._calls == hang_at:
             # Block a thread for good, as a hung native call would; the awaiting coroutine can be cancelled.
             executor = getattr(self._inner, "_executor", None)
-            await asyncio.get_running_loop().run_in_executor(executor, threading.Event().wait)
+            if executor is not None:  # the engine's own thread, as a hung kernel would hold it
+                await executor.run(threading.Event().wait)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, threading.Event().wait)
