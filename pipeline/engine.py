@@ -176,9 +176,9 @@ class OnnxEngine:
                 pass
         before = _task_ids()
         try:
-            self._replicas = [ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)
+            self.replicas = [ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)
                               for _ in range(self.sessions)]
-            self.session = self._replicas[0]
+            self.session = self.replicas[0]
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0]}",
                              where=str(root), hint="rebuild the artifact or pick another --variant") from None
@@ -245,7 +245,7 @@ class OnnxEngine:
             return []
         t0 = time.perf_counter()
         enc = self.pack(batch)
-        out = self._replicas[replica].run(None, enc.arrays)[0]
+        out = self.replicas[replica].run(None, enc.arrays)[0]
         probs = softmax(out.astype(np.float64))
         best = probs.argmax(axis=1).tolist()
         rounded = np.round(probs, 6).tolist()
@@ -294,7 +294,7 @@ class OnnxEngine:
         larger shape timed here, clamped to [1, 512].
         """
         widths = sorted({self.width(w) for w in (8, 16, 32, 64, self.max_length)})
-        for session in self._replicas:
+        for session in self.replicas:
             for width in widths:
                 for bs in batch_sizes:
                     session.run(None, self._dummy(bs, width))

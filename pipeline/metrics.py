@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import bisect
 import itertools
 import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily

@@ -112,7 +112,7 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
                 return len(bind.copy_outputs_to_cpu()[0])
             return len(session.run(None, feeds)[0])
 
-        replicas = eng._replicas
+        replicas = eng.replicas
         for session in replicas:
             run(chunks[0], session)
         done = [0] * len(replicas)
