@@ -485,7 +485,8 @@ class ExactlyOnce(_Protocol):
 
     0. ``assign``: the partition is paused, its producer is created and started (InitProducerId fences any
        older owner and waits for its open transaction to end), the committed offset is read again and
-       the consumer seeks to it, then the partition is resumed. Nothing is read before it is fenced.
+       the consumer seeks to it (never to before the end of this worker's own last committed transaction
+       for the partition: a stale read), then the partition is resumed. Nothing is read before it is fenced.
     1. ``publish``: wait for the previous batch's turn, take the partition lock, refuse if not open, begin a
        transaction if none is open, enqueue the outputs into it, release the turn and the lock; then wait
        until the transaction holding the batch commits (or fails).
@@ -511,6 +512,9 @@ class ExactlyOnce(_Protocol):
         self.can_resume = can_resume
         self.txn_timeout_s = txn_timeout_s
         self.aborted = 0
+        # The end offset of this worker's last committed transaction per partition, kept across revocations:
+        # a partition that comes back is never read from before it (see ``_start``).
+        self.committed_end: dict[TopicPartition, int] = {}
 
     async def assign(self, tps: Iterable[TopicPartition]) -> None:
         new = []
@@ -537,6 +541,14 @@ class ExactlyOnce(_Protocol):
             await _stop_quietly(prod, 2.0)
             return
         part.producer = prod
+        ours = self.committed_end.get(part.tp)
+        if ours is not None and (committed is None or committed < ours):
+            # commit_transaction returned for offsets up to ``ours``, so they are committed; an older answer is
+            # a stale read (aiokafka's OffsetFetch cannot ask the broker for stable offsets, KIP-447). Reading
+            # from it would label those records twice.
+            self.log.warning("stale_committed_offset", partition=part.tp.partition, broker=committed, ours=ours,
+                             note="resuming after this worker's own last committed transaction")
+            committed = ours
         if committed is not None:
             self.consumer.seek(part.tp, committed)
             part.tracker.committed(committed)
@@ -612,6 +624,7 @@ class ExactlyOnce(_Protocol):
             for b in txn.batches:
                 part.tracker.done(b)
             part.tracker.committed(end)
+            self.committed_end[tp] = max(end, self.committed_end.get(tp, end))
             for w in txn.waiters:
                 if not w.done():
                     w.set_result(None)

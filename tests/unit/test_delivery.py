@@ -407,3 +407,33 @@ def test_handlers_publish_in_poll_order_whatever_order_they_finish():
         return acked
 
     assert [int(v) for v in asyncio.run(go())] == list(range(10))
+
+
+def test_exactly_once_never_resumes_before_its_own_committed_transaction():
+    """A partition revoked and assigned back to the same worker: if the broker answers an older committed offset
+    than the transaction this worker saw commit (a stale read), the worker seeks past its own commit."""
+    async def go():
+        consumer = MemConsumer()
+        visible: list = []
+        proto = ExactlyOnce(consumer, lambda tp: MemProducer(visible, consumer), group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        b = proto.admit(TP, batches_of([3])[0])
+        t = asyncio.ensure_future(proto.publish(b, [Output("o", None, str(o).encode(), []) for o in range(3)]))
+        await asyncio.sleep(0)
+        await proto.tick()
+        await t
+        loop = asyncio.get_running_loop()
+        await proto.revoke([TP], loop.time() + 1)
+        assert consumer.stored[TP] == 3
+        consumer.stored[TP] = 1  # the broker's answer lags the commit
+        await proto.assign([TP])
+        stale_seek = consumer.seeks[TP]
+        consumer.stored[TP] = 7  # another owner committed further meanwhile: the broker's answer wins
+        await proto.revoke([TP], loop.time() + 1)
+        await proto.assign([TP])
+        return stale_seek, consumer.seeks[TP], visible
+
+    stale_seek, later_seek, visible = asyncio.run(go())
+    assert visible == [b"0", b"1", b"2"]
+    assert stale_seek == 3, "resumed after its own committed transaction, not at the stale offset 1"
+    assert later_seek == 7
