@@ -36,14 +36,18 @@ from aiokafka.errors import (
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     RecordTooLargeError,
 )
 
 from pipeline import logs
 from pipeline.failpoints import InjectedFault
+from pipeline.kafka import committed as read_committed
 
 SEND_RETRIES = 5
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+# After the broker refuses a batch, the idempotent producer's later batches of that partition are out of order.
+_SEQUENCE_SPENT = _TOO_LARGE + (OutOfOrderSequenceNumber,)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -149,7 +153,7 @@ class Lifecycle(enum.Enum):
 class _Txn:
     started: float
     batches: list[Batch] = field(default_factory=list)
-    acks: list[asyncio.Future] = field(default_factory=list)
+    sent: list[tuple[Output, asyncio.Future]] = field(default_factory=list)  # in send order, with their acks
     waiters: list[asyncio.Future] = field(default_factory=list)
     dirty: bool = False  # a batch was cut off mid-send: this transaction may only be aborted
 
@@ -170,6 +174,7 @@ class Partition:
         self.producer = None  # exactly-once: this partition's transactional producer
         self.lock = asyncio.Lock()  # exactly-once: sends and the commit of the open transaction take turns
         self.txn: _Txn | None = None
+        self.committing: asyncio.Task | None = None  # exactly-once: the commit running for it, if any
 
     @property
     def open(self) -> bool:
@@ -221,16 +226,27 @@ class _Protocol:
     mode = "?"
 
     def __init__(self, consumer, *, group_id: str, commit_interval_s: float, log=None,
-                 on_point: Callable[[str], None] | None = None) -> None:
+                 on_point: Callable[[str], None] | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.consumer = consumer
         self.group_id = group_id
         self.commit_interval_s = commit_interval_s
         self.parts: dict[TopicPartition, Partition] = {}
         self.log = log or logs.get("streamlabel.delivery")
         self._point = on_point or (lambda _name: None)
+        self._on_failure = on_failure
+        self.failure: BaseException | None = None  # the first failure of a background commit
         self.commits = 0
         self.dropped_after_revoke = 0  # records whose handlers were cancelled at a revoke deadline
         self.refused = 0  # batches that reached publish after their partition was revoked or failed
+        self.too_large = 0  # outputs the broker refused as too large (replaced by their fallbacks)
+
+    def _report(self, exc: BaseException) -> None:
+        """A failure of work running on its own (a commit task): to the supervisor, once."""
+        if self.failure is None:
+            self.failure = exc
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     # -- admission ---------------------------------------------------------------------------------
     def admit(self, tp: TopicPartition, records: Sequence) -> Batch | None:
@@ -406,26 +422,29 @@ class AtLeastOnce(_Protocol):
 
     mode = "at_least_once"
 
-    def __init__(self, consumer, producer, **kw) -> None:
+    def __init__(self, consumer, producer, *, make_producer: Callable[[], object] | None = None, **kw) -> None:
         super().__init__(consumer, **kw)
         self.producer = producer
+        self.make_producer = make_producer  # a fresh, unstarted producer (to replace one a refusal broke)
+        self.renewed = 0
+        self._renewing = asyncio.Lock()
+        self._retired: set[asyncio.Task] = set()
         self._commit_failures = 0
 
     async def publish(self, batch: Batch, outputs: Sequence[Output]) -> None:
         part = batch.owner
         try:
             await self._await_turn(part, batch)
-            sent = await self._send_all(self.producer, outputs)
+            producer = self.producer
+            sent = await self._send_all(producer, outputs)
         finally:
             batch.release_turn()
         for o, fut in sent:
             try:
                 await fut
-            except _TOO_LARGE as exc:
-                if o.fallback is None:
-                    part.fail(batch, f"output refused as too large: {exc!r}")
-                    raise DeliveryFailed(f"output to '{o.topic}' refused as too large: {exc!r}") from exc
-                await self._ack(part, batch, await self._send(self.producer, o.fallback))
+            except _SEQUENCE_SPENT:  # the broker refused a batch (too large) and so broke the producer's sequence
+                await self._renew(producer)
+                await self._alone(part, batch, o)
             except KafkaError as exc:
                 part.fail(batch, f"not acknowledged: {exc!r}")
                 raise DeliveryFailed(f"output to '{o.topic}' not acknowledged: {exc!r}") from exc
@@ -433,12 +452,55 @@ class AtLeastOnce(_Protocol):
         for _ in outputs:
             self._point("after_publish")
 
-    async def _ack(self, part: Partition, batch: Batch, fut: asyncio.Future) -> None:
+    async def _alone(self, part: Partition, batch: Batch, o: Output) -> None:
+        """A record whose producer batch the broker refused as too large. The broker judges whole batches (and
+        aiokafka does not split them), so the record is sent again on its own, awaited; only if it is refused
+        on its own (a few tries: another handler's records may share its batch) does its fallback replace it."""
+        for _ in range(3):
+            producer = self.producer
+            try:
+                await (await self._send(producer, o))
+                return
+            except _SEQUENCE_SPENT:
+                await self._renew(producer)
+            except KafkaError as exc:
+                part.fail(batch, f"not acknowledged: {exc!r}")
+                raise DeliveryFailed(f"output to '{o.topic}' not acknowledged: {exc!r}") from exc
+        if o.fallback is None:
+            part.fail(batch, "output refused as too large")
+            raise DeliveryFailed(f"output to '{o.topic}' refused as too large, with no fallback")
+        self.too_large += 1
         try:
-            await fut
+            await (await self._send(self.producer, o.fallback))
         except KafkaError as exc:
             part.fail(batch, f"not acknowledged: {exc!r}")
             raise DeliveryFailed(f"output not acknowledged: {exc!r}") from exc
+
+    async def _renew(self, broken) -> None:
+        """Replace a producer the broker refused a batch from. The idempotent producer has already numbered that
+        batch, so every later batch of its partition would fail as out of order (a restart loop). The new one
+        starts a fresh sequence; records in flight on the old one are sent again by their handlers."""
+        if self.make_producer is None:
+            return
+        async with self._renewing:
+            if self.producer is not broken:  # another handler renewed it already
+                return
+            new = self.make_producer()
+            await asyncio.wait_for(new.start(), 30.0)
+            self.producer = new
+            self.renewed += 1
+            self.log.warning("producer_renewed", reason="a batch was refused as too large",
+                             note="its sequence numbers are spent; records in flight are sent again")
+            task = asyncio.get_running_loop().create_task(_stop_quietly(broken, 30.0))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
+    async def stop_clients(self, deadline: float) -> None:
+        """Stop the producer (and any replaced one still flushing)."""
+        if self._retired:
+            await asyncio.wait(list(self._retired), timeout=max(0.1, deadline - time.monotonic()))
+        if self.producer is not None:
+            await _stop_quietly(self.producer, max(0.5, deadline - time.monotonic()))
 
     async def tick(self) -> None:
         await self.commit()
@@ -457,8 +519,9 @@ class AtLeastOnce(_Protocol):
         if not offsets:
             return
         try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # Bounded: a coordinator that does not answer must not hold the commit loop (the next tick retries).
+            await asyncio.wait_for(self.consumer.commit(offsets), max(5.0, 10 * self.commit_interval_s))
+        except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
             if not self._commit_failures:  # once per streak: an outage must not log ten lines a second
                 self.log.warning("commit_failed", error=type(exc).__name__, partitions=len(offsets),
                                  note="retried every interval with the same offsets")
@@ -484,22 +547,32 @@ class ExactlyOnce(_Protocol):
     (``transactional.id = GROUP.TOPIC.PARTITION``).
 
     0. ``assign``: the partition is paused, its producer is created and started (InitProducerId fences any
-       older owner and waits for its open transaction to end), the committed offset is read again and
-       the consumer seeks to it (never to before the end of this worker's own last committed transaction
-       for the partition: a stale read), then the partition is resumed. Nothing is read before it is fenced.
+       older owner and waits for its open transaction to end: committed, or aborted), the committed offset
+       is read again, strictly (``pipeline.kafka.committed``: a coordinator still loading is waited for,
+       never taken for "never committed"; stable offsets where the broker offers them) and the consumer
+       seeks to it (never to before the end of this worker's own last committed transaction for the
+       partition: a stale read), then the partition is resumed. Nothing is read before it is fenced. If one
+       partition fails to start, the others starting beside it are cancelled (their producers stopped).
     1. ``publish``: wait for the previous batch's turn, take the partition lock, refuse if not open, begin a
        transaction if none is open, enqueue the outputs into it, release the turn and the lock; then wait
        until the transaction holding the batch commits (or fails).
-    2. ``tick``: a partition whose transaction is older than the commit interval commits it under the lock
-       (no sends in between): await every ack, check the transaction's batches are exactly the oldest
-       batches not yet done (so its end offset passes nothing incomplete), ``send_offsets_to_transaction``
-       (end of its last batch), ``commit_transaction``. Then its batches are done and committed.
+    2. ``tick``: each partition whose transaction is older than the commit interval gets its own commit task
+       (one slow commit never holds up another partition's), under the lock (no sends in between): await
+       every ack, check the transaction's batches are exactly the oldest batches not yet done (so its end
+       offset passes nothing incomplete), ``send_offsets_to_transaction`` (end of its last batch),
+       ``commit_transaction``. Then its batches are done and committed. A record the broker refused as too
+       large poisons the transaction: it is aborted and sent again whole, with that record's fallback.
     3. A failed transaction is aborted, the partition is FAILED (latched: later batches are refused and
-       never committed), ``DeliveryFailed`` stops the worker, and the restart re-reads from the last
-       committed transaction. read_committed readers never see an aborted output.
-    4. Revoke: drain (batches inside the open transaction count as settled), cancel what is left, commit
-       the transaction (or abort it if a cancelled handler left a batch half-sent), stop the producer.
-       A revoked partition's producer is closed, so a late handler cannot produce for it.
+       never committed) and, if it was still assigned, ``DeliveryFailed`` goes to ``on_failure`` (the worker
+       stops; the restart re-reads from the last committed transaction). A commit whose partition was revoked
+       meanwhile fails alone: the next owner re-reads it; the worker goes on. A commit that timed out or was
+       cut off after ``commit_transaction`` was sent has an outcome only the broker knows: it is not aborted
+       (the producer is committing), the partition is latched, and whoever reads the partition next starts
+       only after step 0's fence and strict read, which see that outcome. read_committed readers never see
+       an aborted output; a commit cancelled before ``commit_transaction`` aborts its transaction first.
+    4. Revoke: drain (batches inside the open transaction count as settled), wait for a commit in flight,
+       commit the transaction (or abort it if a cancelled handler left a batch half-sent), cancel what is
+       left, stop the producer. A revoked partition's producer is closed, so a late handler cannot produce.
     """
 
     mode = "exactly_once"
@@ -512,6 +585,7 @@ class ExactlyOnce(_Protocol):
         self.can_resume = can_resume
         self.txn_timeout_s = txn_timeout_s
         self.aborted = 0
+        self.outcome_unknown = 0  # commits cut off after commit_transaction was sent
         # The end offset of this worker's last committed transaction per partition, kept across revocations:
         # a partition that comes back is never read from before it (see ``_start``).
         self.committed_end: dict[TopicPartition, int] = {}
@@ -527,13 +601,18 @@ class ExactlyOnce(_Protocol):
         if not new:
             return
         self.consumer.pause(*[p.tp for p in new])  # before any await: nothing is read before the fence
-        await asyncio.gather(*(self._start(p) for p in new))
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the others (each stops its producer)
+                for p in new:
+                    group.create_task(self._start(p))
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
 
     async def _start(self, part: Partition) -> None:
         prod = self.make_producer(part.tp)
         try:
             await asyncio.wait_for(prod.start(), self.txn_timeout_s)
-            committed = await self.consumer.committed(part.tp)
+            committed = await read_committed(self.consumer, part.tp, self.txn_timeout_s)
         except BaseException:
             await _stop_quietly(prod, 2.0)
             raise
@@ -544,8 +623,7 @@ class ExactlyOnce(_Protocol):
         ours = self.committed_end.get(part.tp)
         if ours is not None and (committed is None or committed < ours):
             # commit_transaction returned for offsets up to ``ours``, so they are committed; an older answer is
-            # a stale read (aiokafka's OffsetFetch cannot ask the broker for stable offsets, KIP-447). Reading
-            # from it would label those records twice.
+            # a stale read (a broker without stable offset reads). Reading from it would label those records twice.
             self.log.warning("stale_committed_offset", partition=part.tp.partition, broker=committed, ours=ours,
                              note="resuming after this worker's own last committed transaction")
             committed = ours
@@ -568,7 +646,7 @@ class ExactlyOnce(_Protocol):
                     part.txn = _Txn(started=time.monotonic())
                 txn = part.txn
                 try:
-                    txn.acks.extend(fut for _, fut in await self._send_all(part.producer, outputs))
+                    txn.sent.extend(await self._send_all(part.producer, outputs))
                 except BaseException:
                     txn.dirty = True
                     raise
@@ -581,11 +659,26 @@ class ExactlyOnce(_Protocol):
         await done
 
     async def tick(self) -> None:
+        """Start a commit task for each partition whose transaction is due; never waits for one."""
         now = time.monotonic()
-        due = [p for p in self.parts.values()
-               if p.txn is not None and p.state is Lifecycle.ASSIGNED and now - p.txn.started >= self.commit_interval_s]
-        if due:
-            await asyncio.gather(*(self._commit(p) for p in due))
+        loop = asyncio.get_running_loop()
+        for p in list(self.parts.values()):
+            if (p.committing is None and p.txn is not None and p.state is Lifecycle.ASSIGNED
+                    and now - p.txn.started >= self.commit_interval_s):
+                p.committing = task = loop.create_task(self._commit(p), name=f"commit-{p.tp.partition}")
+                task.add_done_callback(lambda t, p=p: self._commit_done(p, t))
+
+    def _commit_done(self, part: Partition, task: asyncio.Task) -> None:
+        if part.committing is task:
+            part.committing = None
+        if not task.cancelled() and task.exception() is not None:
+            self._report(task.exception())
+
+    async def commits_settled(self) -> None:
+        """Wait for the commit tasks in flight (tests, and ``close``)."""
+        tasks = [p.committing for p in self.parts.values() if p.committing is not None]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _commit(self, part: Partition, *, revoking: bool = False, timeout: float | None = None) -> None:
         async with part.lock:
@@ -593,33 +686,46 @@ class ExactlyOnce(_Protocol):
             if txn is None:
                 return
             tp = part.tp
+            limit = timeout or self.txn_timeout_s
+            ending = False  # commit_transaction was called: from then on only the broker knows the outcome
             try:
                 if txn.dirty or not txn.batches or not part.tracker.heads(txn.batches):
                     raise _MustAbort("a batch in this transaction is incomplete" if txn.dirty
                                      else "the transaction does not continue the committed prefix")
                 end = txn.batches[-1].last + 1
-
-                async def commit() -> None:
-                    await asyncio.gather(*txn.acks)  # per-record errors surface here
+                async with asyncio.timeout(limit):
+                    await self._acks(part, txn)  # per-record errors surface here
                     self._point("txn_fail")
                     await part.producer.send_offsets_to_transaction({tp: end}, self.group_id)
+                    ending = True
                     await part.producer.commit_transaction()
-
-                await asyncio.wait_for(commit(), timeout or self.txn_timeout_s)
-            except (KafkaError, asyncio.TimeoutError, _MustAbort, InjectedFault) as exc:
-                await self._abort(part, exc, timeout or 5.0)
-                err = DeliveryFailed(f"transaction for partition {tp.partition} failed and was aborted: {exc!r}")
+            except asyncio.CancelledError:
+                # Cut off (a shutdown after a failure): never leave the transaction open for read_committed
+                # readers. Before commit_transaction it is aborted; after it, the broker finishes it.
+                if not ending:
+                    await self._abort(part, "cancelled", 2.0)
+                self._fail_txn(part, txn, PartitionClosed(f"partition {tp.partition}: commit cancelled"))
+                raise
+            except (KafkaError, TimeoutError, _MustAbort, InjectedFault) as exc:
+                if ending:
+                    self.outcome_unknown += 1
+                    self.log.warning("commit_outcome_unknown", partition=tp.partition, error=repr(exc)[:200],
+                                     note="commit_transaction was sent: the broker commits or aborts it; the next "
+                                          "reader of this partition fences it and reads the committed offset first")
+                else:
+                    await self._abort(part, exc, min(5.0, limit))
+                revoked = revoking or part.state is not Lifecycle.ASSIGNED
+                err = DeliveryFailed(f"transaction for partition {tp.partition} failed and was "
+                                     f"{'cut off' if ending else 'aborted'}: {exc!r}")
                 for b in txn.batches:
                     part.tracker.fail(b, str(err))
-                if not revoking:
-                    part.fail(None, str(err))
-                for w in txn.waiters:
-                    if not w.done():
-                        w.set_exception(err)
-                if revoking:
-                    self.log.warning("revoke_transaction_aborted", partition=tp.partition, error=repr(exc)[:200],
+                if revoked:  # its records go to the next owner: nothing for this worker to restart over
+                    self.log.warning("revoked_transaction_failed", partition=tp.partition, error=repr(exc)[:200],
                                      note="the next owner re-reads these records")
+                    self._fail_txn(part, txn, PartitionClosed(f"partition {tp.partition} was revoked"))
                     return
+                part.fail(None, str(err))
+                self._fail_txn(part, txn, err)
                 raise err from exc
             for b in txn.batches:
                 part.tracker.done(b)
@@ -630,21 +736,85 @@ class ExactlyOnce(_Protocol):
                     w.set_result(None)
             self.commits += 1
 
-    async def _abort(self, part: Partition, exc: BaseException, timeout: float = 5.0) -> None:
-        self.aborted += 1
+    async def _acks(self, part: Partition, txn: _Txn) -> None:
+        """Every output of the transaction acknowledged.
+
+        The broker refuses a whole producer batch over the topic's ``max.message.bytes`` (aiokafka does not split
+        batches, as the Java client does), and one refused batch makes the transaction abortable only. So: abort,
+        begin again and send the outputs one record per batch (each awaited), in order; the first record the
+        broker refuses on its own is replaced by its fallback (a DLQ record without the value) and the round
+        starts over. One round per refused record, on this rare path only."""
+        results = await asyncio.gather(*(f for _, f in txn.sent), return_exceptions=True)
+        other = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, _TOO_LARGE)), None)
+        if other is not None:
+            raise other
+        if not any(isinstance(r, _TOO_LARGE) for r in results):
+            return
+        outputs = [o for o, _ in txn.sent]
+        self.log.warning("output_too_large", partition=part.tp.partition, records=len(outputs),
+                         note="the broker refused a batch over the topic's limit; sending one record at a time")
+        for _ in range(len(outputs) + 1):
+            # A refused batch has spent its sequence numbers: a fresh producer (InitProducerId fences the old
+            # epoch and aborts its transaction on the broker) starts clean; aborting would leave the gap.
+            await self._renew(part)
+            self.aborted += 1
+            await part.producer.begin_transaction()
+            sent = []
+            for i, o in enumerate(outputs):
+                fut = await part.producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+                try:
+                    await fut
+                except _TOO_LARGE:
+                    if o.fallback is None:
+                        raise _MustAbort(f"a record to '{o.topic}' is refused as too large and has no fallback")
+                    outputs[i] = o.fallback
+                    self.too_large += 1
+                    break
+                sent.append((o, fut))
+            else:
+                txn.sent = sent
+                return
+        raise _MustAbort("records refused as too large, even as fallbacks")
+
+    async def _renew(self, part: Partition) -> None:
+        old = part.producer
+        new = self.make_producer(part.tp)
         try:
-            await asyncio.wait_for(part.producer.abort_transaction(), max(0.05, min(5.0, timeout)))
-        except BaseException as abort_exc:  # noqa: BLE001 — the producer is closed below either way
-            if isinstance(abort_exc, asyncio.CancelledError):
-                raise
-            self.log.warning("abort_failed", partition=part.tp.partition, error=repr(abort_exc)[:200],
+            await asyncio.wait_for(new.start(), self.txn_timeout_s)
+        except BaseException:
+            await _stop_quietly(new, 2.0)
+            raise
+        part.producer = new
+        await _stop_quietly(old, 2.0)
+
+    @staticmethod
+    def _fail_txn(part: Partition, txn: _Txn, err: BaseException) -> None:
+        for w in txn.waiters:
+            if not w.done():
+                w.set_exception(err)
+
+    async def _abort(self, part: Partition, why, timeout: float = 5.0) -> None:
+        """Abort the open transaction (bounded; shielded, so a cancelled caller still aborts it)."""
+        self.aborted += 1
+        job = asyncio.ensure_future(part.producer.abort_transaction())
+        try:
+            await asyncio.wait_for(asyncio.shield(job), max(0.05, min(5.0, timeout)))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 — the producer is closed below either way
+            self.log.warning("abort_failed", partition=part.tp.partition, error=repr(exc)[:200], why=repr(why)[:200],
                              note="a new producer for this partition fences and aborts it")
 
     async def _finish(self, parts: list[Partition], deadline: float) -> None:
         await asyncio.gather(*(self._commit(p, revoking=True, timeout=max(0.1, deadline - time.monotonic()))
-                               for p in parts if p.producer is not None and p.txn is not None))
+                               for p in parts if p.producer is not None and (p.txn is not None or p.committing)))
 
     async def _close_clients(self, parts: list[Partition], deadline: float) -> None:
+        running = [p.committing for p in parts if p.committing is not None]
+        for t in running:  # after a failure (abandon): a commit still running is cut off (it aborts if it can)
+            t.cancel()
+        if running:
+            await asyncio.wait(running, timeout=max(0.1, min(3.0, deadline - time.monotonic())))
         prods = [p.producer for p in parts if p.producer is not None]
         for p in parts:
             p.producer = None

@@ -342,8 +342,9 @@ async def _eos_one_failure():
     b2 = proto.admit(TP, recs[1])
     t2 = asyncio.ensure_future(proto.publish(b2, [Output("o", None, str(o).encode(), []) for o in (3, 4, 5)]))
     await asyncio.sleep(0)
-    with pytest.raises(DeliveryFailed):
-        await proto.tick()  # commit 2 fails: aborted
+    await proto.tick()  # commit 2 fails: aborted, reported to the supervisor
+    await proto.commits_settled()
+    assert isinstance(proto.failure, DeliveryFailed)
     with pytest.raises(DeliveryFailed):
         await t2
     # the next handler of the partition is refused: nothing after the failed batch is ever committed
@@ -437,3 +438,253 @@ def test_exactly_once_never_resumes_before_its_own_committed_transaction():
     assert visible == [b"0", b"1", b"2"]
     assert stale_seek == 3, "resumed after its own committed transaction, not at the stale offset 1"
     assert later_seek == 7
+
+
+# ---------------------------------------------------------------------------------------------- stalls and loops
+TP1 = TopicPartition("in", 1)
+
+
+class SlowCommitProducer(MemProducer):
+    """commit_transaction waits for ``gate`` (a slow broker for this partition's transaction)."""
+
+    def __init__(self, *a, gate: asyncio.Event, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.gate = gate
+        self.committing = asyncio.Event()
+
+    async def commit_transaction(self):
+        self.committing.set()
+        await self.gate.wait()
+        await super().commit_transaction()
+
+
+async def _publish(proto, tp, recs, values):
+    b = proto.admit(tp, recs)
+    return asyncio.ensure_future(proto.publish(b, [Output("o", None, v, []) for v in values])), b
+
+
+def test_one_slow_commit_does_not_hold_up_another_partition():
+    async def go():
+        consumer = MemConsumer()
+        visible: list = []
+        gate = asyncio.Event()
+        prods = {}
+
+        def make(tp):
+            prods[tp] = (SlowCommitProducer(visible, consumer, gate=gate) if tp == TP
+                         else MemProducer(visible, consumer))
+            return prods[tp]
+
+        proto = ExactlyOnce(consumer, make, group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP, TP1])
+        slow, _ = await _publish(proto, TP, [Rec(0)], [b"a0"])
+        fast, _ = await _publish(proto, TP1, [Rec(0)], [b"b0"])
+        await asyncio.sleep(0)
+        await proto.tick()  # returns at once: each partition commits in its own task
+        await asyncio.wait_for(prods[TP].committing.wait(), 1)
+        await asyncio.wait_for(fast, 1)  # partition 1 committed while partition 0's commit hangs
+        assert not slow.done()
+        assert visible == [b"b0"]
+        gate.set()
+        await asyncio.wait_for(slow, 1)
+        await proto.close(asyncio.get_running_loop().time() + 1)
+        return visible, proto
+
+    visible, proto = asyncio.run(go())
+    assert sorted(visible) == [b"a0", b"b0"] and proto.failure is None
+
+
+def test_a_commit_that_fails_after_its_partition_was_revoked_does_not_stop_the_worker():
+    async def go():
+        consumer = MemConsumer()
+        gate = asyncio.Event()
+        failures: list = []
+
+        class Failing(SlowCommitProducer):
+            async def send_offsets_to_transaction(self, offsets, group_id):
+                self.committing.set()
+                await self.gate.wait()
+                raise KafkaTimeoutError("the coordinator moved")
+
+        prod = Failing([], consumer, gate=gate)
+        proto = ExactlyOnce(consumer, lambda tp: prod, group_id="g", commit_interval_s=0.0,
+                            on_failure=failures.append)
+        await proto.assign([TP])
+        pub, _ = await _publish(proto, TP, [Rec(0)], [b"x"])
+        await asyncio.sleep(0)
+        await proto.tick()
+        await asyncio.wait_for(prod.committing.wait(), 1)
+        loop = asyncio.get_running_loop()
+        revoke = asyncio.ensure_future(proto.revoke([TP], loop.time() + 2))
+        await asyncio.sleep(0.01)
+        gate.set()  # the commit fails now, with the partition being revoked
+        await revoke
+        with pytest.raises(PartitionClosed):
+            await pub  # its handler is told "not published; the next owner re-reads"
+        return failures, proto
+
+    failures, proto = asyncio.run(go())
+    assert failures == [] and proto.failure is None, "a revoked partition's failed commit restarts nothing"
+    assert proto.aborted == 1
+
+
+def test_a_failed_commit_of_an_assigned_partition_goes_to_the_supervisor():
+    async def go():
+        consumer = MemConsumer()
+        failures: list = []
+        proto = ExactlyOnce(consumer, lambda tp: MemProducer([], consumer, fail_commit_at=1), group_id="g",
+                            commit_interval_s=0.0, on_failure=failures.append)
+        await proto.assign([TP])
+        pub, _ = await _publish(proto, TP, [Rec(0)], [b"x"])
+        await asyncio.sleep(0)
+        await proto.tick()
+        await proto.commits_settled()
+        with pytest.raises(DeliveryFailed):
+            await pub
+        return failures, proto
+
+    failures, proto = asyncio.run(go())
+    assert len(failures) == 1 and isinstance(failures[0], DeliveryFailed)
+    assert proto.parts[TP].state is Lifecycle.FAILED
+
+
+def test_a_commit_cut_off_before_commit_transaction_aborts_its_transaction():
+    """A tick cancelled mid-commit used to leave the transaction open (read_committed readers stall)."""
+    async def go():
+        consumer = MemConsumer()
+        calls: list = []
+
+        class NeverAcked(MemProducer):
+            async def send(self, topic, value, key=None, headers=None):
+                self.txn.append(value)
+                return asyncio.get_running_loop().create_future()  # the ack never comes
+
+            async def abort_transaction(self):
+                calls.append("abort")
+                await super().abort_transaction()
+
+        prod = NeverAcked([], consumer)
+        proto = ExactlyOnce(consumer, lambda tp: prod, group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        pub, _ = await _publish(proto, TP, [Rec(0)], [b"x"])
+        await asyncio.sleep(0)
+        await proto.tick()
+        await asyncio.sleep(0.01)
+        await proto.abandon(asyncio.get_running_loop().time() + 2)  # after a failure: cut everything off
+        await asyncio.gather(pub, return_exceptions=True)
+        return calls, prod
+
+    calls, prod = asyncio.run(go())
+    assert calls == ["abort"] and prod.txn is None and prod.stopped
+
+
+def test_a_commit_that_times_out_after_commit_transaction_is_not_aborted_and_latches():
+    """Its outcome is the broker's: aborting a committing producer is refused; the next reader fences it."""
+    async def go():
+        consumer = MemConsumer()
+        calls: list = []
+
+        class Hangs(MemProducer):
+            async def commit_transaction(self):
+                await asyncio.sleep(3600)
+
+            async def abort_transaction(self):
+                calls.append("abort")
+
+        proto = ExactlyOnce(consumer, lambda tp: Hangs([], consumer), group_id="g", commit_interval_s=0.0,
+                            txn_timeout_s=0.05)
+        await proto.assign([TP])
+        pub, _ = await _publish(proto, TP, [Rec(0)], [b"x"])
+        await asyncio.sleep(0)
+        await proto.tick()
+        await proto.commits_settled()
+        await asyncio.gather(pub, return_exceptions=True)
+        return calls, proto
+
+    calls, proto = asyncio.run(go())
+    assert calls == [] and proto.outcome_unknown == 1
+    assert proto.parts[TP].state is Lifecycle.FAILED and isinstance(proto.failure, DeliveryFailed)
+    assert proto.committed_end == {}, "not recorded as committed either"
+
+
+def test_a_partition_that_fails_to_start_cancels_the_others_starting_beside_it():
+    async def go():
+        consumer = MemConsumer()
+        prods = {}
+
+        class Hangs(MemProducer):
+            async def start(self):
+                await asyncio.sleep(3600)
+
+        class Refused(MemProducer):
+            async def start(self):
+                raise KafkaTimeoutError("InitProducerId failed")
+
+        def make(tp):
+            prods[tp] = Refused([], consumer) if tp == TP else Hangs([], consumer)
+            return prods[tp]
+
+        proto = ExactlyOnce(consumer, make, group_id="g", commit_interval_s=0.0)
+        with pytest.raises(KafkaTimeoutError):
+            await asyncio.wait_for(proto.assign([TP, TP1]), 2)
+        return prods
+
+    prods = asyncio.run(go())
+    assert prods[TP1].stopped, "the sibling's producer was stopped, not left starting"
+
+
+def test_a_committed_offset_read_that_never_answers_times_out():
+    from pipeline.kafka import OffsetReadTimeout
+
+    async def go():
+        class Loading(MemConsumer):
+            async def committed(self, tp):
+                await asyncio.sleep(3600)  # a coordinator loading for ever
+
+        consumer = Loading()
+        prods = []
+
+        def make(tp):
+            prods.append(MemProducer([], consumer))
+            return prods[-1]
+
+        proto = ExactlyOnce(consumer, make, group_id="g", commit_interval_s=0.0, txn_timeout_s=0.1)
+        with pytest.raises(OffsetReadTimeout):
+            await asyncio.wait_for(proto.assign([TP]), 2)
+        return consumer, prods
+
+    consumer, prods = asyncio.run(go())
+    assert TP in consumer.paused, "never resumed on a guess"
+    assert prods[0].stopped
+
+
+def test_exactly_once_sends_the_transaction_again_with_fallbacks_for_records_refused_as_too_large():
+    """At-least-once had a fallback for a record the broker refuses as too large; exactly-once aborted and
+    restarted for ever. Now: abort, then the same outputs again in one transaction, the refused one replaced."""
+    from aiokafka.errors import RecordTooLargeError
+
+    async def go():
+        consumer = MemConsumer()
+        visible: list = []
+
+        class Limit(MemProducer):
+            def _ack(self, fut, value):
+                if len(value) > 10 and not fut.done():
+                    fut.set_exception(RecordTooLargeError("over the topic's max.message.bytes"))
+                    return
+                super()._ack(fut, value)
+
+        proto = ExactlyOnce(consumer, lambda tp: Limit(visible, consumer), group_id="g", commit_interval_s=0.0)
+        await proto.assign([TP])
+        b = proto.admit(TP, [Rec(0), Rec(1), Rec(2)])
+        outs = [Output("o", None, b"a", []), Output("o", None, b"x" * 100, [], Output("dlq", None, b"fb", [])),
+                Output("o", None, b"c", [])]
+        pub = asyncio.ensure_future(proto.publish(b, outs))
+        await asyncio.sleep(0)
+        await proto.tick()
+        await asyncio.wait_for(pub, 2)
+        return visible, consumer, proto
+
+    visible, consumer, proto = asyncio.run(go())
+    assert visible == [b"a", b"fb", b"c"], "in order, the refused record replaced by its fallback"
+    assert consumer.stored[TP] == 3 and proto.too_large == 1 and proto.failure is None
