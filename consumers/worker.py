@@ -29,11 +29,12 @@ from consumers.delivery import AtLeastOnce, Batch, ExactlyOnce, Lifecycle, Outpu
 from pipeline import kafka as K
 from pipeline import logs
 from pipeline.batcher import EngineFailure, MicroBatcher
-from pipeline.cache import Cache, NullCache, cache_key
+from pipeline.cache import Cache, NullCache, cache_key, cacheable, settings_digest
 from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import BadEvent, ConfigError, EngineError
-from pipeline.events import Event, Generation, Prediction, decode_event, encode_generation, encode_label, now_ms
+from pipeline.events import (Event, Generation, Prediction, deadline_ms, decode_event, encode_generation, encode_label,
+                             now_ms)
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import STAGES, SloTracker
@@ -100,6 +101,7 @@ class Worker:
         self.cache = cache or NullCache()
         self.caching = not isinstance(self.cache, NullCache)
         self._labelled_counter = self.metrics.events.labels("labelled")
+        self._ignored_deadline = self.metrics.ignored.labels("deadline_header")
         self._bad_deadline_logged = False
         self._fetched = self._fetched_seen = self._fetched_bytes = self._fetched_bytes_seen = 0
         self._takes = 0  # poll batches taken (one per partition per poll): records / takes is the batch size
@@ -120,9 +122,9 @@ class Worker:
                 stop=g.stop, sampling=sampling, prefill_tokens=g.prefill_tokens, max_prompt_tokens=g.max_prompt_tokens,
                 ignore_eos=g.ignore_eos, metrics=self.metrics, slo=self.slo)
             self.batcher.add_prefix(self.engine.prefix_of(self.template.render("")[0]))
-            # A cached generation is only valid for the same prompt and decoding settings.
-            self.model_key = (f"{self.engine.model_id}|{self.template.system}|{self.template.user}|{g.max_new_tokens}|"
-                              f"{'|'.join(g.stop)}|{g.ignore_eos}|{g.do_sample and (g.temperature, g.top_p, g.seed)}")
+            # A cached generation is only valid for the same prompt and decoding settings: their digest goes into
+            # the key (never the template's text, which would then sit in every Redis key).
+            self.model_key = f"{self.engine.model_id}|{settings_digest(self.template.system, self.template.user, g.max_new_tokens, g.stop, g.ignore_eos, g.do_sample and (g.temperature, g.top_p, g.seed))}"
         else:
             self.batcher = MicroBatcher(self.engine, max_batch=b.max_batch, max_tokens=b.max_tokens,
                                         max_wait_ms=b.max_wait_ms, metrics=self.metrics,
@@ -130,8 +132,11 @@ class Worker:
                                         slo=self.slo, timeout_s=b.engine_timeout_s)
             if hasattr(engine, "pressure"):  # a cascade: a full batch waiting means no time to escalate
                 engine.pressure = lambda: self.batcher.waiting() >= self.batcher.max_batch
+                # Its answers depend on the threshold as much as on the two models.
+                self.model_key = f"{self.engine.model_id}|t={engine.threshold}"
         self.eos = settings.worker.delivery == "exactly_once"
         self.inflight = 0
+        self.inflight_bytes = 0  # what the records in flight hold (values, keys, headers): the memory bound
         self.paused = False
         self.labelled = 0
         self.dead_lettered = 0
@@ -194,9 +199,12 @@ class Worker:
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 4), max_poll_interval_ms=k.max_poll_interval_ms,
             max_poll_records=k.fetch_max_records, fetch_max_wait_ms=k.fetch_max_wait_ms, fetch_min_bytes=k.fetch_min_bytes or 1,
             isolation_level="read_committed",
+            # One fetch may bring this much beside what is in flight: a quarter of the in-flight byte bound (at least
+            # one maximal record), not aiokafka's 50 MB.
+            fetch_max_bytes=max(K.MAX_REQUEST_BYTES + 1024, min(52_428_800, s.worker.max_inflight_bytes // 4)),
         )
         common = dict(consumer=self.consumer, group_id=k.group_id, commit_interval_s=s.worker.commit_interval_ms / 1000,
-                      log=self.log, on_point=self.fail.hit)
+                      log=self.log, on_point=self.fail.hit, on_failure=self._fail)
         if self.eos:
             self.delivery = ExactlyOnce(
                 make_producer=lambda tp: K.transactional_producer(
@@ -204,8 +212,11 @@ class Worker:
                     request_timeout_ms=30_000),
                 can_resume=lambda tp: not self.paused, **common)
         else:
-            self.producer = K.producer(s, client_id=f"{k.client_id}-{self.name}-out", request_timeout_ms=30_000)
-            self.delivery = AtLeastOnce(producer=self.producer, **common)
+            def make_producer():
+                return K.producer(s, client_id=f"{k.client_id}-{self.name}-out", request_timeout_ms=30_000)
+
+            self.producer = make_producer()
+            self.delivery = AtLeastOnce(producer=self.producer, make_producer=make_producer, **common)
         try:
             try:
                 if self.producer is not None:
@@ -285,7 +296,9 @@ class Worker:
         await self._close_clients(deadline)
 
     async def _close_clients(self, deadline: float) -> None:
-        for client in (self.consumer, self.producer):
+        if isinstance(self.delivery, AtLeastOnce):
+            await self.delivery.stop_clients(deadline)
+        for client in (self.consumer,):
             if client is not None:
                 try:
                     await asyncio.wait_for(client.stop(), max(0.5, deadline - time.monotonic()))
@@ -327,15 +340,16 @@ class Worker:
                 if records:
                     self._take(tp, records, t_poll)
             self.metrics.inflight.set(self.inflight)
-            if not self.paused and self.inflight >= w.max_inflight:
+            self.metrics.inflight_bytes.set(self.inflight_bytes)
+            if not self.paused and (self.inflight >= w.max_inflight or self.inflight_bytes >= w.max_inflight_bytes):
                 self.consumer.pause(*self.consumer.assignment())
                 self.paused = True
-                self.log.info("backpressure_pause", inflight=self.inflight)
-            elif self.paused and self.inflight <= w.max_inflight // 2:
+                self.log.info("backpressure_pause", inflight=self.inflight, inflight_bytes=self.inflight_bytes)
+            elif self.paused and self.inflight <= w.max_inflight // 2 and self.inflight_bytes <= w.max_inflight_bytes // 2:
                 self.paused = False
                 open_ = [tp for tp, p in self.delivery.parts.items() if p.state is Lifecycle.ASSIGNED]
                 self.consumer.resume(*open_)
-                self.log.info("backpressure_resume", inflight=self.inflight)
+                self.log.info("backpressure_resume", inflight=self.inflight, inflight_bytes=self.inflight_bytes)
 
     def _take(self, tp: TopicPartition, records: list, t_poll: float) -> None:
         batch = self.delivery.admit(tp, records)
@@ -350,11 +364,13 @@ class Worker:
             return
         self._expect[tp] = records[-1].offset + 1
         self.inflight += len(records)
+        size = record_bytes(records)
+        self.inflight_bytes += size
         self._fetched += len(records)
         self._takes += 1
-        self._fetched_bytes += sum(len(r.value or b"") for r in records) + 70 * len(records)  # + record framing
+        self._fetched_bytes += size
         self.fail.hit("after_poll")
-        task = asyncio.get_running_loop().create_task(self._handle(tp, batch, records, t_poll))
+        task = asyncio.get_running_loop().create_task(self._handle(tp, batch, records, t_poll, size))
         self.delivery.track(batch, task)
         self._handlers.add(task)
         task.add_done_callback(self._handler_done)
@@ -394,7 +410,7 @@ class Worker:
                 if tp in self._expect:
                     self.consumer.seek(tp, self._expect[tp])
                     continue
-                c = await self.consumer.committed(tp)
+                c = await K.committed(self.consumer, tp, K.START_TIMEOUT_S)
                 if c is not None:
                     self.consumer.seek(tp, c)
                 elif self.s.kafka.auto_offset_reset == "earliest":
@@ -442,7 +458,7 @@ class Worker:
         return False  # 100,000 readable records stepped through and no failure: let the caller decide
 
     # ------------------------------------------------------------------------------------ handling
-    async def _handle(self, tp: TopicPartition, batch: Batch, records: list, t_poll: float) -> None:
+    async def _handle(self, tp: TopicPartition, batch: Batch, records: list, t_poll: float, size: int) -> None:
         try:
             outputs, answered, fresh = await self._outputs(tp, records)
             if self.fail:
@@ -458,6 +474,7 @@ class Worker:
         finally:
             self.delivery.settle(batch)
             self.inflight -= len(records)
+            self.inflight_bytes -= size
 
     async def _outputs(self, tp: TopicPartition, records: list) -> tuple[list[Output], list, list]:
         """One poll batch → one output per record, in order: decode, cache, one batcher call for the misses."""
@@ -523,7 +540,7 @@ class Worker:
             if isinstance(a, EngineFailure):
                 ev = BadEvent(a.reason)
             if isinstance(ev, Event):
-                if keys and not a.cached:  # computed by the engine, not the cache: write it back
+                if keys and not a.cached and cacheable(a):  # computed by the engine, a normal answer: write back
                     fresh.append((keys[i], a))
                 outputs.append(self._label(tp, r, ev, a, labeled_at, waits[i]))
                 labelled.append(r.timestamp)
@@ -533,18 +550,20 @@ class Worker:
         return outputs, (labelled, dlq_reasons), fresh
 
     def _deadline_header(self, headers) -> int | None:
-        """``streamlabel.deadline_ms``: the record's own deadline, epoch milliseconds (ASCII digits)."""
+        """``streamlabel.deadline_ms``: the record's own deadline, epoch milliseconds (1-15 ASCII digits). Any
+        other value is ignored, counted (``streamlabel_ignored_total{what="deadline_header"}``) and logged once."""
         for k, v in headers:
             if k == H_DEADLINE:
-                try:
-                    return int(v)
-                except (TypeError, ValueError):
+                ms = deadline_ms(v)
+                if ms is None:
+                    self._ignored_deadline.inc()
                     if not self._bad_deadline_logged:
                         self._bad_deadline_logged = True
                         self.log.warning("deadline_header_ignored", header=H_DEADLINE, value=repr(v)[:40],
-                                         note="expected epoch milliseconds as ASCII digits; the default deadline "
-                                              "(record timestamp + slo.objective_ms) applies")
-                    return None
+                                         note="expected epoch milliseconds as 1-15 ASCII digits; the default deadline "
+                                              "(record timestamp + slo.objective_ms) applies; counted in "
+                                              "streamlabel_ignored_total")
+                return ms
         return None
 
     def _label(self, tp: TopicPartition, r, ev: Event, pred: Prediction | Generation, labeled: int, wait: float) -> Output:
@@ -574,7 +593,11 @@ class Worker:
 
     def _dlq(self, tp: TopicPartition, r, reason: str) -> Output:
         """The DLQ copy: our headers first, then the input's (any posing as ours renamed), the value capped."""
-        self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=reason[:200])
+        if self.s.log.log_text:  # switched on explicitly: the record's value may hold personal data
+            self.log.info("dead_letter", partition=tp.partition, offset=r.offset, reason=reason[:200],
+                          value=(r.value or b"")[:500].decode("utf-8", "replace"))
+        else:
+            self.log.debug("dead_letter", partition=tp.partition, offset=r.offset, reason=reason[:200])
         headers = self._ours(tp, r, reason)
         value = r.value if r.value is not None else b""
         if len(value) > self.dlq_cap:
@@ -740,6 +763,20 @@ class Worker:
         while True:
             await asyncio.sleep(self.s.metrics.summary_interval_s)  # a period, not synchronisation
             self.log.info("summary", **self.summary())
+
+
+_RECORD_FRAMING = 70  # bytes of record and batch framing per record, roughly
+
+
+def record_bytes(records) -> int:
+    """The memory a poll batch holds while in flight: values, keys and headers (and their DLQ copies scale
+    with them)."""
+    total = _RECORD_FRAMING * len(records)
+    for r in records:
+        total += len(r.value or b"") + len(r.key or b"")
+        if r.headers:
+            total += sum(len(k) + len(v or b"") for k, v in r.headers)
+    return total
 
 
 def _size(o: Output) -> int:

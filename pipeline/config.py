@@ -66,6 +66,7 @@ class BatchingSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     max_inflight: int = 4096  # records taken from Kafka but not yet committed; pause partitions above it
+    max_inflight_bytes: int = 64 * 1024 * 1024  # and the bytes those records hold (values, keys, headers)
     max_bytes: int = 64 * 1024
     max_chars: int = 10_000
     dlq_max_bytes: int = 512 * 1024  # DLQ copies keep at most this much of the value (and say so in a header)
@@ -82,6 +83,7 @@ class CacheSettings:
     redis_password: str | None = None
     redis_tls: bool = False
     redis_ca_file: str | None = None  # CA that signed the Redis server certificate (TLS)
+    redis_generations: bool = False  # also keep generated texts (which can quote the input) in Redis
     ttl_s: int = 86_400
     local_size: int = 100_000
     timeout_ms: int = 50  # a slow Redis must not hold up labels
@@ -130,13 +132,15 @@ class MetricsSettings:
     port: int | None = 9464  # None: no HTTP endpoint
     host: str = "127.0.0.1"
     summary_interval_s: float = 10.0
+    liveness_stall_s: float = 10.0  # /healthz fails once the event loop has not run its heartbeat for this long
+    max_connections: int = 8  # concurrent HTTP connections to the metrics/health endpoint (more: 503 at once)
 
 
 @dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
-    log_text: bool = False  # never log raw event text unless switched on
+    log_text: bool = False  # log each dead-lettered value (its first 500 bytes); off: no raw text in any log line
 
 
 @dataclass(frozen=True)
@@ -282,11 +286,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 def _check(s: Settings, where: str) -> None:
     positive = {
         "batching.max_batch": s.batching.max_batch, "batching.max_tokens": s.batching.max_tokens,
-        "worker.max_inflight": s.worker.max_inflight,
+        "worker.max_inflight": s.worker.max_inflight, "worker.max_inflight_bytes": s.worker.max_inflight_bytes,
         "worker.max_bytes": s.worker.max_bytes, "worker.max_chars": s.worker.max_chars,
         "slo.objective_ms": s.slo.objective_ms, "cache.ttl_s": s.cache.ttl_s,
         "batching.engine_timeout_s": s.batching.engine_timeout_s, "worker.dlq_max_bytes": s.worker.dlq_max_bytes,
         "worker.drain_timeout_s": s.worker.drain_timeout_s, "worker.commit_interval_ms": s.worker.commit_interval_ms,
+        "metrics.liveness_stall_s": s.metrics.liveness_stall_s, "metrics.max_connections": s.metrics.max_connections,
         "topics.partitions": s.topics.partitions, "topics.replication_factor": s.topics.replication_factor,
     }
     positive.update({"generate.max_new_tokens": s.generate.max_new_tokens, "generate.prefill_tokens": s.generate.prefill_tokens})

@@ -161,6 +161,17 @@ def _short(s: str, n: int = 120) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+DEADLINE_MAX_DIGITS = 15  # epoch milliseconds up to the year 33658: anything longer is not a deadline
+
+
+def deadline_ms(value) -> int | None:
+    """A ``streamlabel.deadline_ms`` header value: epoch milliseconds as 1-15 ASCII digits; None for anything
+    else (empty, signed, spaced, NaN-like, non-ASCII, huge: the caller counts it and uses the default)."""
+    if not isinstance(value, (bytes, bytearray)) or not 0 < len(value) <= DEADLINE_MAX_DIGITS or not value.isdigit():
+        return None
+    return int(value)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

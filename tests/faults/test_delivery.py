@@ -299,3 +299,63 @@ async def wait_for_topics(bootstrap: str, want: set[str], timeout: float) -> Non
     while not want <= await topic_names(bootstrap):
         assert time.monotonic() < deadline, f"topics {want} not created"
         await asyncio.sleep(0.2)  # polling the broker's topic list
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", EOS])
+async def test_output_refused_as_too_large_goes_to_the_dlq_instead_of_a_restart_loop(kafka, names, tiny_artifact,
+                                                                                     delivery):
+    """The output topic's limit drops below what the worker read at start (as when DescribeConfigs is denied and
+    the limit is assumed): the broker refuses a label record; the transaction is sent again with its fallback."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from pipeline import kafka as K
+    from pipeline.engine import OnnxEngine
+    from tests.integration.helpers import running_worker, settings_for
+
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    s = settings_for(kafka, names, worker={"delivery": delivery})
+    try:
+        async with running_worker(s, eng) as w:
+            admin = K.admin(kafka.bootstrap)
+            await admin.start()
+            try:
+                await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, names.output,
+                                                          {"max.message.bytes": "2048"})])
+                for _ in range(100):
+                    if (await K._max_message_bytes(admin, [names.output])).get(names.output) == 2048:
+                        break
+                    await asyncio.sleep(0.1)  # polling the broker's topic config
+            finally:
+                await admin.close()
+            assert w.output_limit > 2048, "the worker still assumes the old limit"
+            p = K.producer(kafka.bootstrap)
+            await p.start()
+            try:
+                for i in range(5):
+                    headers = [("bulk", os.urandom(4000))] if i == 2 else []  # labels keep input headers: too big
+                    await (await p.send(names.input, encode_input(f"size text {i}", id=f"s{i}"), key=b"k",
+                                        headers=headers))
+            finally:
+                await p.stop()
+            out = await read_until(kafka.bootstrap, [names.output, names.dlq], lambda r: len(r) >= 5, 60,
+                                   isolation_level="read_committed")
+            assert w._fatal is None, f"worker failed: {w._fatal!r}"
+            assert w.delivery.too_large == 1
+    finally:
+        eng.close()
+    labels = sorted(orjson.loads(r.value)["id"] for r in out if r.topic == names.output)
+    dlq = [r for r in out if r.topic == names.dlq]
+    assert labels == ["s0", "s1", "s3", "s4"]
+    assert len(dlq) == 1 and dict(dlq[0].headers)["streamlabel.error"].startswith(b"publish:")
+
+
+async def test_exactly_once_rss_bounded_under_1mb_records(kafka, tiny_artifact):
+    """1 MB records waiting far beyond what the worker can take (a backlog, then more offered while it runs):
+    its RSS stays under warm RSS + 3 × worker.max_inflight_bytes (tests/faults/memory_bound.py, 30 s)."""
+    from .memory_bound import run
+
+    res = await run(kafka.bootstrap, str(tiny_artifact), 30, head_start_s=10)
+    print({k: v for k, v in res.items() if k != "series"})
+    assert res["worker_exit"] == 0 and res["handled"] > 0
+    assert res["min_seconds_of_work_waiting"] >= 10, "the worker was not kept saturated"
+    assert res["within_bound"], f"RSS peak {res['rss_peak_mb']} MB over the bound {res['rss_bound_mb']} MB"

@@ -117,3 +117,39 @@ async def test_poison_corpus_every_offset_answered_no_stall(kafka, names, tiny_a
         assert dlq[o].value == b"" and H_DROPPED in dict(dlq[o].headers)
         assert not any(k.startswith("h") for k, _ in dlq[o].headers)
     assert all(dlq[o].value == b"" for o in (9, 10, 11))
+
+
+async def test_poison_headers_every_offset_labelled_nothing_restarts(kafka, names, tiny_artifact):
+    """Every header the worker interprets (``streamlabel.deadline_ms``) with values that are not epoch ms, through
+    kcat: each record is labelled with the default deadline, each bad value counted, the worker never fails."""
+    from consumers.worker import H_DEADLINE
+    from pipeline.metrics import Metrics
+
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=1)
+    values = [b"", b"abc", b"9" * 400, b"9" * 4300, b"9" * 5000, b"-1732330000123", b"NaN", b"inf", b"1e309",
+              b"\xff\xfe\xfd", b" 123", b"0x10", "١٢٣".encode()]
+    for i, v in enumerate(values):
+        kcat_produce(kafka.bootstrap, names.input, [encode_input(f"header poison {i}", id=f"p{i}")],
+                     H_DEADLINE.encode() + b"=" + v)
+    good = 1_900_000_000_000  # a valid deadline far ahead, to show the header is still read when it is one
+    kcat_produce(kafka.bootstrap, names.input, [encode_input("a good deadline", id="ok")],
+                 H_DEADLINE.encode() + b"=" + str(good).encode())
+    n = len(values) + 1
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    metrics = Metrics()
+    try:
+        async with running_worker(settings_for(kafka, names), eng, metrics=metrics) as w:
+            out = await read_until(kafka.bootstrap, [names.output, names.dlq], lambda r: len(r) >= n, 60)
+            for _ in range(100):
+                got = await committed(kafka.bootstrap, names.group, names.input, 1)
+                if got[0] == n:
+                    break
+                await asyncio.sleep(0.1)  # polling the broker's committed offsets
+            assert got[0] == n, f"partition stalled: committed {got[0]} of {n}"
+            assert w._fatal is None, f"worker failed: {w._fatal!r}"
+    finally:
+        eng.close()
+    ids = sorted(orjson.loads(r.value)["id"] for r in out if r.topic == names.output)
+    assert ids == sorted([f"p{i}" for i in range(len(values))] + ["ok"]), "every record labelled, none dead-lettered"
+    ignored = metrics.registry.get_sample_value("streamlabel_ignored_total", {"what": "deadline_header"})
+    assert ignored == len(values)

@@ -122,6 +122,46 @@ async def test_cache_hits_on_repeated_texts_and_keys_hold_no_text(kafka, names, 
     assert w.cache_hits >= 30
 
 
+async def test_malformed_redis_entries_are_misses_counted_and_overwritten(kafka, names, engine, redis_server):
+    """Cache entries are untrusted: entries that crashed the handler on every hit (scores that are not a dict, a
+    score that overflows a float, foreign JSON) are misses, counted, and the worker labels and rewrites them."""
+    import redis
+
+    from pipeline.cache import cache_key
+
+    texts = [f"a message the cache was poisoned for {i}" for i in range(6)]
+    garbage = [b'{"l": "x", "s": 0.5, "ps": "abc", "m": "m"}', b'{"l": "x", "s": 1e400, "ps": {"x": 1}, "m": "m"}',
+               b"[1, 2, 3]", b"\xff\xfe not json", b'{"g": 1, "n": "x", "f": "stop", "m": "m"}', b"null"]
+    r = redis.Redis.from_url(redis_server.url)
+    for t, g in zip(texts, garbage):
+        r.set(cache_key(engine.model_id, t), g)
+    metrics = Metrics()
+    s = settings_for(kafka, names, redis_url=redis_server.url)
+    async with running_worker(s, engine, metrics=metrics) as w:
+        await produce(kafka.bootstrap, names.input, [encode_input(t, id=f"m{i}") for i, t in enumerate(texts)])
+        out = await read_labels(kafka.bootstrap, names.output, {f"m{i}" for i in range(len(texts))})
+        assert w._fatal is None
+    docs = [orjson.loads(x.value) for x in out]
+    assert len(docs) == len(texts) and not any(d["cached"] for d in docs)
+    assert metrics.registry.get_sample_value("streamlabel_ignored_total", {"what": "cache_entry"}) == len(texts)
+    from pipeline.cache import _unpack
+
+    assert all(_unpack(r.get(cache_key(engine.model_id, t))) is not None for t in texts), "rewritten with answers"
+
+
+async def test_generations_stay_out_of_redis_unless_asked(redis_server):
+    from pipeline.cache import RedisCache
+    from pipeline.events import Generation, Prediction
+
+    gen, pred = Generation("Sorry to hear that, Ann!", 6, "stop", "g@1"), Prediction("pos", 0.9, {"pos": 0.9}, "m@1")
+    for allowed in (False, True):
+        c = RedisCache(redis_server.url, timeout_ms=500, generations=allowed)
+        await c.put_many([(f"g{allowed}", gen), (f"p{allowed}", pred)])
+        got = await c.get_many([f"g{allowed}", f"p{allowed}"])
+        await c.close()
+        assert (got[0] is not None) is allowed and got[1] is not None
+
+
 async def test_redis_outage_labels_keep_flowing_and_cache_resumes(kafka, names, engine, redis_server):
     import redis
 
@@ -261,7 +301,7 @@ async def test_health_and_readiness_endpoints(kafka, names, engine):
             await asyncio.sleep(0.05)  # polling an HTTP endpoint, not synchronising
         assert 200 in seen, f"never ready (saw {seen})"
         code, body = await asyncio.to_thread(get, "/healthz")
-        assert code == 200 and body == b"ok\n"
+        assert code == 200 and json.loads(body)["alive"] is True  # the event loop's heartbeat is recent
         code, body = await asyncio.to_thread(get, "/metrics")
         assert code == 200 and b"streamlabel_events_total" in body
         assert (await asyncio.to_thread(get, "/nope"))[0] == 404
@@ -315,3 +355,34 @@ async def test_a_real_prometheus_scrapes_a_running_worker(kafka, names, engine, 
         p.terminate()
         p.wait(20)
         server.shutdown()
+
+
+async def test_backpressure_bounds_the_bytes_in_flight_not_only_the_records(kafka, names):
+    """Large records and a slow engine: the worker pauses its partitions once the bytes it holds reach
+    ``worker.max_inflight_bytes`` (the record count, 4,096 by default, would allow gigabytes of 1 MB values)."""
+    from tests.unit.test_batcher import RecordingEngine
+
+    eng = RecordingEngine()
+    eng.gate.clear()  # the engine holds every call until released
+    bound = 2 * 1024 * 1024
+    s = settings_for(kafka, names, worker={"max_inflight_bytes": bound, "max_bytes": 300_000})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq])
+    n = 40
+    values = [encode_input(f"big record {i}", id=f"b{i}") [:-1] + b', "pad": "' + b"p" * 200_000 + b'"}'
+              for i in range(n)]
+    async with running_worker(s, eng) as w:
+        await produce(kafka.bootstrap, names.input, values, max_request_size=1_048_576)
+        peak = 0
+        for _ in range(200):
+            peak = max(peak, w.inflight_bytes)
+            if w.paused:
+                break
+            await asyncio.sleep(0.05)  # polling the worker's state while the engine is held
+        assert w.paused, f"never paused; {w.inflight_bytes} bytes in flight"
+        for _ in range(20):  # held a while longer: it stays paused, the bytes do not grow past one fetch
+            peak = max(peak, w.inflight_bytes)
+            await asyncio.sleep(0.05)  # sampling
+        assert w.paused and peak <= bound + 1_100_000, peak
+        assert w.inflight < n, "paused on bytes, long before the record count mattered"
+        eng.gate.set()
+        await read_labels(kafka.bootstrap, names.output, {f"b{i}" for i in range(n)})
