@@ -25,6 +25,7 @@ from pipeline import logs
 from pipeline.alerts import AlertEngine
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, StreamlabelError
+from pipeline.redis_client import redis_client, safe_url
 
 REDIS_TIMEOUT_S = 5.0
 
@@ -56,6 +57,7 @@ class AlertingWorker:
         self.log = logs.get("streamlabel.alerting").bind(worker=name)
         self.fired = 0
         self.resolved = 0
+        self.invalid_states = 0  # saved states that could not be read (dropped)
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
@@ -65,14 +67,10 @@ class AlertingWorker:
             raise ConfigError("no alert rules configured", where="alerting.rules",
                               hint="add [[alerting.rules]] tables to the config; the README has examples")
         if self.a.state_redis_url:
-            import redis.asyncio as aioredis
-
-            try:
-                self._redis = aioredis.from_url(self.a.state_redis_url, password=settings.cache.redis_password or None,
-                                                socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
-            except ValueError:
-                raise ConfigError(f"not a Redis URL: {safe_url(self.a.state_redis_url)}", where="alerting.state_redis_url",
-                                  hint="use redis://HOST:PORT/DB, rediss://HOST:PORT/DB for TLS, or none") from None
+            c = settings.cache  # the same password and TLS settings as the prediction cache
+            self._redis = redis_client(self.a.state_redis_url, password=c.redis_password, tls=c.redis_tls,
+                                       ca_file=c.redis_ca_file, timeout_s=REDIS_TIMEOUT_S,
+                                       where="alerting.state_redis_url")
 
     def stop(self) -> None:
         self._stop.set()
@@ -86,9 +84,19 @@ class AlertingWorker:
             if self._redis is not None:
                 raw = await self._redis.get(self._key(tp))
                 if raw:
-                    snap = orjson.loads(raw)
-                    eng.restore(snap["state"])
-                    self.consumer.seek(tp, snap["offset"])
+                    try:  # saved state is untrusted input too: a damaged one is dropped, not a crash loop
+                        snap = orjson.loads(raw)
+                        offset = snap["offset"]
+                        if type(offset) is not int or offset < 0:
+                            raise ValueError(f"offset {offset!r}")
+                        eng.restore(snap["state"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                        self.invalid_states += 1
+                        eng = AlertEngine(self.a.rules, self.a.lateness_s)
+                        self.log.warning("alert_state_invalid", partition=tp.partition, error=str(exc)[:160],
+                                         note="starting this partition with empty windows from the committed offset")
+                    else:
+                        self.consumer.seek(tp, offset)
             self.engines[tp] = eng
         self.ready.set()
         self.log.info("alerting_assigned", partitions=sorted(tp.partition for tp in assigned))
@@ -196,17 +204,6 @@ class AlertingWorker:
 
                 time.sleep(min(5.0, 0.2 * 2 ** attempt))  # retry backoff (worker thread, not the event loop)
         return False
-
-
-def safe_url(url: str) -> str:
-    """A Redis URL without its user and password, fit for a message or a log line."""
-    try:
-        u = urlsplit(url)
-        host = u.hostname or ""
-        port = f":{u.port}" if u.port else ""
-    except ValueError:
-        return "<unparsable URL>"
-    return f"{u.scheme}://{host}{port}{u.path}" if u.scheme else "<unparsable URL>"
 
 
 def _is_redis_error(exc: BaseException) -> bool:

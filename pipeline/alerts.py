@@ -109,6 +109,10 @@ class KeyState:
     resolved_at: int | None = None
 
 
+def _finite(v) -> bool:
+    return type(v) in (int, float) and v == v and abs(v) != float("inf")
+
+
 def alert_event(rule: Rule, key: str, status: str, inc: Incident, now_ms: int) -> dict:
     """The alert topic's value (schema in the README)."""
     return {
@@ -128,10 +132,17 @@ class AlertEngine:
         self.state: dict[tuple[str, str], KeyState] = {}
         self.watermark = 0  # newest event time seen (ms)
         self.late = 0
+        self.invalid = 0  # events whose fields are not what a label event holds (skipped)
 
     # -- input ---------------------------------------------------------------------------------------
     def observe(self, ev: Mapping[str, Any]) -> list[dict]:
-        ts = int(ev.get("produced_at") or 0)
+        """One label event. Its fields are untrusted (the label topic may have other producers): one that is
+        not a label event's (a time that is not epoch ms, a score that is not a number) is skipped, counted."""
+        ts, score = ev.get("produced_at") or 0, ev.get("score", 0.0)
+        if not (_finite(ts) and 0 <= ts < 1e14 and _finite(score)):
+            self.invalid += 1
+            return []
+        ts = int(ts)
         if ts < self.watermark - self.lateness_ms:
             self.late += 1
             return []
@@ -146,7 +157,7 @@ class AlertEngine:
             st = self.state.setdefault((rule.name, str(key)), KeyState())
             matched = ev.get("label") in rule.labels if rule.labels else True
             if rule.kind == "single":
-                matched = matched and float(ev.get("score", 0.0)) >= rule.threshold
+                matched = matched and score >= rule.threshold
             item = (ts, str(ev.get("id")), matched)
             if not st.events or st.events[-1][0] <= ts:
                 st.events.append(item)
@@ -236,11 +247,16 @@ class AlertEngine:
         }
 
     def restore(self, snap: Mapping[str, Any]) -> None:
-        self.watermark = int(snap.get("watermark", 0))
-        self.late = int(snap.get("late", 0))
-        self.state = {}
-        for item in snap.get("keys", []):
-            st = KeyState(events=deque((int(t), str(i), bool(m)) for t, i, m in item["events"]),
-                          resolved_at=item.get("resolved_at"),
-                          incident=Incident(**item["incident"]) if item.get("incident") else None)
-            self.state[(item["rule"], item["key"])] = st
+        """State saved by ``snapshot``; raises ``ValueError`` (and keeps the engine empty) if it is not that."""
+        try:
+            watermark, late = int(snap.get("watermark", 0)), int(snap.get("late", 0))
+            state = {}
+            for item in snap.get("keys", []):
+                inc = item.get("incident")
+                st = KeyState(events=deque((int(t), str(i), bool(m)) for t, i, m in item["events"]),
+                              resolved_at=None if item.get("resolved_at") is None else int(item["resolved_at"]),
+                              incident=Incident(**inc) if inc else None)
+                state[(str(item["rule"]), str(item["key"]))] = st
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"not an alerting state snapshot: {type(exc).__name__}: {str(exc)[:120]}") from None
+        self.watermark, self.late, self.state = watermark, late, state

@@ -1,7 +1,8 @@
 """Prediction caches: in-process LRU, Redis (MGET / pipelined SET EX, circuit breaker), and both tiered.
 
 Keys are a hash of the model id and the normalized text, never the raw text, so Redis holds no user text
-and a new model version never reads an old one's answers.
+and a new model version never reads an old one's answers. Generated texts (which can quote the input) stay in
+the in-process tier unless ``cache.redis_generations`` is set. What Redis returns is checked like any input.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def cache_key(model_id: str, text: str) -> str:
     return f"sl:{model_id}:{h}"
 
 
+def settings_digest(*parts) -> str:
+    """A short digest of the settings an answer depends on (templates, decoding), for cache keys."""
+    return hashlib.blake2b(repr(parts).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
 def _pack(p: Prediction | Generation) -> bytes:
     if isinstance(p, Generation):
         return orjson.dumps({"g": p.text, "n": p.tokens, "f": p.finish_reason, "m": p.model})
@@ -39,14 +45,41 @@ def _pack(p: Prediction | Generation) -> bytes:
     return orjson.dumps({"l": p.label, "s": p.score, "ps": dict(p.scores), "m": p.model})
 
 
-def _unpack(raw: bytes) -> Prediction | Generation | None:
+def cacheable(answer: Prediction | Generation) -> bool:
+    """Only a normal answer is written back: never a degraded cascade answer (kept because of overload) or a
+    generation cut off by its deadline, which would later be served as if they were ordinary."""
+    if isinstance(answer, Generation):
+        return answer.finish_reason in ("stop", "length")
+    return not answer.degraded
+
+
+_FINISH = ("stop", "length")
+
+
+def _unpack(raw) -> Prediction | Generation | None:
+    """An entry read back, checked field by field: anything else (damaged, foreign, hostile) is None (a miss)."""
     try:
         d = orjson.loads(raw)
-        if "g" in d:
-            return Generation(text=str(d["g"]), tokens=int(d["n"]), finish_reason=str(d["f"]), model=d["m"], cached=True)
-        return Prediction(label=d["l"], score=float(d["s"]), scores=d["ps"], model=d["m"], cached=True, stage=d.get("st"))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None  # a damaged entry is a miss, never an error
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("m"), str):
+        return None
+    if "g" in d:
+        text, n, finish = d.get("g"), d.get("n"), d.get("f")
+        if (isinstance(text, str) and type(n) is int and 0 <= n <= 1_000_000 and finish in _FINISH
+                and len(d) == 4):
+            return Generation(text=text, tokens=n, finish_reason=finish, model=d["m"], cached=True)
+        return None
+    label, score, scores, stage = d.get("l"), d.get("s"), d.get("ps"), d.get("st")
+    if not (isinstance(label, str) and _prob(score) and isinstance(scores, dict) and scores
+            and label in scores and all(isinstance(k, str) and _prob(v) for k, v in scores.items())
+            and (stage is None or (type(stage) is int and 0 <= stage <= 8))):
+        return None
+    return Prediction(label=label, score=float(score), scores=scores, model=d["m"], cached=True, stage=stage)
+
+
+def _prob(v) -> bool:
+    return type(v) in (float, int) and 0.0 <= v <= 1.0  # a NaN fails both comparisons
 
 
 class Cache(Protocol):
@@ -110,6 +143,7 @@ class CircuitBreaker:
         self._count = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._probe_at = 0.0
 
     @property
     def state(self) -> str:
@@ -121,8 +155,10 @@ class CircuitBreaker:
         st = self.state
         if st == "closed":
             return True
-        if st == "half-open" and not self._probing:
+        # One probe at a time; a probe that never reported back (a bug elsewhere) does not block the next for good.
+        if st == "half-open" and (not self._probing or self._clock() - self._probe_at > self.reset_s):
             self._probing = True
+            self._probe_at = self._clock()
             return True
         return False
 
@@ -131,6 +167,10 @@ class CircuitBreaker:
             log.info("cache_circuit_closed")
         self._count = 0
         self._opened_at = None
+        self._probing = False
+
+    def abandon(self) -> None:
+        """The call ``allow`` let through was cancelled: no answer either way, so the next call may probe."""
         self._probing = False
 
     def failure(self, exc: BaseException) -> None:
@@ -145,25 +185,28 @@ class CircuitBreaker:
 
 
 class RedisCache:
-    """Redis via redis.asyncio. Every error or timeout is a miss; the breaker stops trying for a while."""
+    """Redis via redis.asyncio. Every error or timeout is a miss; the breaker stops trying for a while.
+
+    Entries read back are untrusted: one that does not check out is a miss, counted (``invalid``, and
+    ``streamlabel_ignored_total{what="cache_entry"}``). Generated texts are written only when ``generations``
+    is set (``cache.redis_generations``): by default Redis holds no text that could quote the input.
+    """
 
     tier = "redis"
 
     def __init__(self, url: str, *, ttl_s: int = 86_400, timeout_ms: int = 50, password: str | None = None,
-                 tls: bool = False, ca_file: str | None = None, breaker: CircuitBreaker | None = None) -> None:
-        import redis.asyncio as aioredis
+                 tls: bool = False, ca_file: str | None = None, breaker: CircuitBreaker | None = None,
+                 generations: bool = False, metrics=None) -> None:
+        from pipeline.redis_client import redis_client
 
-        kw: dict = {"password": password} if password else {}
-        if tls and url.startswith("redis://"):
-            url = "rediss://" + url[len("redis://"):]
-        if url.startswith("rediss://") and ca_file:
-            kw["ssl_ca_certs"] = ca_file
-        self._r = aioredis.from_url(url, socket_timeout=timeout_ms / 1000, socket_connect_timeout=timeout_ms / 1000,
-                                    retry_on_timeout=False, health_check_interval=0, **kw)
+        self._r = redis_client(url, password=password, tls=tls, ca_file=ca_file, timeout_s=timeout_ms / 1000)
         self.ttl_s = ttl_s
         self.timeout_s = timeout_ms / 1000
         self.breaker = breaker or CircuitBreaker()
+        self.generations = generations
         self.errors = 0
+        self.invalid = 0
+        self._invalid_counter = metrics.ignored.labels("cache_entry") if metrics is not None else None
 
     async def _guard(self, coro):
         if not self.breaker.allow():
@@ -172,6 +215,7 @@ class RedisCache:
         try:
             res = await asyncio.wait_for(coro, self.timeout_s * 2)
         except asyncio.CancelledError:
+            self.breaker.abandon()  # a probe cut off (revoke, shutdown) must not keep the breaker open for good
             raise
         except Exception as exc:  # connection refused, timeout, auth, protocol: all mean "no cache now"
             self.errors += 1
@@ -184,12 +228,24 @@ class RedisCache:
         if not keys:
             return []
         raw = await self._guard(self._r.mget(list(keys)))
-        if raw is None:
+        if not isinstance(raw, list) or len(raw) != len(keys):
             return [None] * len(keys)
-        return [_unpack(v) if v is not None else None for v in raw]
+        out = [_unpack(v) if v is not None else None for v in raw]
+        bad = sum(1 for v, p in zip(raw, out) if v is not None and p is None)
+        if bad:
+            self._count_invalid(bad)
+        return out
+
+    def _count_invalid(self, n: int) -> None:
+        if not self.invalid:
+            log.warning("cache_entry_invalid", entries=n, note="a damaged or foreign Redis entry is a miss; counted in "
+                                                                "streamlabel_ignored_total{what=\"cache_entry\"}")
+        self.invalid += n
+        if self._invalid_counter is not None:
+            self._invalid_counter.inc(n)
 
     async def put_many(self, items: Iterable[tuple[str, Prediction]]) -> None:
-        items = list(items)
+        items = [(k, p) for k, p in items if self.generations or not isinstance(p, Generation)]
         if not items:
             return
 
@@ -261,5 +317,6 @@ def make_cache(cfg, metrics=None) -> Cache:
     if cfg.redis_url:
         remote = RedisCache(cfg.redis_url, ttl_s=cfg.ttl_s, timeout_ms=cfg.timeout_ms, password=cfg.redis_password,
                             tls=cfg.redis_tls, ca_file=cfg.redis_ca_file,
-                            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s))
+                            breaker=CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s),
+                            generations=cfg.redis_generations, metrics=metrics)
     return TieredCache(LocalCache(cfg.local_size), remote, metrics)
