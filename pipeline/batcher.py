@@ -36,7 +36,7 @@ import time
 from typing import Callable, Sequence
 
 from pipeline.engine import DaemonExecutor, Engine, Tokens
-from pipeline.errors import EngineError
+from pipeline.errors import EngineError, is_input_failure
 from pipeline.events import Prediction
 
 CANARY = "ok"  # asked when no text has been answered yet
@@ -190,13 +190,19 @@ class MicroBatcher:
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             toks: list = self.engine.tokenize(texts)
-        except Exception:  # noqa: BLE001 — find the text the tokenizer fails on; the others go on
+            if len(toks) != len(texts):
+                raise ValueError(f"the tokenizer returned {len(toks)} encodings for {len(texts)} texts")
+        except BaseException as exc:  # noqa: BLE001 — also a Rust panic (a BaseException): find the text it fails on
+            if not is_input_failure(exc):
+                raise
             toks = []
             for t in texts:
                 try:
                     toks.append(self.engine.tokenize([t])[0])
-                except Exception as exc:  # noqa: BLE001 — this text's answer is the failure
-                    toks.append(EngineFailure(f"tokenizer: {type(exc).__name__}: {str(exc)[:200]}"))
+                except BaseException as exc1:  # noqa: BLE001 — this text's answer is the failure (DLQ)
+                    if not is_input_failure(exc1):
+                        raise
+                    toks.append(EngineFailure(f"tokenizer: {type(exc1).__name__}: {str(exc1)[:200]}"))
         if self.metrics is not None:  # this thread's CPU: all of it while the tokenizer's own pool is off (CPU)
             self.metrics.tokenizer_cpu.inc(time.thread_time() - c0)
         return toks, time.perf_counter() - t0

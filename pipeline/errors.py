@@ -69,3 +69,11 @@ class BadEvent(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def is_input_failure(exc: BaseException) -> bool:
+    """Did a library fail on one input (a tokenizer's error, or its Rust panic, which pyo3 raises as a
+    ``BaseException``) rather than ask the process to stop? Interrupts, exits and cancellation are not."""
+    import asyncio
+
+    return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError))

@@ -33,6 +33,7 @@ Policy (``GenerationScheduler``)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import itertools
 import os
@@ -45,7 +46,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.errors import EngineError, ModelError, UsageError
+from pipeline.errors import EngineError, ModelError, UsageError, is_input_failure
 from pipeline.events import Event, Generation
 from pipeline.model.manifest import ModelManifest, load_manifest
 
@@ -295,22 +296,55 @@ class DecodeBatch:
         self.lens = np.zeros(0, dtype=np.int64)
         self.buf: dict[str, np.ndarray] = {}
 
+    def _shape(self) -> tuple[int, int]:
+        if not self.buf:
+            return 0, 0
+        a = next(iter(self.buf.values()))
+        return a.shape[0], a.shape[2]
+
     def _ensure(self, rows: int, length: int) -> None:
-        m = self.m
-        have_rows, have_len = (next(iter(self.buf.values())).shape[0], next(iter(self.buf.values())).shape[2]) \
-            if self.buf else (0, 0)
+        have_rows, have_len = self._shape()
         if rows <= have_rows and length <= have_len:
             return
-        rows = max(rows, have_rows)
-        length = max(have_len, -(-length // self.GROW) * self.GROW)
+        self._resize(max(rows, have_rows), max(have_len, -(-length // self.GROW) * self.GROW))
+
+    def _resize(self, rows: int, length: int) -> None:
+        """Buffers of ``rows`` × ``length`` positions, keeping the running rows' KV (their first ``length``)."""
+        m = self.m
+        have_len = self._shape()[1]
         n = len(self.rows)
+        keep = min(have_len, length)
         for name in m.past_names:
             new = np.zeros((rows, m.kv_heads, length, m.head), dtype=m.kv_dtype)
             if name in self.buf and n:
-                new[:n, :, :have_len] = self.buf[name][:n]
+                new[:n, :, :keep] = self.buf[name][:n, :, :keep]
             self.buf[name] = new
-        if len(self.lens) < rows:
-            self.lens = np.concatenate([self.lens, np.zeros(rows - len(self.lens), dtype=np.int64)])
+        lens = np.zeros(rows, dtype=np.int64)
+        lens[:n] = self.lens[:n]
+        self.lens = lens
+
+    def _shrink(self) -> None:
+        """After rows leave: give memory back once the buffers hold four times what the rows need (a long
+        prompt that finished must not make every later batch allocate rows × its length). Empty: freed."""
+        n = len(self.rows)
+        if not n:
+            self.buf, self.lens = {}, np.zeros(0, dtype=np.int64)
+            return
+        have_rows, have_len = self._shape()
+        rows = -(-n // 8) * 8
+        length = -(-(int(self.lens[:n].max()) + self.GROW) // self.GROW) * self.GROW  # room to grow in place
+        if have_rows * have_len > 4 * rows * length:
+            self._resize(rows, length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the KV buffers hold now."""
+        return sum(a.nbytes for a in self.buf.values())
+
+    def admits(self, needs: Sequence[int], need: int, budget: int) -> bool:
+        """Would one more row of ``need`` positions keep the buffers (rows × the longest row, right-padded)
+        within ``budget`` positions? ``needs``: the running rows' positions (prompt + max new tokens)."""
+        return (len(needs) + 1) * max(max(needs, default=0), need) <= budget
 
     def rebuild(self, keep: Sequence[int], new: Sequence[tuple[object, dict, int]]) -> None:
         """Keep rows ``keep`` (increasing indices into ``rows``) and add ``new`` (handle, KV of batch 1, length)."""
@@ -347,6 +381,7 @@ class DecodeBatch:
         if indices:
             gone = set(indices)
             self.rebuild([i for i in range(len(self.rows)) if i not in gone], [])
+            self._shrink()
 
     def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
         """Feed each row its latest token; returns next-token logits (rows × vocab), or with ``greedy`` the
@@ -402,6 +437,14 @@ class DeviceDecodeBatch:
     @property
     def rows(self) -> list:
         return [h for h in self.slots if h is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.row_bytes * len(self.buf)
+
+    def admits(self, needs: Sequence[int], need: int, budget: int) -> bool:
+        """Slots are preallocated: a free slot that fits the row is all it takes (and the sum budget)."""
+        return len(needs) < len(self.slots) and need + 1 <= self.length and sum(needs) + need <= budget
 
     def _bind(self, io, first: int, count: int) -> None:
         m = self.m
@@ -459,6 +502,11 @@ class DeviceDecodeBatch:
 
 
 # ------------------------------------------------------------------------------------------ scheduler
+def prompt_seed(prompt: str) -> int:
+    """A sampling seed from the prompt that every process computes alike (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
+
+
 @dataclass(frozen=True)
 class Sampling:
     do_sample: bool = False
@@ -653,15 +701,19 @@ class GenerationScheduler:
             return
         try:
             encs = self.m.tokenizer.encode_batch([s.prompt for s in new], add_special_tokens=False)
-        except Exception:  # noqa: BLE001 — one text the tokenizer fails on must not fail the others
+        except BaseException as exc:  # noqa: BLE001 — also a tokenizer panic (pyo3's PanicException is a BaseException)
+            if not is_input_failure(exc):
+                raise
             encs = []
-            for s in new:
+            for s in new:  # one text the tokenizer fails on must not fail the others
                 try:
                     encs.append(self.m.tokenizer.encode(s.prompt, add_special_tokens=False))
-                except Exception as exc:  # noqa: BLE001
-                    encs.append(exc)
+                except BaseException as exc1:  # noqa: BLE001
+                    if not is_input_failure(exc1):
+                        raise
+                    encs.append(exc1)
         for s, e in zip(new, encs):
-            if isinstance(e, Exception):
+            if isinstance(e, BaseException):
                 failed.append((s, EngineFailure(f"tokenizer: {type(e).__name__}: {str(e)[:200]}")))
                 continue
             s.ids = e.ids
@@ -670,30 +722,27 @@ class GenerationScheduler:
                     f"too long: the prompt is {len(s.ids)} tokens; this model takes at most {self.max_prompt} "
                     f"(context {self.m.context} minus max_new_tokens {self.max_new})")))
                 continue
-            if self.sampling.do_sample:
-                s.rng = np.random.default_rng([self.sampling.seed, hash(s.prompt) & 0xFFFFFFFF])
+            if self.sampling.do_sample:  # seeded by the prompt's digest: the same draw in every process and restart
+                s.rng = np.random.default_rng([self.sampling.seed, prompt_seed(s.prompt)])
             heapq.heappush(self._waiting, (s.deadline, s.order, s))
         if failed:
             for s, _ in failed:
                 self._by_prompt.pop(s.prompt, None)
             self._post(self._resolve_many, [(s, f) for s, f in failed])
 
-    def _budget_used(self) -> int:
-        return sum(len(s.ids) + self.max_new for s in self._batch.rows)
-
     def _iteration(self) -> None:
         from pipeline.batcher import EngineFailure
 
         finished: list[tuple[_Seq, object]] = []
         batch = self._batch
-        # 1. Join: prefill waiting prompts (earliest deadline first) into free rows.
-        used = self._budget_used()
+        # 1. Join: prefill waiting prompts (earliest deadline first) into free rows, within the KV budget as the
+        #    batch lays it out (on CPU: rows × the longest row, so one long prompt cannot inflate every row).
+        needs = [len(r.ids) + self.max_new for r in batch.rows]
         prefilled = 0
-        joined = 0
         while self._waiting and len(batch.rows) < self.max_batch:
             s = self._waiting[0][2]
             need = len(s.ids) + self.max_new
-            if (batch.rows or joined) and (used + need > self.max_tokens or prefilled >= self.prefill_tokens):
+            if (needs and not batch.admits(needs, need, self.max_tokens)) or prefilled >= self.prefill_tokens:
                 break
             heapq.heappop(self._waiting)
             s.admitted = self.clock()
@@ -703,14 +752,14 @@ class GenerationScheduler:
             except Exception as exc:  # noqa: BLE001 — this prompt's failure, not the engine's
                 finished.append((s, EngineFailure(f"engine: prefill failed: {type(exc).__name__}: {str(exc)[:200]}")))
                 continue
-            joined += 1
             prefilled += len(s.ids) - len(prefix)
-            used += need
+            needs.append(need)
             s.out.append(self._pick(first[None, :], [s])[0] if self.sampling.do_sample else first)
             s.first_at = self.clock()
             if self._finished(s, s.first_at):
                 finished.append((s, self._result(s)))
                 batch.leave([batch.rows.index(s)])
+                needs.pop()
         # 2. Rows whose deadline passed leave with what they have.
         now = self.clock()
         gone = []

@@ -11,7 +11,7 @@ import pytest
 from pipeline.batcher import EngineFailure
 from pipeline.errors import QualityGateError
 from pipeline.events import Generation
-from pipeline.generator import TEMPLATES, GenerationScheduler, GenerativeModel, Sampling, template_from
+from pipeline.generator import TEMPLATES, DecodeBatch, GenerationScheduler, GenerativeModel, Sampling, template_from
 from pipeline.model.manifest import load_manifest
 
 PROMPTS = ["My card was charged twice for one coffee.", "Where is my refund?", "The app logs me out every hour.",
@@ -196,3 +196,37 @@ def test_templates_render_event_fields_and_bad_templates_are_usage_errors():
     with pytest.raises(Exception) as exc:
         template_from("poem")
     assert "unknown prompt template" in str(exc.value)
+
+
+async def test_kv_memory_follows_the_running_rows_and_one_long_prompt_does_not_inflate_the_rest(model):
+    """The CPU decode batch used to keep the longest length ever seen × rows: one long prompt made every later
+    batch allocate rows × its length. Now the budget counts positions as laid out (rows × the longest row), and
+    the buffers shrink once the rows need a quarter of them; an empty batch holds nothing."""
+    per_position = 2 * model.layers * model.kv_heads * model.head * np.dtype(model.kv_dtype).itemsize
+    budget = 1024  # positions
+    sched = GenerationScheduler(model, max_batch=8, max_tokens=budget, max_new_tokens=8, ignore_eos=True)
+    seen: list[tuple[int, int]] = []  # (rows, bytes) at every decode step
+    step = sched._batch.step
+
+    def recording(tokens, greedy=False):
+        out = step(tokens, greedy)
+        seen.append((len(sched._batch.rows), sched._batch.nbytes))
+        return out
+
+    sched._batch.step = recording
+    sched.start()
+    try:
+        long = model.render("Summarize.", "word " * 130)  # about 420 tokens
+        short = prompts_of(model, PROMPTS)
+        first = await asyncio.wait_for(sched.generate([long] + short), 60)
+        assert all(isinstance(r, Generation) for r in first)
+        after_long = len(seen)
+        again = await asyncio.wait_for(sched.generate([p + " again" for p in short]), 60)
+        assert all(isinstance(r, Generation) for r in again)
+    finally:
+        await sched.close()
+    peak = max(b for _, b in seen)
+    assert peak <= per_position * (budget + 8 * DecodeBatch.GROW), f"peak {peak} bytes over the budget"
+    short_only = [b for _, b in seen[after_long:]]
+    assert max(short_only) <= per_position * 8 * 2 * DecodeBatch.GROW, "the long prompt's length outlived it"
+    assert sched._batch.nbytes == 0, "an idle batch holds no KV"
