@@ -28,7 +28,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     from pipeline.cache import make_cache
     from pipeline.engine import load_engine
     from pipeline.errors import EngineError, KafkaUnreachable
-    from pipeline.metrics import Metrics
+    from pipeline.metrics import Heartbeat, Metrics
 
     log = logs.get("streamlabel.runner").bind(worker=name)
     m = settings.model
@@ -59,9 +59,12 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     gc.collect()
     gc.freeze()
     server = None
+    heartbeat = Heartbeat(settings.metrics.liveness_stall_s)
+    beating = asyncio.get_running_loop().create_task(heartbeat.run(), name="heartbeat")
     if settings.metrics.port is not None:
         try:
-            server, _ = metrics.serve(settings.metrics.port, settings.metrics.host)
+            server, _ = metrics.serve(settings.metrics.port, settings.metrics.host, liveness=heartbeat,
+                                      max_connections=settings.metrics.max_connections)
         except OSError as exc:
             log.warning("metrics_port_unavailable", port=settings.metrics.port, error=str(exc))
     cache = make_cache(settings.cache, metrics)
@@ -129,9 +132,11 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+        beating.cancel()
         await cache.close()
         if server is not None:
             server.shutdown()
+            server.server_close()
         if own_engine:
             engine.close()
     return code

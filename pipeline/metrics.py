@@ -28,6 +28,8 @@ class Metrics:
                                       buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
         self.cache = Counter("streamlabel_cache_requests", "Cache look-ups by tier and result.", ["tier", "result"], registry=r)
         self.inflight = Gauge("streamlabel_inflight", "Records taken from Kafka and not yet committed.", registry=r)
+        self.inflight_bytes = Gauge("streamlabel_inflight_bytes", "Bytes those records hold (values, keys, headers).",
+                                    registry=r)
         self.lag = Gauge("streamlabel_consumer_lag", "Records behind the partition end.", ["partition"], registry=r)
         self.goodput = Gauge("streamlabel_slo_goodput_ratio", "Share of events within the latency objective.", registry=r)
         self.burn = Gauge("streamlabel_slo_burn_rate", "Error-budget burn rate.", ["window"], registry=r)
@@ -58,33 +60,45 @@ class Metrics:
         self.cascade = Counter("streamlabel_cascade", "Cascade answers: first_stage, escalated (answered by the "
                                "second stage), degraded (not escalated under overload).", ["result"], registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
+        self.ignored = Counter("streamlabel_ignored", "Untrusted values ignored (the default applies): "
+                               "deadline_header, cache_entry, broker_config, alert_event, alert_state.", ["what"],
+                               registry=r)
 
     def track_cpu(self, engine_threads: set[int]) -> None:
         """Export ``streamlabel_cpu_seconds_total{part="engine"|"outside_engine"}`` (read at scrape time)."""
         self.registry.register(_CpuCollector(engine_threads))
 
-    def serve(self, port: int, host: str = "127.0.0.1", readiness=None):
-        """Start the HTTP endpoint on a daemon thread: ``/metrics`` (Prometheus), ``/healthz`` (the process
-        answers) and ``/readyz`` (``readiness()`` → ``(ready, {check: ok})``: 200 or 503 with the checks as
-        JSON). Returns (server, thread)."""
+    def serve(self, port: int, host: str = "127.0.0.1", readiness=None, liveness=None, max_connections: int = 8,
+              timeout_s: float = 5.0):
+        """Start the HTTP endpoint on a daemon thread: ``/metrics`` (Prometheus), ``/healthz`` (liveness:
+        ``liveness()`` → ``(alive, {detail})``, e.g. the event loop's heartbeat is recent: 200 or 503) and
+        ``/readyz`` (``readiness()`` → ``(ready, {check: ok})``: 200 or 503 with the checks as JSON).
+
+        Bounded: at most ``max_connections`` handler threads (one more connection is answered 503 at once, from
+        the accepting thread), and a connection that sends nothing is closed after ``timeout_s``, so idle or
+        slow clients cannot pin threads without bound. Returns (server, thread)."""
         import json
-        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
         registry = self.registry
         self.readiness = readiness or self.readiness
+        self.liveness = liveness or self.liveness
 
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # socket timeout for this connection (StreamRequestHandler applies it)
+
             def do_GET(self):  # noqa: N802 — the http.server API
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
+                    alive, detail = metrics.liveness()
+                    self._send(200 if alive else 503, json.dumps({"alive": alive, **detail}).encode(),
+                               "application/json")
                 elif path == "/readyz":
                     ready, checks = metrics.readiness()
                     self._send(200 if ready else 503, json.dumps({"ready": ready, "checks": checks}).encode(),
@@ -102,8 +116,33 @@ class Metrics:
             def log_message(self, *args) -> None:  # scrapes every few seconds: not log lines
                 pass
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # a burst of connections is accepted (and answered or refused), not dropped
+
+            def __init__(self, *args) -> None:
+                super().__init__(*args)
+                self.slots = threading.BoundedSemaphore(max_connections)
+                self.refused = 0
+
+            def process_request(self, request, client_address):
+                if not self.slots.acquire(blocking=False):  # every handler busy: no new thread for this one
+                    self.refused += 1
+                    try:
+                        request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    except OSError:
+                        pass
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
+
+        server = Server((host, port), Handler)
         thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
         thread.start()
         return server, thread
@@ -111,6 +150,33 @@ class Metrics:
     @staticmethod
     def readiness() -> tuple[bool, dict]:
         return False, {"worker": False}
+
+    @staticmethod
+    def liveness() -> tuple[bool, dict]:
+        return True, {}
+
+
+class Heartbeat:
+    """Liveness that reflects the event loop: a task on the loop beats every ``period_s``; the loop counts as
+    stalled when the last beat is older than ``stall_s`` (a wedged loop answers nothing, but ``/healthz`` is
+    served from its own thread and reads this)."""
+
+    def __init__(self, stall_s: float = 10.0, period_s: float = 1.0, clock=time.monotonic) -> None:
+        self.stall_s = stall_s
+        self.period_s = period_s
+        self.clock = clock
+        self.last = clock()
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            self.last = self.clock()
+            await asyncio.sleep(self.period_s)  # a period, not synchronisation
+
+    def __call__(self) -> tuple[bool, dict]:
+        age = self.clock() - self.last
+        return age <= self.stall_s, {"loop_heartbeat_age_s": round(age, 3), "stall_after_s": self.stall_s}
 
 
 class BatchHistogram:
