@@ -35,37 +35,14 @@ import itertools
 import time
 from typing import Callable, Sequence
 
-from pipeline.engine import DaemonExecutor, Engine, Tokens
-from pipeline.errors import EngineError, is_input_failure
+from pipeline.engine import Engine, Tokens
+from pipeline.runtime import DaemonExecutor
+from pipeline.errors import EngineError, EngineFailure, is_input_failure
 from pipeline.events import Prediction
+from pipeline.serving import NO_DEADLINE, Answers
 
 CANARY = "ok"  # asked when no text has been answered yet
-NO_DEADLINE = 3600.0  # seconds after admission, for texts submitted without one
 INLINE_TOKENIZE = 32  # up to this many new texts are tokenized on the loop (a thread hand-off costs more)
-
-
-class EngineFailure(Exception):
-    """The engine failed on this one text (after the batch was split down to it)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-class Answers:
-    """The answers to one ``submit_many`` call, in its order: ``Prediction`` or ``EngineFailure`` per text.
-
-    ``waits[i]``: seconds text i waited in the batcher before its engine call started (0.0 for a text that
-    shared an answer already computed).
-    """
-
-    __slots__ = ("results", "waits", "left", "future")
-
-    def __init__(self, n: int, future: asyncio.Future) -> None:
-        self.results: list = [None] * n
-        self.waits: list[float] = [0.0] * n
-        self.left = n
-        self.future = future
 
 
 class _Item:
@@ -98,8 +75,8 @@ class MicroBatcher:
         self.metrics = metrics
         self.slo = slo
         self.clock = clock
-        self.overhead = float(getattr(engine, "call_overhead_tokens", 16))
-        self._width = getattr(engine, "width", None) or (lambda n: n)
+        self.overhead = float(engine.call_overhead_tokens)
+        self._width = engine.width
         self._ontime: list[tuple[float, int, _Item]] = []  # heap by deadline
         self._late: list[tuple[float, int, _Item]] = []  # heap by deadline: texts that cannot make it any more
         self._seq = itertools.count()
@@ -149,7 +126,6 @@ class MicroBatcher:
             fut.set_result(group)
             return fut
         now = self.clock()
-        t0 = time.perf_counter()
         new: list[tuple[int, str]] = []
         first: dict[str, int] = {}  # a text repeated within this call: position of its first copy in ``new``
         repeats: list[tuple[int, int]] = []

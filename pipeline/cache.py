@@ -13,12 +13,12 @@ import hashlib
 import time
 import unicodedata
 from collections import OrderedDict
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import orjson
 
 from pipeline import logs
-from pipeline.events import Generation, Prediction
+from pipeline.events import NO_TIMINGS, Generation, Prediction
 
 log = logs.get("streamlabel.cache")
 
@@ -121,7 +121,7 @@ class LocalCache:
 
     async def put_many(self, items: Iterable[tuple[str, Prediction]]) -> None:
         for k, p in items:
-            self._d[k] = p if p.cached else dataclasses.replace(p, cached=True, timings={})
+            self._d[k] = p if p.cached else dataclasses.replace(p, cached=True, timings=NO_TIMINGS)
             self._d.move_to_end(k)
         while len(self._d) > self.size:
             self._d.popitem(last=False)

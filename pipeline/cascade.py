@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.engine import DaemonExecutor, NoTokens, OnnxEngine, Tokens, softmax
-from pipeline.errors import UsageError
-from pipeline.events import Prediction
+from pipeline.engine import OnnxEngine, Tokens
+from pipeline.errors import NoTokens, UsageError
+from pipeline.events import Prediction, Timings
+from pipeline.runtime import DaemonExecutor, softmax
 
 
 class CascadeEngine:
+    task = "text-classification"
+
     def __init__(self, first: OnnxEngine, second: OnnxEngine, threshold: float, *, metrics=None) -> None:
         if tuple(first.labels) != tuple(second.labels):
             raise UsageError(f"cascade stages have different labels: {first.labels} vs {second.labels}",
@@ -75,7 +77,7 @@ class CascadeEngine:
         for i, p in enumerate(out):
             if isinstance(p, Prediction) and p.stage is None:
                 out[i] = dataclasses.replace(p, stage=0, degraded=degraded and i in unsure,
-                                             timings={"infer": took})
+                                             timings=Timings(infer=took))
         n_first = len(out) - len(unsure)
         self.counts["first"] += n_first
         self.counts["degraded" if degraded else "escalated"] += len(unsure)
@@ -140,22 +142,3 @@ def calibrate(first: OnnxEngine, second: OnnxEngine, texts: Sequence[str], y: np
         out.update({"accuracy_first": round(float((l1 == y).mean()), 4), "accuracy_second": round(float((l2 == y).mean()), 4),
                     "accuracy_cascade": round(float((final == y).mean()), 4)})
     return out
-
-
-def calibrate_on_preset(first_path: Path, second_path: Path, preset: str | None, target: float) -> dict:
-    from pipeline.model import presets as P
-
-    first = OnnxEngine(first_path, provider="cpu", warmup=False)
-    second = OnnxEngine(second_path, provider="cpu", warmup=False)
-    found = P.labelled_split([preset, second.manifest.training.get("preset"),
-                              first.manifest.training.get("teacher_preset")], "validation", first.labels)
-    if found is None:
-        raise UsageError("no labelled validation split: the second stage was not built from a preset",
-                         hint="pass --data-preset NAME")
-    name, val, y = found
-    texts = [e.text for e in val]
-    res = calibrate(first, second, texts, y, target)
-    res.update({"first": first.model_id, "second": second.model_id, "data": f"{name} validation split"})
-    first.close()
-    second.close()
-    return res

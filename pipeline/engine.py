@@ -8,10 +8,7 @@ that start from text.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +16,10 @@ from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from pipeline.errors import ModelError, UsageError
-from pipeline.events import Prediction
-from pipeline.model.manifest import ModelManifest, load_manifest
+from pipeline.errors import ModelError, NoTokens, UsageError
+from pipeline.events import Prediction, Timings
+from pipeline.manifest import ModelManifest, load_manifest
+from pipeline.runtime import DaemonExecutor, available_providers, softmax, task_ids
 
 # Batch width rounding. CPU: none (a batch padded to its exact longest ran 13% faster than rounding to 8 on
 # MiniLM INT8, and ORT's CPU kernels take any shape). GPU: multiples of 8 keep the set of shapes small.
@@ -30,14 +28,29 @@ DEFAULT_CALL_OVERHEAD_TOKENS = 16.0
 
 
 class Engine(Protocol):
-    """What the batcher and worker need from a model."""
+    """What the batcher, the serving task and the runner need from a classifier (``OnnxEngine``,
+    ``CascadeEngine``). A generator (``pipeline/generation``) shares the descriptive half: ``task``,
+    ``model_id``, ``variant``, ``providers``, ``threads``, ``sessions``, ``thread_ids``, ``close``."""
 
+    task: str  # the artifact's task: "text-classification" (the serving task is chosen from it)
     model_id: str
     labels: tuple[str, ...]
+    variant: str
+    providers: list[str]
+    threads: int
+    sessions: int  # engine calls that may run at once
+    thread_ids: set[int]  # the threads whose CPU is the engine's
+    call_overhead_tokens: float  # one more call costs this many padded tokens' worth (the batcher's cut)
 
     def tokenize(self, texts: Sequence[str]) -> list[Tokens]: ...
 
+    def width(self, n: int) -> int:
+        """The padded width of a batch whose longest text has ``n`` tokens."""
+        ...
+
     async def infer(self, batch: Sequence[Tokens]) -> list[Prediction | NoTokens]: ...
+
+    def close(self) -> None: ...
 
 
 class Tokens(NamedTuple):
@@ -53,16 +66,6 @@ class Encoded:
     arrays: dict[str, np.ndarray]
     lengths: np.ndarray  # real token count per row (before padding)
     empty: np.ndarray  # rows with no content token
-
-
-class NoTokens(Exception):
-    """A text from which the tokenizer produced no content tokens (e.g. only zero-width characters)."""
-
-
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
 
 
 def choose(manifest: ModelManifest, variant: str | None, provider: str) -> tuple[str, list[str]]:
@@ -95,22 +98,10 @@ def choose(manifest: ModelManifest, variant: str | None, provider: str) -> tuple
     return variant, providers
 
 
-def load_engine(path: str | Path, *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-                max_length: int | None = None, sessions: int | None = None):
-    """The engine an artifact's task calls for: ``OnnxEngine`` (classifier) or ``GenerativeModel`` (generator)."""
-    _, manifest = load_manifest(path, verify=False)
-    if manifest.task == "text-generation":
-        from pipeline.generator import GenerativeModel
-
-        return GenerativeModel(path, variant=variant, provider=provider, threads=threads)
-    if variant == "int4":
-        raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
-    return OnnxEngine(path, variant=variant, provider=provider, threads=threads, max_length=max_length,
-                      sessions=sessions)
-
-
 class OnnxEngine:
     """The real engine. Thread-safe for one caller at a time per executor (the batcher serialises calls)."""
+
+    task = "text-classification"
 
     def __init__(
         self,
@@ -174,7 +165,7 @@ class OnnxEngine:
                 ort.preload_dlls()
             except Exception:  # noqa: BLE001 — system-wide CUDA libraries are found by the loader instead
                 pass
-        before = _task_ids()
+        before = task_ids()
         try:
             self.replicas = [ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)
                               for _ in range(self.sessions)]
@@ -191,7 +182,7 @@ class OnnxEngine:
         self._executor = self._executors[0]
         self._idle = list(range(self.sessions - 1, -1, -1))  # replicas with no call running; replica 0 first
         # The threads this engine runs on (ORT's pools, the executors): their CPU time is the engine's.
-        self.thread_ids = (_task_ids() - before) | {e.native_id for e in self._executors}
+        self.thread_ids = (task_ids() - before) | {e.native_id for e in self._executors}
         self.pad_multiple = PAD_MULTIPLE["cpu" if self.providers[0] == "CPUExecutionProvider" else "gpu"]
         # What one more engine call costs, in padded tokens' worth of compute: the batcher's cut between
         # runs of different lengths. Measured by ``warmup``.
@@ -239,7 +230,7 @@ class OnnxEngine:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return self.session.run(None, self.encode(texts).arrays)[0].astype(np.float32)
 
-    def infer_sync(self, batch: Sequence[Tokens], replica: int = 0) -> list[Prediction | NoTokens]:
+    def infer_sync(self, batch: Sequence[Tokens], replica: int = 0, tokenize_s: float = 0.0) -> list[Prediction | NoTokens]:
         """One ``Prediction`` per encoding, or ``NoTokens`` for a text the model cannot see at all."""
         if not batch:
             return []
@@ -249,7 +240,7 @@ class OnnxEngine:
         probs = softmax(out.astype(np.float64))
         best = probs.argmax(axis=1).tolist()
         rounded = np.round(probs, 6).tolist()
-        timings = {"infer": time.perf_counter() - t0}
+        timings = Timings(infer=time.perf_counter() - t0, tokenize=tokenize_s)
         labels = self.labels
         model = self.model_id
         return [
@@ -264,13 +255,7 @@ class OnnxEngine:
             return []
         t0 = time.perf_counter()
         toks = self.tokenize(texts)
-        t1 = time.perf_counter()
-        preds = self.infer_sync(toks)
-        for p in preds:
-            if isinstance(p, Prediction):
-                p.timings["tokenize"] = t1 - t0
-                break
-        return preds
+        return self.infer_sync(toks, tokenize_s=time.perf_counter() - t0)
 
     async def infer(self, batch: Sequence[Tokens]) -> list[Prediction | NoTokens]:
         """Run inference in the engine's own thread, never on the event loop."""
@@ -339,105 +324,3 @@ def default_sessions(threads: int, gpu: bool) -> int:
     return 1 if gpu or threads < 2 else 2
 
 
-class DaemonExecutor:
-    """One daemon thread running calls in order, each answered through an asyncio future of the caller's loop.
-
-    Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit), a call that never returns
-    (a hung native kernel) cannot keep the process alive after the worker has stopped on its own timeout.
-    And the hop is half the CPU of ``loop.run_in_executor`` (55 vs 105 µs per call, both threads, measured
-    here), which wraps a ``concurrent.futures.Future`` (a lock and a condition each) in an asyncio one.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-        self.native_id = self._thread.native_id
-
-    def run(self, fn, /, *args) -> asyncio.Future:
-        """``fn(*args)`` on this thread. Cancelling the future does not stop a call already running."""
-        if self._closed:
-            raise RuntimeError("executor is shut down")
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._q.put((fut, fn, args, loop))
-        return fut
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fut, fn, args, loop = item
-            if fut.cancelled():  # a read of its state: cancelled before it ran (a timeout, a shutdown)
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 — handed to the caller through the future
-                _deliver_threadsafe(loop, fut, None, exc)
-            else:
-                _deliver_threadsafe(loop, fut, result, None)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:  # cancelled on its own loop
-                    try:
-                        item[3].call_soon_threadsafe(item[0].cancel)
-                    except RuntimeError:  # that loop is closed: nobody waits
-                        pass
-        self._q.put(None)
-        if wait:
-            self._thread.join()
-
-
-def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result, exc) -> None:
-    try:
-        loop.call_soon_threadsafe(_deliver, fut, result, exc)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
-
-
-def _deliver(fut: asyncio.Future, result, exc) -> None:
-    if fut.done():  # cancelled meanwhile (a timeout, a shutdown)
-        return
-    if exc is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(exc)
-
-
-def _task_ids() -> set[int]:
-    """This process's native thread ids (Linux /proc; empty elsewhere)."""
-    try:
-        return {int(t) for t in os.listdir("/proc/self/task")}
-    except OSError:
-        return set()
-
-
-def thread_cpu_seconds(tids: set[int]) -> float:
-    """CPU time (user + system) of these threads of this process so far (Linux; 0.0 elsewhere)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that ended
-    return total / tick
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -1,7 +1,7 @@
 """Wire format: decode input records into ``Event``s (or ``BadEvent``), encode ``Prediction``s as label events.
 
 Input value: JSON ``{"id", "text", "source", "entity", "ts"}`` (only ``text`` required) or plain UTF-8 text.
-Unknown JSON fields are ignored (documented in the README); they stay in the original record for anyone
+Unknown JSON fields are ignored (docs/wire-format.md); they stay in the original record for anyone
 who needs them. Output value: see ``encode_label``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import orjson
@@ -37,13 +37,27 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """Where one answer's time went, in seconds; zero where a stage does not apply (a cached answer: all)."""
+
+    infer: float = 0.0  # classifier: the engine call that answered it
+    tokenize: float = 0.0  # classifier, when tokenized in the same call (``predict``)
+    queue: float = 0.0  # generator: admitted → a decode row
+    ttft: float = 0.0  # generator: admitted → first token
+    decode: float = 0.0  # generator: first token → last
+
+
+NO_TIMINGS = Timings()
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     label: str
     score: float
     scores: Mapping[str, float]
     model: str
     cached: bool = False
-    timings: Mapping[str, float] = field(default_factory=dict)  # stage → seconds
+    timings: Timings = NO_TIMINGS
     stage: int | None = None  # a cascade's stage that answered (0: the first model); None: no cascade
     degraded: bool = False  # a cascade under overload kept the first stage's unsure answer
 
@@ -57,7 +71,7 @@ class Generation:
     finish_reason: str
     model: str
     cached: bool = False
-    timings: Mapping[str, float] = field(default_factory=dict)  # queue, ttft, decode: seconds
+    timings: Timings = NO_TIMINGS
 
 
 def decode_event(
@@ -200,12 +214,12 @@ def _label_fields(event: Event, pred: Prediction, labeled_at_ms: int, latency_ms
 
 
 def encode_label(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
-    """The output value of the label topic (schema in the README)."""
+    """The output value of the label topic (schema: docs/wire-format.md)."""
     return orjson.dumps(label_record(event, pred, labeled_at_ms=labeled_at_ms, latency_ms=latency_ms))
 
 
 def encode_generation(event: Event, gen: Generation, *, generated_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
-    """The output value of a generator's topic (schema in the README)."""
+    """The output value of a generator's topic (schema: docs/wire-format.md)."""
     return orjson.dumps({
         "id": event.id,
         "text": gen.text,

@@ -60,8 +60,8 @@ class Metrics:
         self.cascade = Counter("streamlabel_cascade", "Cascade answers: first_stage, escalated (answered by the "
                                "second stage), degraded (not escalated under overload).", ["result"], registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
-        self.ignored = Counter("streamlabel_ignored", "Untrusted values ignored (the default applies): "
-                               "deadline_header, cache_entry, broker_config, alert_event, alert_state.", ["what"],
+        self.ignored = Counter("streamlabel_ignored", "Untrusted values ignored (the default applies): a "
+                               "deadline_header that is not epoch ms, a cache_entry that does not check out.", ["what"],
                                registry=r)
 
     def track_cpu(self, engine_threads: set[int]) -> None:
@@ -224,7 +224,7 @@ class _CpuCollector:
         self.engine_threads = engine_threads  # the engine's own set: threads it starts later are counted too
 
     def collect(self):
-        from pipeline.engine import thread_cpu_seconds
+        from pipeline.runtime import thread_cpu_seconds
 
         total = time.process_time()
         engine = thread_cpu_seconds(self.engine_threads)

@@ -7,7 +7,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from pipeline.events import encode_input, now_ms
-from pipeline.generator import GenerativeModel
+from pipeline.generation import GenerativeModel
 from pipeline.metrics import Metrics
 from producers.topics import read_until
 

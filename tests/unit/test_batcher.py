@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from pipeline.batcher import EngineFailure, MicroBatcher
+from pipeline.batcher import MicroBatcher
+from pipeline.errors import EngineFailure
 from pipeline.engine import Tokens
 from pipeline.events import Prediction
 
@@ -17,9 +18,11 @@ class RecordingEngine:
     Tokens: one per word plus [CLS] and [SEP], so counts are exact and known to the test.
     """
 
+    task = "text-classification"
     model_id = "rec@1"
     labels = ("short", "long")
     max_length = 64
+    variant, providers, threads, sessions, thread_ids = "fp32", ["CPUExecutionProvider"], 1, 1, frozenset()
 
     def __init__(self, poison: str | None = None, call_overhead_tokens: float = 1000.0) -> None:
         self.calls: list[list[str]] = []
@@ -29,6 +32,12 @@ class RecordingEngine:
         self.gate = asyncio.Event()
         self.gate.set()
         self._texts: list[str] = []
+
+    def width(self, n):
+        return n
+
+    def close(self):
+        pass
 
     def tokenize(self, texts):
         out = []
@@ -274,7 +283,7 @@ async def test_batched_outputs_equal_one_text_at_a_time(tiny_artifact, sessions)
     eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu", sessions=sessions, threads=2)
     used: set[int] = set()
     run = eng.infer_sync
-    eng.infer_sync = lambda batch, replica=0: used.add(replica) or run(batch, replica)  # which replicas ran
+    eng.infer_sync = lambda batch, replica=0, **kw: used.add(replica) or run(batch, replica, **kw)  # which replicas ran
     try:
         single = [eng.predict_sync([t])[0] for t in texts]
         used.clear()
@@ -300,7 +309,7 @@ async def test_a_hung_engine_call_breaks_the_batcher_at_its_timeout():
     """A call on the engine's thread that never returns: ``EngineError`` at ``timeout_s`` for every waiting text."""
     import threading
 
-    from pipeline.engine import DaemonExecutor
+    from pipeline.runtime import DaemonExecutor
     from pipeline.errors import EngineError
 
     class HungEngine(RecordingEngine):
@@ -327,7 +336,7 @@ async def test_a_hung_engine_call_breaks_the_batcher_at_its_timeout():
 
 
 async def test_engine_thread_hop_delivers_results_and_errors():
-    from pipeline.engine import DaemonExecutor
+    from pipeline.runtime import DaemonExecutor
 
     ex = DaemonExecutor("hop")
     try:

@@ -3,8 +3,8 @@ the hand-written consumer's classifier, the summary and the plots."""
 
 from __future__ import annotations
 
-from pipeline.cli.bench import naive_model_note, summary
-from producers.loadtest import (Step, analyse, at_slo, ceiling_throughput, cpu_at_knee, cpu_per_event, knee,
+from producers.bench.ladder import naive_model_note, summary
+from producers.bench.harness import (Step, analyse, at_slo, ceiling_throughput, cpu_at_knee, cpu_per_event, knee,
                                 knee_step, plots, ratio, worker_counters)
 from tests.unit.test_loadtest_accounting import outs
 
@@ -98,8 +98,9 @@ def test_ceiling_runs_on_the_engines_session_and_tokenizer(tiny_artifact):
 
 
 def test_handwritten_classifier_labels_each_text_in_order(tiny_artifact):
-    from consumers.handwritten_baseline import Classifier
-    from pipeline.engine import NoTokens, OnnxEngine
+    from producers.bench.handwritten import Classifier
+    from pipeline.engine import OnnxEngine
+    from pipeline.errors import NoTokens
 
     texts = [f"{'word ' * (i % 17)}shares {i}" for i in range(150)]
     got = Classifier(tiny_artifact, max_batch=16)(texts)
@@ -139,7 +140,7 @@ def test_summary_gives_the_ratios_and_says_what_is_missing():
 
 
 def test_naive_note_only_for_an_artifact_that_is_not_minilm(tiny_artifact):
-    from pipeline.model.manifest import load_manifest
+    from pipeline.manifest import load_manifest
 
     _, tiny = load_manifest(tiny_artifact, verify=False)
     note = naive_model_note(tiny)

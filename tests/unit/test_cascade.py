@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.cascade import CascadeEngine, calibrate
-from pipeline.engine import OnnxEngine, softmax
+from pipeline.engine import OnnxEngine
 from pipeline.events import Event, label_record
 from pipeline.model import presets as P
 
@@ -63,7 +63,7 @@ def test_calibration_reaches_the_target_agreement(stages):
 
 
 def test_compare_gives_speed_and_quality_points_and_a_plot(tiny_artifact, tmp_path):
-    from pipeline.model.compare import compare
+    from producers.bench.compare import compare
 
     rep = compare([tiny_artifact], cascade=f"{tiny_artifact},{tiny_artifact},0.5", data_preset="tiny", seconds=0.3,
                   batch=32, plot=tmp_path / "cmp")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.engine import OnnxEngine
-from pipeline.model.manifest import load_manifest
+from pipeline.manifest import load_manifest
 from tests.conftest import FIXTURES, HAVE_TRAIN
 
 pytestmark = [pytest.mark.train,
@@ -46,7 +46,7 @@ def test_the_committed_tiny_classifier_is_what_the_build_makes(tiny_artifact):
 
 
 def test_the_committed_tiny_generator_is_what_the_build_makes(tiny_generator):
-    from pipeline.generator import GenerativeModel
+    from pipeline.generation import GenerativeModel
 
     committed = FIXTURES / "tiny-generator" / "1"
     _, fresh_m = load_manifest(tiny_generator)

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.batcher import EngineFailure
+from pipeline.errors import EngineFailure
 from pipeline.errors import QualityGateError
 from pipeline.events import Generation
-from pipeline.generator import TEMPLATES, DecodeBatch, GenerationScheduler, GenerativeModel, Sampling, template_from
-from pipeline.model.manifest import load_manifest
+from pipeline.generation import TEMPLATES, DecodeBatch, GenerationScheduler, GenerativeModel, Sampling, template_from
+from pipeline.manifest import load_manifest
 
 PROMPTS = ["My card was charged twice for one coffee.", "Where is my refund?", "The app logs me out every hour.",
            "Thanks, the new branch staff were great!", "Shares of ACME fell 12% after the earnings call."]
@@ -56,7 +56,7 @@ def test_manifest_records_the_gate_and_the_prompt_format(tiny_generator):
 
 
 def test_a_variant_is_checked_later_against_the_stored_reference(tiny_generator, model):
-    """What `python -m producers.generator_check` does on a GPU machine: no torch, the manifest's tokens."""
+    """What `python -m producers.bench.generator_check` does on a GPU machine: no torch, the manifest's tokens."""
     from pipeline.model.generative import gate_figures, gate_prompt_ids
 
     _, m = load_manifest(tiny_generator)
@@ -86,7 +86,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(model):
 
 def test_device_slot_batch_decodes_like_one_prompt_at_a_time(model):
     """The GPU decode batch (fixed slots, prefill into the slot, KV bound in place), run in host memory."""
-    from pipeline.generator import DeviceDecodeBatch
+    from pipeline.generation import DeviceDecodeBatch
 
     prompts = prompts_of(model, PROMPTS)
     batch = DeviceDecodeBatch(model, rows=8, length=256, device="cpu")
@@ -126,7 +126,7 @@ async def test_prompts_join_the_running_batch_and_match_solo_decoding(model):
         for p, r in zip(prompts, results):
             assert r.text == model.decode_text(solo(model, p, 24)).strip()
             assert r.finish_reason in ("length", "stop") and 1 <= r.tokens <= 24
-            assert r.timings["ttft"] >= r.timings["queue"] >= 0
+            assert r.timings.ttft >= r.timings.queue >= 0
         assert sched.batches - steps_before < 24 * 2, "the late prompts did not wait for the first batch to end"
     finally:
         await sched.close()

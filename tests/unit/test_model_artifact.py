@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.engine import OnnxEngine
 from pipeline.errors import ModelError
-from pipeline.model.manifest import load_manifest, resolve_artifact_dir
+from pipeline.manifest import load_manifest, resolve_artifact_dir
 
 
 def test_manifest_records_variants_checksums_and_parity(tiny_artifact):
@@ -112,7 +112,7 @@ def test_unknown_variant_and_provider(tiny_artifact):
 
 
 async def test_engine_cpu_is_counted_on_the_engine_threads(tiny_artifact):
-    from pipeline.engine import thread_cpu_seconds
+    from pipeline.runtime import thread_cpu_seconds
 
     eng = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu")
     try:

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.alerts import AlertEngine, Rule
-from pipeline.batcher import EngineFailure, MicroBatcher
+from pipeline.batcher import MicroBatcher
+from pipeline.errors import EngineFailure
 from pipeline.cache import CircuitBreaker, _pack, _unpack, cacheable, settings_digest
 from pipeline.events import DEADLINE_MAX_DIGITS, Generation, Prediction, deadline_ms
-from pipeline.generator import prompt_seed
+from pipeline.generation import prompt_seed
 
 from .test_batcher import RecordingEngine
 
@@ -184,7 +185,7 @@ def test_sampling_seeds_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = "from pipeline.generator import prompt_seed; print(prompt_seed('Where is my refund?'))"
+    code = "from pipeline.generation import prompt_seed; print(prompt_seed('Where is my refund?'))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout.strip()
             for seed in ("1", "2", "random")}
@@ -260,6 +261,7 @@ async def test_a_topic_size_limit_from_the_broker_is_taken_only_when_it_is_one(v
 # ---------------------------------------------------------------------------------------------- log_text
 @pytest.mark.parametrize("log_text", [False, True])
 def test_raw_values_reach_the_logs_only_when_log_text_is_on(log_text):
+    import logging
     from dataclasses import dataclass
 
     import structlog
@@ -276,9 +278,14 @@ def test_raw_values_reach_the_logs_only_when_log_text_is_on(log_text):
         headers: tuple = ()
         timestamp: int = 0
 
-    w = Worker(Settings().replace(log={"log_text": log_text, "level": "debug"}), RecordingEngine())
-    with structlog.testing.capture_logs() as logs:
-        w._dlq(TopicPartition("in", 0), Rec(), "invalid JSON: oops")
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))  # debug lines too
+    try:
+        with structlog.testing.capture_logs() as logs:
+            w = Worker(Settings().replace(log={"log_text": log_text, "level": "debug"}), RecordingEngine())
+            w.records.dead_letter(TopicPartition("in", 0), Rec(), "invalid JSON: oops")
+    finally:
+        structlog.configure(**saved)
     lines = [e for e in logs if e["event"] == "dead_letter"]
     assert lines and all(e.get("reason") == "invalid JSON: oops" for e in lines)
     assert any("4111" in str(e.get("value", "")) for e in lines) is log_text

@@ -1,0 +1,236 @@
+"""The decode batch: the running rows' KV cache, in host memory (CPU) or in fixed device slots (CUDA)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.generation.model import GenerativeModel
+
+GPU_SLOT_POSITIONS = 1024  # positions per decode slot on a GPU unless generate.max_prompt_tokens says otherwise
+
+
+class DecodeBatch:
+    """The running rows' KV in one preallocated buffer per layer, updated in place, and one decode step.
+
+    Row b holds its ``lens[b]`` valid positions first (right padding); the attention mask marks them and
+    GroupQueryAttention writes each new position at ``lens[b]``. The step binds the same buffer as the
+    graph's past input and present output (ONNX Runtime I/O binding), so a step copies no KV: before this,
+    the graph concatenated past and new into a fresh present every step, and every join or leave copied
+    the whole batch. A row joins by copying its prompt's KV into the next free slot; a row leaves by moving
+    the last row into its slot.
+    """
+
+    GROW = 64  # positions added when a row outgrows the buffer
+
+    def __init__(self, model: GenerativeModel) -> None:
+        self.m = model
+        self.rows: list = []  # the caller's handle per row, in slot order
+        self.lens = np.zeros(0, dtype=np.int64)
+        self.buf: dict[str, np.ndarray] = {}
+
+    def _shape(self) -> tuple[int, int]:
+        if not self.buf:
+            return 0, 0
+        a = next(iter(self.buf.values()))
+        return a.shape[0], a.shape[2]
+
+    def _ensure(self, rows: int, length: int) -> None:
+        have_rows, have_len = self._shape()
+        if rows <= have_rows and length <= have_len:
+            return
+        self._resize(max(rows, have_rows), max(have_len, -(-length // self.GROW) * self.GROW))
+
+    def _resize(self, rows: int, length: int) -> None:
+        """Buffers of ``rows`` × ``length`` positions, keeping the running rows' KV (their first ``length``)."""
+        m = self.m
+        have_len = self._shape()[1]
+        n = len(self.rows)
+        keep = min(have_len, length)
+        for name in m.past_names:
+            new = np.zeros((rows, m.kv_heads, length, m.head), dtype=m.kv_dtype)
+            if name in self.buf and n:
+                new[:n, :, :keep] = self.buf[name][:n, :, :keep]
+            self.buf[name] = new
+        lens = np.zeros(rows, dtype=np.int64)
+        lens[:n] = self.lens[:n]
+        self.lens = lens
+
+    def _shrink(self) -> None:
+        """After rows leave: give memory back once the buffers hold four times what the rows need (a long
+        prompt that finished must not make every later batch allocate rows × its length). Empty: freed."""
+        n = len(self.rows)
+        if not n:
+            self.buf, self.lens = {}, np.zeros(0, dtype=np.int64)
+            return
+        have_rows, have_len = self._shape()
+        rows = -(-n // 8) * 8
+        length = -(-(int(self.lens[:n].max()) + self.GROW) // self.GROW) * self.GROW  # room to grow in place
+        if have_rows * have_len > 4 * rows * length:
+            self._resize(rows, length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the KV buffers hold now."""
+        return sum(a.nbytes for a in self.buf.values())
+
+    def admits(self, needs: Sequence[int], need: int, budget: int) -> bool:
+        """Would one more row of ``need`` positions keep the buffers (rows × the longest row, right-padded)
+        within ``budget`` positions? ``needs``: the running rows' positions (prompt + max new tokens)."""
+        return (len(needs) + 1) * max(max(needs, default=0), need) <= budget
+
+    def rebuild(self, keep: Sequence[int], new: Sequence[tuple[object, dict, int]]) -> None:
+        """Keep rows ``keep`` (increasing indices into ``rows``) and add ``new`` (handle, KV of batch 1, length)."""
+        keep = list(keep)
+        n_keep = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n_keep) if i not in kept]
+        movers = [i for i in keep if i >= n_keep]
+        rows = self.rows[:n_keep]
+        for hole, mover in zip(holes, movers):
+            for arr in self.buf.values():
+                arr[hole] = arr[mover]
+            self.lens[hole] = self.lens[mover]
+            rows[hole] = self.rows[mover]
+        self.rows = rows
+        if new:
+            self._ensure(n_keep + len(new), max(n for _, _, n in new) + 1)
+            for j, (handle, kv, n) in enumerate(new):
+                slot = n_keep + j
+                for name, arr in self.buf.items():
+                    arr[slot, :, :n] = kv[name][0, :, :n]
+                self.lens[slot] = n
+                self.rows.append(handle)
+
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
+        """Prefill a prompt (reusing ``prefix``'s KV) into a new row; returns its last position's logits
+        (``greedy``: the argmax token id)."""
+        last, kv = self.m.prefill(ids, prefix)
+        self.rebuild(range(len(self.rows)), [(handle, kv, len(ids))])
+        return int(last.argmax()) if greedy else last
+
+    def leave(self, indices: Sequence[int]) -> None:
+        """Rows ``indices`` (into ``rows``) leave the batch."""
+        if indices:
+            gone = set(indices)
+            self.rebuild([i for i in range(len(self.rows)) if i not in gone], [])
+            self._shrink()
+
+    def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """Feed each row its latest token; returns next-token logits (rows × vocab), or with ``greedy`` the
+        argmax token ids (rows)."""
+        import onnxruntime as ort
+
+        m = self.m
+        n = len(self.rows)
+        lens = self.lens[:n]
+        width = int(lens.max()) + 1
+        self._ensure(n, width)
+        io = m.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
+        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= lens[:, None]).astype(np.int64))
+        ids_out = greedy and m.has_next
+        io.bind_output("next_token" if ids_out else "logits")  # output 0; ONNX Runtime allocates it
+        if ids_out:
+            io.bind_output("logits")
+        for name, out in zip(m.past_names, m.out_names[1:]):
+            v = ort.OrtValue.ortvalue_from_numpy(self.buf[name][:n])  # a view: the first n slots
+            io.bind_ortvalue_input(name, v)
+            io.bind_ortvalue_output(out, v)
+        m.session.run_with_iobinding(io)
+        self.lens[:n] += 1
+        out = io.get_outputs()[0].numpy()[:, -1]  # no KV leaves ONNX Runtime
+        return out if ids_out or not greedy else out.argmax(axis=1)
+
+
+class DeviceDecodeBatch:
+    """The decode batch on a GPU: the KV stays in device memory, in ``rows`` fixed slots of ``length`` positions.
+
+    Each layer's buffer is bound as both past input and present output (I/O binding by device pointer), so
+    no KV crosses PCIe: a joining prompt is prefilled straight into its slot (its rows of the buffer), a
+    step moves only token ids and a mask in and logits out. Rows never move: a free slot runs a dummy token
+    with length 0 (on a GPU a decode step costs about the same for a few rows or for all of them, it is
+    bound by reading the weights). No shared-prefix reuse here (prefill is cheap on a GPU).
+    """
+
+    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda") -> None:
+        import onnxruntime as ort
+
+        self.m = model
+        self.device = device  # "cpu" runs the same slot logic in host memory (tests)
+        self.slots: list = [None] * rows
+        self.length = length
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self.dtype = model.kv_dtype
+        self.item = np.dtype(self.dtype).itemsize
+        shape = [rows, model.kv_heads, length, model.head]
+        self.buf = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0) for n in model.past_names}
+        self.row_bytes = model.kv_heads * length * model.head * self.item
+
+    @property
+    def rows(self) -> list:
+        return [h for h in self.slots if h is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.slots) * self.row_bytes * len(self.buf)
+
+    def admits(self, needs: Sequence[int], need: int, budget: int) -> bool:
+        """Slots are preallocated: a free slot that fits the row is all it takes (and the sum budget)."""
+        return len(needs) < len(self.slots) and need + 1 <= self.length and sum(needs) + need <= budget
+
+    def _bind(self, io, first: int, count: int) -> None:
+        m = self.m
+        shape = [count, m.kv_heads, self.length, m.head]
+        for name, out in zip(m.past_names, m.out_names[1:]):
+            ptr = self.buf[name].data_ptr() + first * self.row_bytes
+            io.bind_input(name, self.device, 0, self.dtype, shape, ptr)
+            io.bind_output(out, self.device, 0, self.dtype, shape, ptr)
+
+    def _outputs(self, io, greedy: bool) -> bool:
+        """Bind what leaves the device: the argmax ids (greedy, when the graph has them) or the logits."""
+        ids_out = greedy and self.m.has_next
+        if ids_out:
+            io.bind_output("next_token", "cpu")
+            io.bind_output("logits", self.device)  # stays on the device
+        else:
+            io.bind_output("logits", "cpu")
+        return ids_out
+
+    def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
+        if len(ids) + 1 > self.length:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit a slot of {self.length}")
+        slot = self.slots.index(None)
+        io = self.m.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, len(ids)), dtype=np.int64))
+        ids_out = self._outputs(io, greedy)
+        self._bind(io, slot, 1)
+        self.m.session.run_with_iobinding(io)
+        self.slots[slot] = handle
+        self.lens[slot] = len(ids)
+        out = io.get_outputs()[0].numpy()[0, -1]
+        return int(out) if ids_out else int(out.argmax()) if greedy else out
+
+    def leave(self, indices: Sequence[int]) -> None:
+        active = [i for i, h in enumerate(self.slots) if h is not None]
+        for j in indices:
+            self.slots[active[j]] = None
+            self.lens[active[j]] = 0
+
+    def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
+        active = [i for i, h in enumerate(self.slots) if h is not None]
+        toks = np.zeros((len(self.slots), 1), dtype=np.int64)
+        toks[active, 0] = tokens
+        width = int(self.lens.max()) + 1
+        io = self.m.session.io_binding()
+        io.bind_cpu_input("input_ids", toks)
+        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= self.lens[:, None]).astype(np.int64))
+        ids_out = self._outputs(io, greedy)
+        self._bind(io, 0, len(self.slots))
+        self.m.session.run_with_iobinding(io)
+        self.lens[active] += 1
+        out = io.get_outputs()[0].numpy()[active, -1]
+        return out if ids_out or not greedy else out.argmax(axis=1)

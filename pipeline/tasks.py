@@ -1,0 +1,126 @@
+"""What an artifact is served as, decided once: the engine (``load_engine``) and the ``ServingTask`` (``open_task``).
+
+``ClassifyTask``: a classifier (or a cascade of two) behind a ``MicroBatcher``; the output is a label record.
+``GenerateTask``: a generator behind a ``GenerationScheduler``; events become prompts through a template, the
+output is a generated-text record. Everything that differs between the two lives here, so the worker's loop
+is the same for both (``pipeline/serving.py`` has the protocol).
+"""
+
+from __future__ import annotations
+
+from pipeline.batcher import MicroBatcher
+from pipeline.cache import settings_digest
+from pipeline.cascade import CascadeEngine, load_cascade
+from pipeline.config import ModelSettings, Settings
+from pipeline.engine import OnnxEngine
+from pipeline.errors import UsageError
+from pipeline.events import Event, Generation, Prediction, encode_generation, encode_label
+from pipeline.generation import GenerationScheduler, GenerativeModel, Sampling, template_from
+from pipeline.manifest import load_manifest
+from pipeline.serving import ServingTask
+
+
+def load_engine(m: ModelSettings):
+    """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
+    ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator)."""
+    if m.cascade:
+        return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads)
+    _, manifest = load_manifest(m.path, verify=False)
+    if manifest.task == "text-generation":
+        return GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads)
+    if m.variant == "int4":
+        raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
+    return OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
+                      sessions=m.sessions or None)
+
+
+def open_task(settings: Settings, engine, *, metrics=None, slo=None) -> ServingTask:
+    """The serving task for this engine (by the task its artifact declares), with its scheduler built."""
+    if engine.task == "text-generation":
+        return GenerateTask(settings, engine, metrics=metrics, slo=slo)
+    return ClassifyTask(settings, engine, metrics=metrics, slo=slo)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class ClassifyTask:
+    """A classifier: the event's text in, a label record out (``latency_ms``: ``e2e``, ``batch_wait``, ``infer``)."""
+
+    kind = "classify"
+
+    def __init__(self, settings: Settings, engine, *, metrics=None, slo=None) -> None:
+        b = settings.batching
+        self.engine = engine
+        self.model_id = engine.model_id
+        self.cache_namespace = engine.model_id
+        self.scheduler = MicroBatcher(engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_wait_ms=b.max_wait_ms,
+                                      metrics=metrics, concurrency=b.engine_concurrency or engine.sessions, slo=slo,
+                                      timeout_s=b.engine_timeout_s)
+        if isinstance(engine, CascadeEngine):
+            # A full batch waiting means there is no time to escalate; answers depend on the threshold too.
+            batcher = self.scheduler
+            engine.pressure = lambda: batcher.waiting() >= batcher.max_batch
+            engine.metrics = metrics
+            self.cache_namespace = f"{engine.model_id}|t={engine.threshold}"
+
+    def text(self, event: Event) -> str:
+        return event.text
+
+    def cacheable(self, answer: Prediction) -> bool:
+        return not answer.degraded  # a cascade's answer kept only because of overload is not a normal one
+
+    def encode(self, event: Event, answer: Prediction, *, wait_s: float, now_ms: int, record_ts_ms: int) -> bytes:
+        if answer.cached:
+            lat = {"e2e": now_ms - record_ts_ms}
+        else:
+            lat = {"e2e": now_ms - record_ts_ms, "batch_wait": _ms(wait_s), "infer": _ms(answer.timings.infer)}
+        return encode_label(event, answer, labeled_at_ms=now_ms, latency_ms=lat)
+
+    def started(self, log) -> None:
+        pass
+
+
+class GenerateTask:
+    """A generator: the prompt a template renders from the event in, a generated-text record out (``latency_ms``:
+    ``e2e``, ``queue``, ``ttft``, ``decode``)."""
+
+    kind = "generate"
+
+    def __init__(self, settings: Settings, engine: GenerativeModel, *, metrics=None, slo=None) -> None:
+        g, b = settings.generate, settings.batching
+        self.engine = engine
+        self.model_id = engine.model_id
+        self.objective_ms = settings.slo.objective_ms
+        self.template = template_from(g.template, g.system, g.user)
+        self.scheduler = GenerationScheduler(
+            engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_new_tokens=g.max_new_tokens, stop=g.stop,
+            sampling=Sampling(g.do_sample, g.temperature, g.top_p, g.seed), prefill_tokens=g.prefill_tokens,
+            max_prompt_tokens=g.max_prompt_tokens, ignore_eos=g.ignore_eos, metrics=metrics, slo=slo)
+        self.scheduler.add_prefix(engine.prefix_of(self.template.render("")[0]))
+        # A cached generation is valid only for the same prompt and decoding settings: their digest goes into the
+        # key (never the template's text, which would then sit in every Redis key).
+        self.cache_namespace = f"{engine.model_id}|" + settings_digest(
+            self.template.system, self.template.user, g.max_new_tokens, g.stop, g.ignore_eos,
+            g.do_sample and (g.temperature, g.top_p, g.seed))
+
+    def text(self, event: Event) -> str:
+        return self.engine.render(*self.template.for_event(event))
+
+    def cacheable(self, answer: Generation) -> bool:
+        return answer.finish_reason in ("stop", "length")  # never one cut off by its deadline
+
+    def encode(self, event: Event, answer: Generation, *, wait_s: float, now_ms: int, record_ts_ms: int) -> bytes:
+        if answer.cached:
+            lat = {"e2e": now_ms - record_ts_ms}
+        else:
+            t = answer.timings
+            lat = {"e2e": now_ms - record_ts_ms, "queue": _ms(t.queue), "ttft": _ms(t.ttft), "decode": _ms(t.decode)}
+        return encode_generation(event, answer, generated_at_ms=now_ms, latency_ms=lat)
+
+    def started(self, log) -> None:
+        if self.objective_ms < 1000:
+            log.warning("generation_deadline_short", objective_ms=self.objective_ms,
+                        note="each generation must finish by its record timestamp + slo.objective_ms; most will "
+                             "end with finish_reason=deadline. Set [slo] objective_ms = 5000 (or more) for generators")
