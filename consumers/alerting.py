@@ -1,9 +1,11 @@
 """The alerting worker: label topic → windowed rules (pipeline/alerts.py) → alert topic (+ optional webhook).
 
-State (windows, open incidents) lives per input partition and is saved to Redis together with the next
-offset after every batch, before the offsets are committed; on assignment the worker restores it and seeks
-to the saved offset, so a restart neither re-fires nor forgets an open incident. Label events are keyed by
-entity (the input key), so each alerting worker sees all events of its entities.
+It commits through the delivery protocol (``consumers/delivery.py``, at-least-once), whose commit step first
+saves each partition's state (windows, open incidents) to Redis with the offset it belongs to, then commits
+that offset: state and offsets move together, as Quix Streams' checkpoint flushes state before it commits. On
+assignment the worker restores the state and seeks to its offset, so a restart neither re-fires nor forgets an
+open incident. Label events are keyed by entity (the input key), so each alerting worker sees all events of
+its entities.
 
 Start-up checks, each a one-line ``ConfigError``: Redis answers (and takes the password), the label topic
 exists, the alert topic exists (or is created with ``topics.create``), the broker is reachable. A Redis
@@ -13,6 +15,7 @@ failure later stops the worker (state could no longer be saved before a commit) 
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -20,6 +23,7 @@ import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumers.delivery import AtLeastOnce, Output
 from pipeline import kafka as K
 from pipeline import logs
 from pipeline.alerts import AlertEngine
@@ -28,23 +32,30 @@ from pipeline.errors import ConfigError, StreamlabelError
 from pipeline.redis_client import redis_client, safe_url
 
 REDIS_TIMEOUT_S = 5.0
+COMMIT_INTERVAL_S = 0.2  # state saves and offset commits, at most this often
+REVOKE_S = 10.0  # the drain deadline when partitions are revoked or the worker stops
 
 
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, w: AlertingWorker) -> None:
         self.w = w
 
+    # aiokafka logs and swallows a listener's exception; the worker must not run on without its state.
     async def on_partitions_revoked(self, revoked):
+        try:
+            await self.w.delivery.revoke(list(revoked), time.monotonic() + REVOKE_S)
+        except Exception as exc:  # noqa: BLE001
+            self.w._fail(exc)
         for tp in revoked:
             self.w.engines.pop(tp, None)
+            self.w.pending.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned):
-        # aiokafka logs and swallows a listener's exception; the worker must not run on without its state.
         try:
+            await self.w.delivery.assign(assigned)
             await self.w._restore(assigned)
-        except Exception as exc:
-            self.w._failure = exc
-            self.w.stop()
+        except Exception as exc:  # noqa: BLE001
+            self.w._fail(exc)
 
 
 class AlertingWorker:
@@ -54,6 +65,7 @@ class AlertingWorker:
         self.topic_in = self.a.input or settings.topics.output
         self.name = name
         self.engines: dict[TopicPartition, AlertEngine] = {}
+        self.pending: dict[TopicPartition, tuple[int, bytes]] = {}  # state to save with the next commit: (offset, state)
         self.log = logs.get("streamlabel.alerting").bind(worker=name)
         self.fired = 0
         self.resolved = 0
@@ -62,10 +74,12 @@ class AlertingWorker:
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
         self._redis = None
-        self.consumer = self.producer = None
+        self._webhook_tasks: set[asyncio.Task] = set()
+        self.consumer = None
+        self.delivery: AtLeastOnce | None = None
         if not self.a.rules:
             raise ConfigError("no alert rules configured", where="alerting.rules",
-                              hint="add [[alerting.rules]] tables to the config; the README has examples")
+                              hint="add [[alerting.rules]] tables to the config; docs/operations/alerting.md has examples")
         if self.a.state_redis_url:
             c = settings.cache  # the same password and TLS settings as the prediction cache
             self._redis = redis_client(self.a.state_redis_url, password=c.redis_password, tls=c.redis_tls,
@@ -74,6 +88,11 @@ class AlertingWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self.stop()
 
     def _key(self, tp: TopicPartition) -> str:
         return f"streamlabel:alerting:{self.a.group_id}:{tp.topic}:{tp.partition}"
@@ -101,6 +120,22 @@ class AlertingWorker:
         self.ready.set()
         self.log.info("alerting_assigned", partitions=sorted(tp.partition for tp in assigned))
 
+    async def _save_states(self, offsets: dict[TopicPartition, int]) -> None:
+        """The commit protocol's first step: each partition's state, with the offset about to be committed, to
+        Redis (one pipelined write). Raises if Redis fails: then nothing is committed."""
+        if self._redis is None:
+            return
+        states = {tp: st for tp, off in offsets.items() if (st := self.pending.get(tp)) and st[0] == off}
+        if not states:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tp, (off, state) in states.items():
+                pipe.set(self._key(tp), b'{"offset":%d,"state":%s}' % (off, state))
+            await pipe.execute()
+        for tp, st in states.items():
+            if self.pending.get(tp) is st:
+                del self.pending[tp]
+
     async def run(self) -> None:
         """Check Redis and the topics, then read labels and publish alerts until ``stop()``."""
         k = self.s.kafka
@@ -112,9 +147,11 @@ class AlertingWorker:
                                  replication_factor=self.s.topics.replication_factor)
             self.consumer = K.consumer(self.s, group_id=self.a.group_id, auto_offset_reset="earliest",
                                        session_timeout_ms=k.session_timeout_ms)
-            self.producer = K.producer(self.s)
+            self.delivery = AtLeastOnce(self.consumer, K.producer(self.s), make_producer=lambda: K.producer(self.s),
+                                        group_id=self.a.group_id, commit_interval_s=COMMIT_INTERVAL_S, log=self.log,
+                                        before_commit=self._save_states)
             try:
-                await self.producer.start()
+                await self.delivery.start_clients()
                 self.consumer.subscribe([self.topic_in], listener=_Listener(self))
                 await self.consumer.start()
             except (KafkaError, OSError) as exc:
@@ -122,6 +159,8 @@ class AlertingWorker:
             started = True
             self.log.info("alerting_started", input=self.topic_in, output=self.a.output, rules=len(self.a.rules))
             await self._loop()
+            if self._failure is None:
+                await self.delivery.close(time.monotonic() + REVOKE_S)
             if self._failure is not None:
                 raise self._failure
         except Exception as exc:
@@ -129,36 +168,65 @@ class AlertingWorker:
                 raise redis_error(self.a.state_redis_url or "", exc, self._has_password(), running=True) from None
             raise
         finally:
+            if self.delivery is not None and self._failure is not None:
+                await self.delivery.abandon(time.monotonic() + 5)
+            if self._webhook_tasks:  # alerts already published: their webhook calls get their retries
+                await asyncio.wait(self._webhook_tasks, timeout=self.a.webhook_timeout_s * (self.a.webhook_retries + 1))
             if self.consumer is not None:
                 await self.consumer.stop()
-            if self.producer is not None:
-                await self.producer.stop()
+            if self.delivery is not None:
+                await self.delivery.stop_clients(time.monotonic() + 5)
             if self._redis is not None:
                 await self._redis.aclose()
             if started:
-                self.log.info("alerting_stopped", fired=self.fired, resolved=self.resolved)
+                self.log.info("alerting_stopped", fired=self.fired, resolved=self.resolved,
+                              invalid_events=sum(e.invalid for e in self.engines.values()),
+                              invalid_states=self.invalid_states)
 
     async def _loop(self) -> None:
+        last = time.monotonic()
         while not self._stop.is_set():
             batches = await self.consumer.getmany(timeout_ms=200, max_records=1000)
             for tp, records in batches.items():
                 eng = self.engines.get(tp)
-                if eng is None or not records:
+                batch = self.delivery.admit(tp, records) if eng is not None and records else None
+                if batch is None:
                     continue
-                alerts = []
-                for r in records:
-                    try:
-                        ev = orjson.loads(r.value)
-                    except (orjson.JSONDecodeError, TypeError):
-                        continue  # not a label event: the label topic's producer owns its schema
-                    if isinstance(ev, dict):
-                        alerts += eng.observe(ev)
-                alerts += eng.advance()
-                await self._publish(alerts)
-                nxt = records[-1].offset + 1
-                if self._redis is not None:
-                    await self._redis.set(self._key(tp), orjson.dumps({"offset": nxt, "state": eng.snapshot()}))
-                await self.consumer.commit({tp: nxt})
+                try:
+                    alerts = []
+                    for r in records:
+                        try:
+                            ev = orjson.loads(r.value)
+                        except (orjson.JSONDecodeError, TypeError):
+                            continue  # not a label event: the label topic's producer owns its schema
+                        if isinstance(ev, dict):
+                            alerts += eng.observe(ev)
+                    alerts += eng.advance()
+                    await self.delivery.publish(batch, [Output(self.a.output, str(al["entity"]).encode(),
+                                                               orjson.dumps(al), []) for al in alerts])
+                    self.pending[tp] = (records[-1].offset + 1, orjson.dumps(eng.snapshot()))
+                    self._announce(alerts)
+                finally:
+                    self.delivery.settle(batch)
+            now = time.monotonic()
+            if now - last >= COMMIT_INTERVAL_S:
+                await self.delivery.tick()  # state saved, then offsets committed (see _save_states)
+                last = now
+
+    def _announce(self, alerts: list[dict]) -> None:
+        for al in alerts:
+            if al["status"] == "firing":
+                self.fired += 1
+            else:
+                self.resolved += 1
+            self.log.info("alert", status=al["status"], rule=al["rule"], entity=al["entity"], value=al["value"])
+        if alerts and self.a.webhook_url:
+            task = asyncio.get_running_loop().create_task(self._webhooks(alerts))
+            self._webhook_tasks.add(task)
+            task.add_done_callback(self._webhook_tasks.discard)
+
+    async def _webhooks(self, alerts: list[dict]) -> None:
+        await asyncio.gather(*(asyncio.to_thread(self._post, al) for al in alerts))
 
     def _has_password(self) -> bool:
         return bool(self.s.cache.redis_password or urlsplit(self.a.state_redis_url or "").password)
@@ -173,21 +241,6 @@ class AlertingWorker:
                 raise redis_error(self.a.state_redis_url, exc, self._has_password()) from None
             raise
 
-    async def _publish(self, alerts: list[dict]) -> None:
-        if not alerts:
-            return
-        futs = [await self.producer.send(self.a.output, orjson.dumps(al), key=str(al["entity"]).encode())
-                for al in alerts]
-        await asyncio.gather(*futs)
-        for al in alerts:
-            if al["status"] == "firing":
-                self.fired += 1
-            else:
-                self.resolved += 1
-            self.log.info("alert", status=al["status"], rule=al["rule"], entity=al["entity"], value=al["value"])
-        if self.a.webhook_url:
-            await asyncio.gather(*(asyncio.to_thread(self._post, al) for al in alerts))
-
     def _post(self, alert: dict) -> bool:
         body = orjson.dumps(alert)
         for attempt in range(self.a.webhook_retries + 1):
@@ -200,8 +253,6 @@ class AlertingWorker:
             except OSError as exc:
                 self.log.warning("webhook_failed", attempt=attempt + 1, error=type(exc).__name__)
             if attempt < self.a.webhook_retries:
-                import time
-
                 time.sleep(min(5.0, 0.2 * 2 ** attempt))  # retry backoff (worker thread, not the event loop)
         return False
 

@@ -18,40 +18,31 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
                 on_ready=None, max_restarts: int = 20, healthy_after_s: float = 60.0) -> int:
     """Build engine, cache, metrics; run one worker until SIGTERM/SIGINT; returns an exit code.
 
-    A worker that fails (publish not acknowledged, transaction failed, a supervised task died) is rebuilt
-    with fresh Kafka clients: a new transactional producer fences the old one; uncommitted records are read
-    again. ``max_restarts`` failures in a row (a worker that ran ``healthy_after_s`` resets the count) end
-    with exit code 1. A broker that cannot be reached at the first start is a configuration error (raised);
-    once a worker has run, an unreachable broker is waited out. A broken or hung engine exits with code 4.
+    A worker that stops with a retriable error (``pipeline/errors.py``: publish not acknowledged, transaction
+    failed, a supervised task died) is rebuilt with fresh Kafka clients: a new transactional producer fences the
+    old one; uncommitted records are read again. ``max_restarts`` failures in a row (a worker that ran
+    ``healthy_after_s`` resets the count) end with exit code 1. A broker that cannot be reached at the first start
+    is a configuration error (raised); once a worker has run, an unreachable broker is waited out. Any other
+    error that is not retriable ends the run with its exit code (a broken or hung engine: 4).
     """
-    from consumers.worker import Worker, WorkerError
+    from consumers.worker import Worker
     from pipeline.cache import make_cache
-    from pipeline.engine import load_engine
-    from pipeline.errors import EngineError, KafkaUnreachable
+    from pipeline.errors import EngineError, KafkaUnreachable, StreamlabelError, UsageError
     from pipeline.metrics import Heartbeat, Metrics
+    from pipeline.tasks import load_engine
 
     log = logs.get("streamlabel.runner").bind(worker=name)
-    m = settings.model
     own_engine = engine is None
-    if engine is None and m.cascade:
-        from pipeline.cascade import load_cascade
-
-        engine = load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads)
     if engine is None:
-        engine = load_engine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
-                             sessions=m.sessions or None)
-    log.info("engine_ready", model=engine.model_id, variant=getattr(engine, "variant", None),
-             provider=(getattr(engine, "providers", None) or ["?"])[0], threads=getattr(engine, "threads", None),
-             sessions=getattr(engine, "sessions", 1))
+        engine = load_engine(settings.model)
+    log.info("engine_ready", model=engine.model_id, task=engine.task, variant=engine.variant,
+             provider=engine.providers[0], threads=engine.threads, sessions=engine.sessions)
     metrics = Metrics()
-    metrics.track_cpu(getattr(engine, "thread_ids", set()))
+    metrics.track_cpu(engine.thread_ids)
     from pipeline import __version__
 
-    metrics.build_info.labels(__version__, engine.model_id, str(getattr(engine, "variant", "")),
-                              str((getattr(engine, "providers", None) or ["?"])[0]),
-                              getattr(engine, "task", "text-classification")).set(1)
-    if hasattr(engine, "pressure"):  # a cascade counts its escalations
-        engine.metrics = metrics
+    metrics.build_info.labels(__version__, engine.model_id, str(engine.variant), str(engine.providers[0]),
+                              engine.task).set(1)
     # Everything loaded so far (modules, the model's Python objects) lives for the whole run: take it out of
     # the collector's reach, so a full collection scans what the stream allocates, not the libraries. Measured
     # on the tiny model at 6,500 events/s: full collections of 37-77 ms every ~2 s before, each a latency spike
@@ -103,24 +94,28 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
             try:
                 await worker.run()
                 break
-            except EngineError as exc:
-                log.error("engine_failed", error=exc.render(), note="exiting: a restart would not help")
-                code = exc.exit_code
-                break
-            except KafkaUnreachable as exc:
-                if not has_run:
-                    raise
-                waits += 1  # an outage is waited out: it does not count towards max_restarts
-                log.warning("restart_waiting_for_kafka", error=exc.render(), attempt=waits, note="retrying")
-            except WorkerError as exc:
-                has_run = True
-                failures = 1 if time.monotonic() - started >= healthy_after_s else failures + 1
-                log.error("worker_failed", error=str(exc)[:300], failures_in_a_row=failures,
-                          note="restarting with fresh clients; uncommitted records will be re-read")
-                if failures > max_restarts:
-                    log.error("worker_gave_up", failures_in_a_row=failures)
-                    code = 1
+            except StreamlabelError as exc:
+                if isinstance(exc, KafkaUnreachable):
+                    if not has_run:
+                        raise  # at the first start: a wrong address or a broker that is not there (exit 2)
+                    waits += 1  # once a worker has run, an outage is waited out: not counted towards max_restarts
+                    log.warning("restart_waiting_for_kafka", error=exc.render(), attempt=waits, note="retrying")
+                elif not exc.retriable:
+                    if isinstance(exc, UsageError):
+                        raise  # the configuration's to fix: one line from the CLI, exit 2
+                    log.error("engine_failed" if isinstance(exc, EngineError) else "worker_stopped",
+                              error=exc.render(), exit_code=exc.exit_code, note="exiting: a restart would not help")
+                    code = exc.exit_code
                     break
+                else:
+                    has_run = True
+                    failures = 1 if time.monotonic() - started >= healthy_after_s else failures + 1
+                    log.error("worker_failed", error=str(exc)[:300], failures_in_a_row=failures,
+                              note="restarting with fresh clients; uncommitted records will be re-read")
+                    if failures > max_restarts:
+                        log.error("worker_gave_up", failures_in_a_row=failures)
+                        code = 1
+                        break
             if worker.ready.is_set():
                 has_run = True
                 waits = 0

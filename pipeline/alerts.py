@@ -114,7 +114,7 @@ def _finite(v) -> bool:
 
 
 def alert_event(rule: Rule, key: str, status: str, inc: Incident, now_ms: int) -> dict:
-    """The alert topic's value (schema in the README)."""
+    """The alert topic's value (schema: docs/wire-format.md)."""
     return {
         "alert_id": inc.alert_id, "status": status, "rule": rule.name, "kind": rule.kind, "key": rule.key,
         "entity": key, "severity": rule.severity, "value": round(inc.value, 4), "threshold": rule.threshold,

@@ -6,7 +6,10 @@ here, so a SASL_SSL cluster works for ``run``, ``replay``, ``produce``, ``alerts
 names it (created only when asked), an unreachable broker is one error that says which and why.
 
 The rest of ``pipeline/`` stays Kafka-free; ``consumers/`` and ``producers/`` import aiokafka's types
-(``TopicPartition``, errors) but build clients only through this module.
+(``TopicPartition``, errors) but build clients only through this module. It is also the one place that
+works around aiokafka, each workaround named and explained where it is: the strict committed-offset read
+(``_strict_fetch``), fetch parameters changed while running (``set_fetch_params``), and finding the record
+batch a fetch failed to parse (``locate_unparsable``).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ from aiokafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaSettings, Settings
 
-from pipeline.errors import ConfigError, KafkaUnreachable, MissingTopic
+from pipeline.errors import ConfigError, KafkaUnreachable, MissingTopic, OffsetReadTimeout
 
-__all__ = ["KafkaError", "MAX_REQUEST_BYTES", "START_TIMEOUT_S", "TopicInfo", "admin", "check_topics", "client_kwargs",
-           "committed", "connection_error", "consumer", "ensure_topics", "producer", "transactional_producer"]
+__all__ = ["KafkaError", "MAX_REQUEST_BYTES", "OffsetReadTimeout", "START_TIMEOUT_S", "TopicInfo", "admin",
+           "check_topics", "client_kwargs", "committed", "connection_error", "consumer", "ensure_topics", "fetch_params",
+           "locate_unparsable", "producer", "set_fetch_params", "transactional_producer"]
 
 # The producer refuses records above this (aiokafka's default); DLQ copies are capped below it.
 MAX_REQUEST_BYTES = 1_048_576
@@ -386,12 +390,6 @@ AIOKAFKA_FETCH = GroupCoordinator._do_fetch_commit_offsets  # kept for the test 
 GroupCoordinator._do_fetch_commit_offsets = _strict_fetch
 
 
-class OffsetReadTimeout(KafkaError):
-    """The group coordinator did not answer a committed-offset read in time (loading, moving): retriable."""
-
-    retriable = True
-
-
 async def committed(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: float) -> int | None:
     """The committed offset of ``tp`` for the consumer's group (None: the broker says none was committed).
 
@@ -402,3 +400,53 @@ async def committed(consumer: AIOKafkaConsumer, tp: TopicPartition, timeout_s: f
     except asyncio.TimeoutError:
         raise OffsetReadTimeout(f"no committed offset for {tp.topic}[{tp.partition}] within {timeout_s:g} s "
                                 f"(the group coordinator is loading or moving)") from None
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+def fetch_params(rate: float, record_bytes: float, gather_ms: float, idle_wait_ms: int) -> tuple[int, int]:
+    """(fetch_min_bytes, fetch_max_wait_ms) for the observed arrival rate (records/s) and record size.
+
+    Every fetch is a request, a response to parse and a wake-up of the loop. Idle or light load (fewer than
+    two records per ``gather_ms``): the broker answers as soon as one byte is there and long-polls
+    ``idle_wait_ms`` otherwise, so a lone record is not held back. Busier: ask the broker to gather what
+    arrives in ``gather_ms`` (min bytes = rate × record size × gather time, at most 1 MiB; max wait =
+    ``gather_ms``), so one fetch carries a handful of records and no record waits more than ``gather_ms``.
+    """
+    gather = gather_ms / 1000
+    if rate * gather >= 2 and record_bytes > 0:
+        return max(1, min(1 << 20, int(rate * gather * record_bytes))), max(1, int(gather_ms))
+    return 1, idle_wait_ms
+
+
+def set_fetch_params(consumer: AIOKafkaConsumer, min_bytes: int, max_wait_ms: int) -> bool:
+    """Change a running consumer's fetch_min_bytes / fetch_max_wait_ms (aiokafka has no API for it; its fetcher
+    reads both fields for every fetch request). False when this aiokafka's fetcher does not have them."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_fetch_min_bytes") or not hasattr(fetcher, "_fetch_max_wait_ms"):
+        return False
+    fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, max_wait_ms
+    return True
+
+
+def locate_unparsable(exc: BaseException) -> tuple[TopicPartition, int, int] | None:
+    """(partition, batch base offset, batch next offset) of the record batch aiokafka failed to parse.
+
+    aiokafka raises a bare exception from its record iterator (``PartitionRecords._unpack_records``); the
+    partition and the batch are only in that frame's locals, read here from the traceback. None if the
+    traceback does not show them (another aiokafka version): the caller then steps every partition instead.
+    """
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_name == "_unpack_records" and "tp" in f.f_locals:
+            tp = f.f_locals["tp"]
+            nb = f.f_locals.get("next_batch")
+            try:
+                found = (tp, int(nb.base_offset), int(nb.next_offset)) if nb is not None else (tp, -1, -1)
+            except (AttributeError, TypeError, ValueError):
+                found = (tp, -1, -1)
+        tb = tb.tb_next
+    if found is not None and found[1] < 0:
+        return (found[0], 0, 0)
+    return found

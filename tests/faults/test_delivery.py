@@ -327,7 +327,7 @@ async def test_output_refused_as_too_large_goes_to_the_dlq_instead_of_a_restart_
                     await asyncio.sleep(0.1)  # polling the broker's topic config
             finally:
                 await admin.close()
-            assert w.output_limit > 2048, "the worker still assumes the old limit"
+            assert w.records.output_limit > 2048, "the worker still assumes the old limit"
             p = K.producer(kafka.bootstrap)
             await p.start()
             try:

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers.worker import H_DROPPED, H_ERROR, H_OFFSET, H_TRUNCATED
+from consumers.records import H_DROPPED, H_ERROR, H_OFFSET, H_TRUNCATED
 from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from producers.topics import committed, end_offsets, ensure_topics, read_until
@@ -122,7 +122,7 @@ async def test_poison_corpus_every_offset_answered_no_stall(kafka, names, tiny_a
 async def test_poison_headers_every_offset_labelled_nothing_restarts(kafka, names, tiny_artifact):
     """Every header the worker interprets (``streamlabel.deadline_ms``) with values that are not epoch ms, through
     kcat: each record is labelled with the default deadline, each bad value counted, the worker never fails."""
-    from consumers.worker import H_DEADLINE
+    from consumers.records import H_DEADLINE
     from pipeline.metrics import Metrics
 
     await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=1)

@@ -132,5 +132,5 @@ async def test_lag_after_a_restart_is_the_true_lag(kafka, names, tiny_artifact):
                 break
             await asyncio.sleep(0.1)  # waiting for the lag loop's first pass, bounded
         assert lags == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, lags
-        assert w.lag() == 0
+        assert w.health.lag() == 0
     engine.close()

@@ -233,7 +233,7 @@ async def test_deadline_header_is_honoured_and_late_records_are_still_labelled(k
         out = await read_labels(kafka.bootstrap, names.output, {"late0", "late1", "late2", "bad"} |
                                 {f"fine{i}" for i in range(5)})
         assert w.batcher.late == 3, "exactly the records whose header deadline had passed"
-        assert w._bad_deadline_logged, "an unreadable deadline header is reported (and the default applies)"
+        assert w.records._bad_deadline_logged, "an unreadable deadline header is reported (and the default applies)"
     assert len(set(ids_of(out))) == 9 and w.dead_lettered == 0
 
 

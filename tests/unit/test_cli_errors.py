@@ -143,7 +143,7 @@ def test_alerts_run_without_rules_is_one_line(capsys, tmp_path):
     cfg.write_text("[alerting]\nstate_redis_url = \"none\"\n")
     rc, out, err = run_main(capsys, "alerts", "run", "-c", str(cfg))
     assert (rc, err) == (2, "error: alerting.rules: no alert rules configured "
-                            "(add [[alerting.rules]] tables to the config; the README has examples)\n")
+                            "(add [[alerting.rules]] tables to the config; docs/operations/alerting.md has examples)\n")
 
 
 def test_bad_config_file_is_one_line(capsys, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from consumers.worker import fetch_params
+from pipeline.kafka import fetch_params
 
 
 def test_light_load_answers_at_once_and_long_polls_when_idle():
