@@ -94,13 +94,11 @@ async def read_until(s: Conn, topics: Sequence[str], done: Callable[[list[Record
 
 async def end_offsets(s: Conn, topic: str, **client_kw) -> dict[int, int]:
     """Each partition's high watermark (``read_uncommitted``: transactional markers count)."""
-    c = K.consumer(s, group_id=None, **{"isolation_level": "read_uncommitted", **client_kw})
+    # Subscribed to the topic (no group: every partition assigned), so start() brings its metadata.
+    c = K.consumer(s, topic, group_id=None, **{"isolation_level": "read_uncommitted", **client_kw})
     await c.start()
     try:
         parts = c.partitions_for_topic(topic) or set()
-        if not parts:
-            await c._client.force_metadata_update()
-            parts = c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         ends = await c.end_offsets(tps) if tps else {}
         return {tp.partition: off for tp, off in ends.items()}

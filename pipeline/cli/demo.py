@@ -143,7 +143,7 @@ def demo_cmd(
 # ------------------------------------------------------------------------------------------ model slot
 def model_accuracy(artifact: Path) -> dict | None:
     """The quality figures the build measured for the variant this machine runs (None if it measured none)."""
-    from pipeline.model.manifest import load_manifest
+    from pipeline.manifest import load_manifest
 
     _, m = load_manifest(artifact, verify=False)
     if m.task != "text-classification":
@@ -171,7 +171,7 @@ def find_model(path: Path, preset: str, *, strict: bool, where: str) -> Path | N
     """The artifact at ``path`` (``None``: nothing there, build it); with ``strict`` it must be ``preset``'s."""
     from pipeline.errors import ModelError, UsageError
     from pipeline.model import presets
-    from pipeline.model.manifest import load_manifest, resolve_artifact_dir
+    from pipeline.manifest import load_manifest, resolve_artifact_dir
 
     from pipeline.model.generative import GEN_PRESETS
 
@@ -199,16 +199,22 @@ def find_model(path: Path, preset: str, *, strict: bool, where: str) -> Path | N
 
 def build_model(path: Path, preset: str, console) -> Path:
     """Build ``preset`` into ``path`` (``OUT/NAME``) once; synchronous, so Ctrl-C stops it."""
-    from pipeline.model.build import Reporter, build
+    from pipeline.model.build import Reporter
     from pipeline.model.generative import GEN_PRESETS, build_generator
+    from pipeline.model.recipes import build_classifier
 
     if preset in GEN_PRESETS:
         console.print(f"[bold]no model at {path}[/]: building the {preset} preset once (a few minutes on 2 cores)")
         res = build_generator(out=path.parent, preset=preset, name=path.name, reporter=Reporter(console=console))
         console.print(f"[green]✓[/] built {res.manifest.model_id} in {res.seconds:.0f} s")
         return res.path
-    console.print(f"[bold]no model at {path}[/]: building the {preset} preset once (fine-tuning takes minutes on 2 cores)")
-    res = build(out=path.parent, preset=preset, name=path.name, reporter=Reporter(console=console))
+    from pipeline.runtime import available_providers
+
+    console.print(f"[bold]no model at {path}[/]: building the {preset} preset once (training takes minutes on 2 cores)")
+    # Without a GPU the FP16 variant would only be built and checked, never served: the first run skips it.
+    gpu = "CUDAExecutionProvider" in available_providers()
+    res = build_classifier(out=path.parent, preset=preset, name=path.name, reporter=Reporter(console=console),
+                           variants=("fp32", "int8", "fp16") if gpu else ("fp32", "int8"))
     console.print(f"[green]✓[/] built {res.manifest.model_id} in {res.seconds:.0f} s")
     return res.path
 
@@ -224,7 +230,7 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
     from consumers.runner import serve
     from pipeline.cli.common import require_topics, start_client
     from pipeline.events import encode_input
-    from producers.loadtest import pct
+    from producers.bench.harness import pct
     from producers.rate import producer_for_load, send_at_rate
     from producers.synthetic import Generator
     from producers.topics import read_until
@@ -245,7 +251,7 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
         if not await _started(worker_task, have_worker, holder, stop):
             return None
         w = holder["w"]
-        console.print(f"[green]✓[/] worker on {w.engine.model_id} ({w.engine.variant}), topics {s.topics.input} → "
+        console.print(f"[green]✓[/] worker on {w.task.engine.model_id} ({w.task.engine.variant}), topics {s.topics.input} → "
                       f"{s.topics.output} (DLQ {s.topics.dlq}); SLO {s.slo.target:.0%} within {s.slo.objective_ms:.0f} ms")
         gen = Generator(profile, seed=seed, duplicate_ratio=0.2)
         rng = random.Random(seed)
@@ -292,7 +298,7 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
         for warning in rep.warnings:
             console.print(f"[yellow]{warning}[/]")
         extra: dict = {}
-        if w.generating:
+        if w.task.kind == "generate":
             fresh = [d for d in labels if not d["cached"]]
             extra = {"task": s.generate.template, "tokens_per_answer": round(sum(d["tokens"] for d in labels) / max(1, len(labels)), 1),
                      "ttft_p50_ms": pct([d["latency_ms"]["ttft"] for d in fresh], 50) if fresh else None,
@@ -309,7 +315,7 @@ async def demo(s: Settings, stop: asyncio.Event, *, events: int | None, rate: fl
             "goodput": round(good / len(lat), 4) if lat else 0.0,
             "offered_rate": rate, "achieved_rate": round(rep.achieved_rate, 1),
             "cache_hit_ratio": round(w.cache_hits / w.cache_lookups, 3) if w.cache_lookups else 0.0,
-            "model": w.engine.model_id, "variant": w.engine.variant,
+            "model": w.task.engine.model_id, "variant": w.task.engine.variant,
             "slo": {"objective_ms": s.slo.objective_ms, "target": s.slo.target}, **extra,
         }
     finally:
@@ -360,7 +366,7 @@ async def _live(console, holder: dict, stop: asyncio.Event, quiet: bool) -> None
         line = (f"labelled {w.labelled:>7}  dlq {w.dead_lettered:>4}  {rate:7.1f}/s  p50 {snap.p50_ms:6.1f} ms  "
                 f"p99 {snap.p99_ms:6.1f} ms  goodput {snap.goodput:6.2%}  cache hits "
                 f"{(w.cache_hits / w.cache_lookups if w.cache_lookups else 0):5.1%}  batches {w.batcher.batches}")
-        if w.generating:
+        if w.task.kind == "generate":
             line = (f"answered {w.labelled:>5}  dlq {w.dead_lettered:>3}  {rate:5.1f}/s  p50 {snap.p50_ms:7.0f} ms  "
                     f"p99 {snap.p99_ms:7.0f} ms  goodput {snap.goodput:6.2%}  tokens {w.batcher.tokens:>6}  "
                     f"decode rows {w.batcher.running:>2}  waiting {w.batcher.waiting():>3}  cache hits "

@@ -41,9 +41,9 @@ def model_build(
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
 ) -> None:
     """Turn a preset or a Hugging Face classifier into a validated, versioned ONNX artifact."""
-    from pipeline.model.build import Reporter, build
-
+    from pipeline.model.build import Reporter
     from pipeline.model.generative import GEN_PRESETS, build_generator, is_causal_lm
+    from pipeline.model.recipes import build_classifier
 
     label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
     rep = Reporter(quiet=False)
@@ -56,7 +56,7 @@ def model_build(
         res = build_generator(out=out, preset=preset, from_dir=from_dir, name=name, variants=variant_list,
                               min_exact=min_exact, min_rouge=min_rouge, context=max_length, reporter=rep, bench=bench)
     else:
-        res = build(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
+        res = build_classifier(out=out, preset=preset, from_dir=from_dir, labels=label_list, name=name, eval_file=eval_file,
                     max_drop=max_drop, max_length=max_length, variants=variant_list or ["fp32", "int8", "fp16"],
                     bench=bench, break_variant=break_variant.value if break_variant else None, reporter=rep,
                     min_agreement=min_agreement, max_logit_diff=max_logit_diff, prune_heads=prune_heads)
@@ -139,7 +139,7 @@ def model_calibrate_cascade(
     data_preset: Annotated[Optional[str], typer.Option(help="Preset whose validation split to use (default: the second's).")] = None,
 ) -> None:
     """Pick model.cascade_threshold on a validation split: the smallest reaching TARGET agreement with SECOND."""
-    from pipeline.cascade import calibrate_on_preset
+    from pipeline.model.calibrate import calibrate_on_preset
     from pipeline.errors import UsageError
 
     if not 0.0 < target <= 1.0:
@@ -157,7 +157,7 @@ def model_compare(
     plot: Annotated[Optional[Path], typer.Option(help="Write PLOT.png and PLOT.html: accuracy vs throughput.")] = None,
 ) -> None:
     """Speed vs quality: accuracy and macro-F1 on a held-out split and engine throughput (no Kafka), per variant."""
-    from pipeline.model.compare import compare
+    from producers.bench.compare import compare
 
     emit_json(compare(artifacts, cascade=cascade, data_preset=data_preset, seconds=seconds, batch=batch, plot=plot))
 
@@ -208,7 +208,7 @@ def model_info(
     verify: Annotated[bool, typer.Option(help="Check every file's sha256.")] = True,
 ) -> None:
     """Show an artifact's manifest readably (and verify its files)."""
-    from pipeline.model.manifest import load_manifest
+    from pipeline.manifest import load_manifest
 
     root, m = load_manifest(artifact, verify=verify)
     if json_out:

@@ -1,6 +1,6 @@
 """Build time: Hugging Face model directory → versioned, validated ONNX artifact.
 
-Only ``manifest`` and ``data`` are imported by serving code; ``export``, ``train`` and ``build`` need the
+Serving code imports none of it (the manifest lives in ``pipeline/manifest.py``); ``export``, ``train`` and ``build`` need the
 ``train`` extra (torch, transformers, onnx).
 """
 

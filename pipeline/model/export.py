@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import ModelError
-from pipeline.model.prune import PRUNED_HEADS as PRUNED
+from pipeline.model.structure import PRUNED_HEADS as PRUNED
 
 OPSET = 17
 _GENERIC = "LABEL_"
@@ -78,7 +78,7 @@ def load_hf_classifier(model_dir: str | Path, labels: Sequence[str] | None = Non
     hf_logging.disable_progress_bar()
     try:
         # eager attention exports to the plain MatMul/Softmax pattern that ORT's optimizer fuses.
-        from pipeline.model.prune import load_classifier
+        from pipeline.model.structure import load_classifier
 
         model = load_classifier(d, attn_implementation="eager")  # head-pruned directories too
         tok = AutoTokenizer.from_pretrained(str(d))

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from pipeline.errors import ModelError, QualityGateError, UsageError
 from pipeline.model import data as D
-from pipeline.model.manifest import MANIFEST, ModelManifest, Variant, sha256_file
+from pipeline.manifest import MANIFEST, ModelManifest, Variant, sha256_file
 
 GEN_VARIANTS = ("int4", "int8", "fp32", "fp16")
 PRECISION = {"int4": ("int4", "cpu"), "int8": ("int8", "cpu"), "fp32": ("fp32", "cpu"), "fp16": ("fp16", "cuda")}
@@ -259,7 +259,7 @@ def _cut(toks: list[int], eos: set[int]) -> list[int]:
 
 def gate_prompt_ids(model) -> list[list[int]]:
     """The gate prompts as this model's serving code tokenizes them."""
-    from pipeline.generator import TEMPLATES
+    from pipeline.generation import TEMPLATES
 
     return [model.encode_prompt(*TEMPLATES[p["template"]].render(p["text"])) for p in gate_prompts()]
 
@@ -362,7 +362,7 @@ def build_generator(*, out: Path, preset: str | None = None, from_dir: Path | No
         vdata = {v: variant_entry(v) for v in variants}
         (stage / MANIFEST).write_bytes(manifest_for(vdata, {}).to_json())
 
-        from pipeline.generator import TEMPLATES, GenerativeModel
+        from pipeline.generation import GenerativeModel
 
         prompts = gate_prompts()
         model_any = None

@@ -35,7 +35,7 @@ def fine_tune(
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from pipeline.model import prune
+    from pipeline.model import structure
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -43,7 +43,7 @@ def fine_tune(
     random.seed(seed)
     np.random.seed(seed)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
-    model = prune.load_classifier(  # head-pruned directories too
+    model = structure.load_classifier(  # head-pruned directories too
         base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)}, attn_implementation="eager",
     )
@@ -90,8 +90,8 @@ def fine_tune(
             progress("val", epoch + 1, epochs, history[-1])
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
-    if (keep := prune.kept_heads(base_dir)) is not None:
-        prune.save(model, tok, out_dir, keep)
+    if (keep := structure.kept_heads(base_dir)) is not None:
+        structure.save(model, tok, out_dir, keep)
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "steps": step,
             "train_examples": len(train), "val_examples": len(val), "seconds": round(time.perf_counter() - t0, 1),
             "history": history}

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 import orjson
 
 from pipeline.events import encode_input, now_ms
-from producers.loadtest import LOG_APPEND, WorkerProcess, pct, wait_worker_ready
+from producers.bench.harness import LOG_APPEND, WorkerProcess, pct, wait_worker_ready
 from producers.rate import producer_for_load, send_at_rate
 from producers.topics import ensure_topics, read_until
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from producers.loadtest import BenchConfig, plots, run_step
+from producers.bench.harness import BenchConfig, plots, run_step
 from producers.rate import producer_for_load, send_at_rate
 from producers.topics import ensure_topics, read_until
 
@@ -54,7 +54,7 @@ async def test_tiny_step_measures_from_records_and_plots(kafka, tiny_artifact, t
 
 async def test_handwritten_baseline_step(kafka, tiny_artifact):
     cfg = BenchConfig(bootstrap=kafka.bootstrap, artifact=str(tiny_artifact), slo_ms=250, step_seconds=3, max_batch=16)
-    step = await run_step(cfg, "hand", 100, worker_cmd=[sys.executable, "-m", "consumers.handwritten_baseline"])
+    step = await run_step(cfg, "hand", 100, worker_cmd=[sys.executable, "-m", "producers.bench.handwritten"])
     assert step.sent == 300 and step.labelled == 300 and step.lost == 0 and step.backlog == 0 and step.duplicated == 0
     assert 0 < step.p50_ms <= step.p99_ms and step.worker_cpu_us_per_event is None  # a baseline serves no /metrics
 
@@ -64,7 +64,7 @@ async def test_unlabelled_ids_at_or_past_the_committed_offset_are_queued_not_los
     from aiokafka import TopicPartition
 
     from pipeline import kafka as K
-    from producers.loadtest import _queued_ids
+    from producers.bench.harness import _queued_ids
     from producers.topics import produce
 
     await ensure_topics(kafka.bootstrap, [names.input], partitions=4)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from producers.loadtest import analyse, knee, pct
+from producers.bench.harness import analyse, knee, pct
 from producers.synthetic import Generator
 
 

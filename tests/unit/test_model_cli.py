@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.engine import OnnxEngine
-from pipeline.model.manifest import load_manifest
+from pipeline.manifest import load_manifest
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from producers import loadtest as L
-from producers.generator_check import texts  # noqa: F401 — the bench's prompts, shared
+from producers.bench import harness as L
+from producers.bench.generator_check import texts  # noqa: F401 — the bench's prompts, shared
 
 LADDER = {False: (0.15, 0.3, 0.5, 0.7, 0.85, 1.0, 1.2), True: (0.2, 0.5, 0.8, 1.0)}
 NAIVE_LADDER = {False: (0.3, 0.5, 0.7, 0.85, 1.0), True: (0.4, 0.7, 1.0)}
@@ -22,8 +22,8 @@ NAIVE_LADDER = {False: (0.3, 0.5, 0.7, 0.85, 1.0), True: (0.4, 0.7, 1.0)}
 def capacity(artifact: str, prompts_text: list[str], *, max_batch: int, max_new: int, template: str,
              variant: str | None, provider: str = "cpu") -> dict:
     """Closed loop, no Kafka, with the worker's admission settings (``generator_check.capacity``)."""
-    from pipeline.generator import GenerativeModel
-    from producers.generator_check import capacity as closed_loop
+    from pipeline.generation import GenerativeModel
+    from producers.bench.generator_check import capacity as closed_loop
 
     model = GenerativeModel(artifact, variant=variant, provider=provider)
     try:
@@ -35,7 +35,7 @@ def capacity(artifact: str, prompts_text: list[str], *, max_batch: int, max_new:
 
 def naive_capacity(prompts_text: list[str], *, max_new: int, template: str, n: int = 3) -> float:
     """In-process answers/s of the naive baseline (``generate()`` one message at a time, PyTorch FP32)."""
-    from consumers.naive_generate import answer, make_generator
+    from producers.bench.naive_generate import answer, make_generator
 
     model, tok = make_generator()
     answer(model, tok, prompts_text[0], template, max_new, True)
@@ -86,7 +86,7 @@ async def bench_generator(*, artifact: Path, manifest, bootstrap: str, quick: bo
         with console.status("naive baseline: transformers generate(), PyTorch FP32, one message at a time…"):
             ncap = await asyncio.to_thread(naive_capacity, ts, max_new=max_new, template=template)
         say(f"naive baseline capacity (in-process, one at a time): {ncap:.2f} answers/s")
-        cmd = [sys.executable, "-m", "consumers.naive_generate"]
+        cmd = [sys.executable, "-m", "producers.bench.naive_generate"]
         nsteps = await baseline_ladder(cfg, [(f"naive@{f:.2f}", max(0.1, f * ncap)) for f in NAIVE_LADDER[quick]], cmd, say)
         nsteps += await refine(nsteps, lambda r: L.run_step(cfg, f"naive@{r / ncap:.2f}", r, worker_cmd=cmd, progress=say),
                                say, rounds=refine_steps)

@@ -1,7 +1,7 @@
 """Engine-level throughput without Kafka: the ORT ceiling and our engine as the worker drives it.
 
 ``streamlabel bench`` uses both before its ladders; ``streamlabel bench --engine-only`` (or
-``python -m producers.engine_bench ARTIFACT``) runs only these, on any provider: a GPU machine needs no
+``python -m producers.bench.engine ARTIFACT``) runs only these, on any provider: a GPU machine needs no
 broker to say what the model does there. Nothing here imports a Kafka client.
 """
 
@@ -138,8 +138,9 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
 def measure(artifact: str, *, variant: str | None, provider: str, batches: Sequence[int], seconds: float,
             io_binding: bool | None = None, say=None) -> dict:
     """Ceiling and engine at each batch size; ``io_binding`` None: also the IO-bound ceiling on a GPU."""
-    from pipeline.engine import available_providers, choose
-    from pipeline.model.manifest import load_manifest
+    from pipeline.engine import choose
+    from pipeline.runtime import available_providers
+    from pipeline.manifest import load_manifest
 
     texts = bench_texts()
     variant, providers = choose(load_manifest(artifact, verify=False)[1], variant, provider)
@@ -178,7 +179,7 @@ def _gpu_name(gpu: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m producers.engine_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m producers.bench.engine", description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--variant", default=None)
     p.add_argument("--provider", default="auto")

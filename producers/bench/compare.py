@@ -18,8 +18,8 @@ def compare(artifacts: Sequence[Path], *, cascade: str | None, data_preset: str 
     from pipeline.engine import OnnxEngine
     from pipeline.model import data as D
     from pipeline.model import presets as P
-    from pipeline.model.manifest import load_manifest
-    from producers.engine_bench import bench_texts, engine_throughput
+    from pipeline.manifest import load_manifest
+    from producers.bench.engine import bench_texts, engine_throughput
 
     if not artifacts:
         raise UsageError("name at least one artifact")
@@ -61,7 +61,7 @@ def compare(artifacts: Sequence[Path], *, cascade: str | None, data_preset: str 
                             OnnxEngine(second, variant="int8", provider="cpu", warmup=False), threshold)
         q = score(eng)
         p1 = np.concatenate([eng.stages[0].logits(texts[i:i + 64]) for i in range(0, len(texts), 64)])
-        from pipeline.engine import softmax
+        from pipeline.runtime import softmax
 
         esc = float((softmax(p1.astype(np.float64)).max(1) < threshold).mean())
         eng.close()

@@ -4,7 +4,7 @@ For each step: a fresh input/output topic pair; the input records get their Crea
 the output topic uses LogAppendTime, so ``output.timestamp − input.timestamp`` is the broker-side
 end-to-end latency (input written → label acknowledged), read from the records, never from the worker's
 own counters. The worker runs as a separate process (``streamlabel run``), as in production; the baselines
-(``consumers/naive_baseline.py``, ``consumers/handwritten_baseline.py``) run the same way.
+(``producers/bench/naive.py``, ``producers/bench/handwritten.py``) run the same way.
 
 Ids not labelled when the read-back ends are split by the group's committed offsets: at or past them the
 worker had simply not got there yet (``backlog``: it was behind, a restart would read them again); below
@@ -33,7 +33,7 @@ from typing import Callable, Collection, Mapping, Sequence
 import orjson
 
 from pipeline.events import encode_input
-from producers.engine_bench import ceiling_throughput, engine_throughput  # noqa: F401 — re-exported
+from producers.bench.engine import ceiling_throughput, engine_throughput  # noqa: F401 — re-exported
 from producers.rate import producer_for_load, send_at_rate
 from producers.synthetic import Generator
 from producers.topics import Record, committed, ensure_topics, read_until

@@ -3,7 +3,7 @@ the generation gate against the PyTorch FP32 tokens stored in the manifest at bu
 scheduler's closed-loop capacity at several decode batch sizes (32 new tokens per answer, every answer the
 same length). Prints JSON.
 
-    python -m producers.generator_check models/reply-smollm2 --variant fp16 --provider cuda --rows 32,64,256
+    python -m producers.bench.generator_check models/reply-smollm2 --variant fp16 --provider cuda --rows 32,64,256
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 
-from pipeline.generator import GenerationScheduler, GenerativeModel, template_from
+from pipeline.generation import GenerationScheduler, GenerativeModel, template_from
 from pipeline.model.generative import gate_figures, gate_prompt_ids
 
 
@@ -37,7 +37,7 @@ async def capacity(m: GenerativeModel, texts: list[str], rows: int, max_new: int
         t = time.perf_counter()
         res = await s.generate(batch)
         dt = time.perf_counter() - t
-        ttft = sorted(r.timings["ttft"] for r in res)
+        ttft = sorted(r.timings.ttft for r in res)
         return {"rows": rows, "answers_per_s": round(len(res) / dt, 2),
                 "tokens_per_s": round(sum(r.tokens for r in res) / dt, 1), "decode_steps": s.batches,
                 "decode_step_ms": round(s.call_seconds * 1000, 2), "ttft_p50_ms": round(ttft[len(ttft) // 2] * 1000, 1)}
