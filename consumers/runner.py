@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import multiprocessing as mp
 import os
@@ -12,6 +13,8 @@ import time
 
 from pipeline import logs
 from pipeline.config import Settings
+
+STOP_GRACE_S = 30.0  # after a stop is asked: the drain deadline plus this, then the process exits regardless
 
 
 async def serve(settings: Settings, *, name: str = "worker-0", engine=None, install_signals: bool = True,
@@ -73,6 +76,10 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     metrics.readiness = readiness
 
     def request_stop() -> None:
+        if install_signals and not stopping.is_set():
+            # A stop must end the process: if draining and closing outlive their deadlines by far (a client that
+            # ignores cancellation), every thread's stack goes to stderr and the process exits (code 1).
+            faulthandler.dump_traceback_later(settings.worker.drain_timeout_s + STOP_GRACE_S, exit=True)
         stopping.set()
         for w in current:
             w.stop()
@@ -127,6 +134,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            faulthandler.cancel_dump_traceback_later()
         beating.cancel()
         await cache.close()
         if server is not None:

@@ -183,7 +183,16 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
 
 
 async def wait_exit(w: WorkerProcess, timeout: float) -> int:
-    return await asyncio.wait_for(asyncio.to_thread(w.proc.wait), timeout)
+    """The exit code; a worker that has not exited within ``timeout`` is killed and the wait fails (no waiting
+    thread is left behind to hold up the event loop's shutdown)."""
+    import subprocess
+
+    try:
+        return await asyncio.to_thread(w.proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        w.proc.kill()
+        await asyncio.to_thread(w.proc.wait, 10)
+        raise AssertionError(f"the worker did not exit within {timeout:g} s (killed)") from None
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

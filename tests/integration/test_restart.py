@@ -32,7 +32,14 @@ def label_ids(records) -> list[str]:
 
 
 async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
-    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+    """The exit code; a process still running after ``timeout`` is killed and the wait fails (no waiting thread
+    is left behind to hold up the event loop's shutdown)."""
+    try:
+        return await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        raise AssertionError(f"the process did not exit within {timeout:g} s (killed)") from None
 
 
 async def test_kill_after_publish_before_commit_loses_nothing(kafka, names, tiny_artifact):
