@@ -183,16 +183,12 @@ async def run_scenario(bootstrap: str, artifact: str, *, fault: str, inject: Cal
 
 
 async def wait_exit(w: WorkerProcess, timeout: float) -> int:
-    """The exit code; a worker that has not exited within ``timeout`` is killed and the wait fails (no waiting
-    thread is left behind to hold up the event loop's shutdown)."""
-    import subprocess
+    """The exit code; a worker that has not exited within ``timeout`` is killed and the wait fails."""
+    from tests.integration.helpers import process_exit
 
-    try:
-        return await asyncio.to_thread(w.proc.wait, timeout)
-    except subprocess.TimeoutExpired:
-        w.proc.kill()
-        await asyncio.to_thread(w.proc.wait, 10)
-        raise AssertionError(f"the worker did not exit within {timeout:g} s (killed)") from None
+    code = await process_exit(w.proc, timeout)
+    assert code is not None, f"the worker did not exit within {timeout:g} s (killed)"
+    return code
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

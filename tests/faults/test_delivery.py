@@ -20,6 +20,8 @@ import pytest
 from pipeline.events import encode_input
 from producers.topics import committed, end_offsets, ensure_topics, produce, read_until, topic_names
 
+from tests.integration.helpers import process_exit
+
 from .scenario import Ctx, run_scenario, wait_for
 
 pytestmark = pytest.mark.faults
@@ -62,15 +64,7 @@ def spawn(bootstrap: str, artifact, topics: tuple[str, str, str], group: str, **
         env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-async def exited(proc: subprocess.Popen, timeout: float) -> int | None:
-    """The exit code, or None if it did not exit within ``timeout`` (then it is killed: no waiting thread is left
-    behind to hold up the event loop's shutdown)."""
-    try:
-        return await asyncio.to_thread(proc.wait, timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        await asyncio.to_thread(proc.wait, 10)
-        return None
+exited = process_exit  # the exit code, or None when the process had to be killed
 
 
 def new_topics() -> tuple[tuple[str, str, str], str]:

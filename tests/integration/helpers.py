@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 
 import orjson
 
@@ -60,3 +61,14 @@ async def read_labels(bootstrap: str, topic: str, want_ids: set[str], timeout: f
 
 def ids_of(records) -> list[str]:
     return [orjson.loads(r.value)["id"] for r in records]
+
+
+async def process_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    """A child process's exit code, or None if it did not exit within ``timeout`` (then it is killed, so no waiting
+    thread is left behind to hold up the event loop's shutdown)."""
+    try:
+        return await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        return None

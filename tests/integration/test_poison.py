@@ -29,6 +29,14 @@ pytestmark = [pytest.mark.integration,
 NEAR_LIMIT = 1_040_000  # a value just under the broker's default message.max.bytes (1,048,588)
 
 
+async def committed_reaches(bootstrap: str, group: str, topic: str, n: int, timeout: float = 10.0) -> None:
+    """The group's committed offset of partition 0 reaches ``n`` (the partition did not stall)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (got := (await committed(bootstrap, group, topic, 1))[0]) != n:
+        assert asyncio.get_running_loop().time() < deadline, f"partition stalled: committed {got} of {n}"
+        await asyncio.sleep(0.1)  # polling the broker's committed offsets
+
+
 def kcat_produce(bootstrap: str, topic: str, values: list[bytes], header: bytes) -> None:
     """One kcat invocation: one producer batch whose records all carry ``header`` (raw bytes, key=value)."""
     subprocess.run([b"kcat", b"-P", b"-b", bootstrap.encode(), b"-t", topic.encode(), b"-p", b"0", b"-H", header],
@@ -78,13 +86,7 @@ async def test_poison_corpus_every_offset_answered_no_stall(kafka, names, tiny_a
                 return len(recs) >= n
 
             out = await read_until(kafka.bootstrap, [names.output, names.dlq], answered, 90)
-            # no stall: the committed offset reaches the end of the partition
-            for _ in range(100):
-                got = await committed(kafka.bootstrap, names.group, names.input, 1)
-                if got[0] == n:
-                    break
-                await asyncio.sleep(0.1)  # polling the broker's committed offsets
-            assert got[0] == n, f"partition stalled: committed {got[0]} of {n}"
+            await committed_reaches(kafka.bootstrap, names.group, names.input, n)  # no stall
             assert w._fatal is None, f"worker failed: {w._fatal!r}"
             assert w.unreadable == 4
     finally:
@@ -140,12 +142,7 @@ async def test_poison_headers_every_offset_labelled_nothing_restarts(kafka, name
     try:
         async with running_worker(settings_for(kafka, names), eng, metrics=metrics) as w:
             out = await read_until(kafka.bootstrap, [names.output, names.dlq], lambda r: len(r) >= n, 60)
-            for _ in range(100):
-                got = await committed(kafka.bootstrap, names.group, names.input, 1)
-                if got[0] == n:
-                    break
-                await asyncio.sleep(0.1)  # polling the broker's committed offsets
-            assert got[0] == n, f"partition stalled: committed {got[0]} of {n}"
+            await committed_reaches(kafka.bootstrap, names.group, names.input, n)  # no stall
             assert w._fatal is None, f"worker failed: {w._fatal!r}"
     finally:
         eng.close()

@@ -14,6 +14,8 @@ import pytest
 from pipeline.events import encode_input
 from producers.topics import committed, ensure_topics, produce, read_until
 
+from .helpers import process_exit
+
 pytestmark = pytest.mark.integration
 
 
@@ -32,14 +34,10 @@ def label_ids(records) -> list[str]:
 
 
 async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
-    """The exit code; a process still running after ``timeout`` is killed and the wait fails (no waiting thread
-    is left behind to hold up the event loop's shutdown)."""
-    try:
-        return await asyncio.to_thread(proc.wait, timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        await asyncio.to_thread(proc.wait, 10)
-        raise AssertionError(f"the process did not exit within {timeout:g} s (killed)") from None
+    """The exit code; a process still running after ``timeout`` is killed and the wait fails."""
+    code = await process_exit(proc, timeout)
+    assert code is not None, f"the process did not exit within {timeout:g} s (killed)"
+    return code
 
 
 async def test_kill_after_publish_before_commit_loses_nothing(kafka, names, tiny_artifact):
