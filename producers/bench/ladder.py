@@ -68,8 +68,9 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
 
         ceiling_one = (await asyncio.to_thread(L.ceiling_throughput, str(art), texts, variant=variant, batch=max_batch,
                                                seconds=secs, sessions=1)) if default_sessions(os.cpu_count() or 1, False) > 1 else None
+        eng_stats: dict = {}
         eng = await asyncio.to_thread(L.engine_throughput, cascade[0] if cascade else str(art), texts, variant=variant,
-                                      batch=max_batch, seconds=secs, **cascade_kw)
+                                      batch=max_batch, seconds=secs, stats=eng_stats, **cascade_kw)
         eng_fp32 = (await asyncio.to_thread(L.engine_throughput, str(art), texts, variant="fp32", batch=max_batch,
                                             seconds=secs)) if fp32 else None
     say(f"ORT ceiling ({variant}, length-sorted batches of {max_batch}, plain session.run): {ceiling:.0f} msgs/s"
@@ -92,6 +93,7 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         "ceiling_one_session_msgs_per_s": round(ceiling_one, 1) if ceiling_one else None,
         "engine_msgs_per_s": round(eng, 1),
         "engine_vs_ceiling": L.ratio(eng, ceiling),
+        "engine_host_us_per_text": eng_stats.get("host_us_per_text"),
         "int8_vs_fp32_engine_ratio": round(eng / eng_fp32, 2) if eng_fp32 else None,
         "fp32_engine_msgs_per_s": round(eng_fp32, 1) if eng_fp32 else None,
         "steps": [s.row() for s in steps],

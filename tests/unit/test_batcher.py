@@ -348,3 +348,19 @@ async def test_engine_thread_hop_delivers_results_and_errors():
         assert await ex.run(max, 4, 9) == 9, "a cancelled call does not stop the ones after it"
     finally:
         ex.shutdown(wait=True)
+
+
+def test_the_engine_reports_its_host_time_outside_onnx_runtime(tiny_artifact):
+    """``engine_host_us_per_text`` (the bench key): packing and answers, per text, ORT's own time excluded."""
+    from pipeline.engine import OnnxEngine
+
+    eng = OnnxEngine(tiny_artifact, provider="cpu", sessions=1)
+    try:
+        assert eng.host_us_per_text() is None
+        toks = eng.tokenize([f"host time text {i}" for i in range(64)])
+        eng.infer_sync(toks)
+        eng.infer_sync(toks)
+        us = eng.host_us_per_text()
+        assert eng.host_stats[0][0] == 128 and 0 < us < 1000
+    finally:
+        eng.close()
