@@ -220,6 +220,14 @@ async def check_topics(s: Settings | KafkaSettings | str, topics: Mapping[str, s
             for err in _create_errors(resp):
                 raise ConfigError(f"cannot create topic '{err[0]}': {err[1]}",
                                   hint="create it yourself, or lower topics.partitions / replication_factor")
+            # CreateTopics answers once the controller has them; a broker's metadata may show them a moment
+            # later. Return only when they are listed, so the caller's next client sees them.
+            deadline = time.monotonic() + timeout_s
+            while not set(missing.values()) <= set(await asyncio.wait_for(client.list_topics(), timeout_s)):
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"topics {sorted(missing.values())} were created but are not listed after "
+                                      f"{timeout_s:g} s", hint="check the broker's logs")
+                await asyncio.sleep(0.05)  # polling the broker's metadata
         info: dict[str, TopicInfo] = {}
         names = sorted(set(topics.values()))
         try:
