@@ -178,3 +178,30 @@ def test_engine_only_bench_needs_no_broker(tiny_artifact, capsys, tmp_path):
         assert r["ceiling_msgs_per_s"] > 0 and r["engine_msgs_per_s"] > 0
         assert r["engine_vs_ceiling"] == round(r["engine_msgs_per_s"] / r["ceiling_msgs_per_s"], 3)
     assert orjson.loads(capsys.readouterr().out)["rows"] == report["rows"]
+
+
+def test_refine_bisects_the_knee_between_the_last_pass_and_the_first_failure():
+    import asyncio
+
+    from producers.bench.ladder import refine
+
+    tried: list[float] = []
+
+    async def run(rate: float):  # a system that holds up to 180/s
+        tried.append(rate)
+        return held(_step(f"r{rate:.0f}", rate, 20 if rate <= 180 else 900))
+
+    def held(s):  # what it answered per second: what it was offered
+        s.throughput = s.offered_rate
+        return s
+
+    coarse = [held(_step("a", 50, 20)), held(_step("b", 100, 20)), held(_step("c", 200, 900)), held(_step("d", 400, 900))]
+    new = asyncio.run(refine(coarse, run, lambda _: None, rounds=2))
+    assert [round(r) for r in tried] == [141, 168]  # √(100·200), then √(141·200)
+    assert knee(coarse + new) == knee_step(coarse + new).throughput > 160
+
+
+def test_summary_gives_exactly_once_against_at_least_once_and_its_latency_floor():
+    text = "\n".join(summary(_report(eos_msgs_per_s_at_slo=700.0, eos_vs_alo_at_slo=0.875, eos_low_load_p50_ms=131.0,
+                                     eos_low_load_p99_ms=190.0, eos_commit_interval_ms=100)))
+    assert "exactly-once / at-least-once 0.88×" in text and "p50/p99 131/190 ms" in text and "every 100 ms" in text
