@@ -30,6 +30,7 @@ class DecodeBatch:
         self.rows: list = []  # the caller's handle per row, in slot order
         self.lens = np.zeros(0, dtype=np.int64)
         self.buf: dict[str, np.ndarray] = {}
+        self._pending_rows = 0  # reserve() before the first row
 
     def _shape(self) -> tuple[int, int]:
         if not self.buf:
@@ -41,7 +42,11 @@ class DecodeBatch:
         have_rows, have_len = self._shape()
         if rows <= have_rows and length <= have_len:
             return
-        self._resize(max(rows, have_rows), max(have_len, -(-length // self.GROW) * self.GROW))
+        # Rows grow by half again at least (a burst joining one by one copied every row's KV at each join:
+        # 64 joins of SmolLM2 moved about 12 GB), positions by GROW.
+        grown = max(rows, -(-have_rows * 3 // 2 // 8) * 8, self._pending_rows) if rows > have_rows else have_rows
+        self._pending_rows = 0
+        self._resize(grown, max(have_len, -(-length // self.GROW) * self.GROW))
 
     def _resize(self, rows: int, length: int) -> None:
         """Buffers of ``rows`` × ``length`` positions, keeping the running rows' KV (their first ``length``)."""
@@ -104,12 +109,39 @@ class DecodeBatch:
                 self.lens[slot] = n
                 self.rows.append(handle)
 
+    batched = False  # join_many: one prefill call for all prompts (True) or one per prompt, reusing the prefix
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows before they join (a burst: the scheduler knows how many wait), so the buffers
+        are not copied over again each time a few more join."""
+        if rows > self._shape()[0] and self.buf:
+            self._resize(-(-rows // 8) * 8, self._shape()[1])
+        elif not self.buf:
+            self._pending_rows = rows
+
+
     def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
         """Prefill a prompt (reusing ``prefix``'s KV) into a new row; returns its last position's logits
         (``greedy``: the argmax token id)."""
-        last, kv = self.m.prefill(ids, prefix)
-        self.rebuild(range(len(self.rows)), [(handle, kv, len(ids))])
-        return int(last.argmax()) if greedy else last
+        return self.join_many([(handle, ids)], prefix, greedy)[0]
+
+    def join_many(self, items: Sequence[tuple[object, Sequence[int]]], prefix: tuple[int, ...] = (),
+                  greedy: bool = False) -> list:
+        """Prefill prompts ``(handle, ids)`` into new rows, in one buffer update; each one's last logits (or
+        argmax id with ``greedy``). On CPU prefill is compute-bound, so by default each prompt is prefilled
+        alone over its template prefix's KV (SmolLM2, 64 prompts of ~50 tokens sharing 27: 2.1 s against
+        4.8 s for one padded call that recomputes the prefix); ``batched`` makes it one call."""
+        if not items:
+            return []
+        if self.batched:
+            last, kv = self.m.prefill_many([ids for _, ids in items])
+            new = [(h, {n: a[j:j + 1] for n, a in kv.items()}, len(ids)) for j, (h, ids) in enumerate(items)]
+        else:
+            done = [self.m.prefill(ids, prefix) for _, ids in items]
+            last = [d[0] for d in done]
+            new = [(h, d[1], len(ids)) for (h, ids), d in zip(items, done)]
+        self.rebuild(range(len(self.rows)), new)
+        return [int(x.argmax()) if greedy else x for x in last]
 
     def leave(self, indices: Sequence[int]) -> None:
         """Rows ``indices`` (into ``rows``) leave the batch."""
@@ -154,6 +186,8 @@ class DeviceDecodeBatch:
     with length 0 (on a GPU a decode step costs about the same for a few rows or for all of them, it is
     bound by reading the weights). No shared-prefix reuse here (prefill is cheap on a GPU).
     """
+
+    batched = True  # join_many prefills a run of free slots in one call
 
     def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda") -> None:
         import onnxruntime as ort
@@ -200,19 +234,58 @@ class DeviceDecodeBatch:
         return ids_out
 
     def join(self, handle, ids: Sequence[int], prefix: tuple[int, ...] = (), greedy: bool = False):
-        if len(ids) + 1 > self.length:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit a slot of {self.length}")
-        slot = self.slots.index(None)
-        io = self.m.session.io_binding()
-        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, len(ids)), dtype=np.int64))
-        ids_out = self._outputs(io, greedy)
-        self._bind(io, slot, 1)
-        self.m.session.run_with_iobinding(io)
-        self.slots[slot] = handle
-        self.lens[slot] = len(ids)
-        out = io.get_outputs()[0].numpy()[0, -1]
-        return int(out) if ids_out else int(out.argmax()) if greedy else out
+        return self.join_many([(handle, ids)], prefix, greedy)[0]
+
+    def reserve(self, rows: int) -> None:
+        """Slots are preallocated."""
+
+    def runs(self, k: int) -> list[tuple[int, int]]:
+        """Where ``k`` joining prompts go: (first slot, count) runs of consecutive free slots, in slot order,
+        ``k`` slots in all. A run is one prefill call whose KV lands straight in its slots."""
+        out: list[tuple[int, int]] = []
+        start = None
+        for i, h in enumerate([*self.slots, 0]):  # a sentinel closes the last run
+            if h is None and start is None:
+                start = i
+            elif h is not None and start is not None:
+                take = min(i - start, k - sum(c for _, c in out))
+                if take:
+                    out.append((start, take))
+                start = None
+        if sum(c for _, c in out) < k:
+            raise ValueError(f"{k} prompts to join, {sum(c for _, c in out)} free slots")
+        return out
+
+    def join_many(self, items: Sequence[tuple[object, Sequence[int]]], prefix: tuple[int, ...] = (),
+                  greedy: bool = False) -> list:
+        """Prefill prompts into free slots: one call per run of consecutive free slots (right-padded; each row's
+        length from its mask), the KV written in place. No prefix reuse (on a GPU the batch is the saving)."""
+        for _, ids in items:
+            if len(ids) + 1 > self.length:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit a slot of {self.length}")
+        out: list = []
+        at = 0
+        for first, count in self.runs(len(items)):
+            part = items[at:at + count]
+            at += count
+            lens = np.fromiter((len(ids) for _, ids in part), dtype=np.int64, count=count)
+            width = int(lens.max())
+            valid = np.arange(width)[None, :] < lens[:, None]
+            toks = np.zeros((count, width), dtype=np.int64)
+            toks[valid] = np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in part])
+            io = self.m.session.io_binding()
+            io.bind_cpu_input("input_ids", toks)
+            io.bind_cpu_input("attention_mask", valid.astype(np.int64))
+            ids_out = self._outputs(io, greedy)
+            self._bind(io, first, count)
+            self.m.session.run_with_iobinding(io)
+            for j, (h, _) in enumerate(part):
+                self.slots[first + j] = h
+            self.lens[first:first + count] = lens
+            res = io.get_outputs()[0].numpy()
+            res = res[:, -1] if self.m.last_only else res[np.arange(count), lens - 1]
+            out += [int(r) for r in res] if ids_out else [int(r.argmax()) for r in res] if greedy else list(res)
+        return out
 
     def leave(self, indices: Sequence[int]) -> None:
         active = [i for i, h in enumerate(self.slots) if h is not None]

@@ -106,6 +106,8 @@ class GenerativeModel:
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = np.float16 if types.get(self.past_names[0]) == "tensor(float16)" else np.float32
         self.has_next = any(o.name == "next_token" for o in self.session.get_outputs())  # in-graph argmax
+        # Each row's last position only (pipeline/model/generative.py: add_next_token), or every position.
+        self.last_only = next(o.shape[1] for o in self.session.get_outputs() if o.name == "logits") == 1
         self._prefix_cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
     # -- text ---------------------------------------------------------------------------------------
@@ -156,6 +158,23 @@ class GenerativeModel:
         logits, present = self.forward(rest, np.ones((1, len(ids)), dtype=np.int64), past)
         return logits[0, -1], present
 
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, dict]:
+        """Prompts in one call, right-padded, no past: each one's last-position logits (k × vocab) and the KV
+        of all of them (batch k, the longest prompt's length; row j valid up to ``len(prompts[j])``).
+
+        GroupQueryAttention's first-prompt path takes each row's length from its mask, so a padded row computes
+        exactly what it would alone. It has no batched path over a shared past (ONNX Runtime: "batch_size must
+        be 1 when sequence_length > 1 and past context is given"), so a template's prefix is not reused here.
+        """
+        k = len(prompts)
+        lens = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=k)
+        width = int(lens.max())
+        valid = np.arange(width)[None, :] < lens[:, None]
+        ids = np.zeros((k, width), dtype=np.int64)
+        ids[valid] = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        logits, present = self.forward(ids, valid.astype(np.int64), self.empty_past(k))
+        return (logits[:, -1] if self.last_only else logits[np.arange(k), lens - 1]), present
+
     def new_batch(self, rows: int, length: int):
         """The decode batch for this provider: host buffers (CPU) or device-resident slots (CUDA)."""
         if self.providers[0] == "CUDAExecutionProvider":
@@ -165,9 +184,7 @@ class GenerativeModel:
     def greedy(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
         """Greedy decoding of prompts in one batch (rows retire at end-of-sequence): the gate's path."""
         batch = self.new_batch(len(prompts), max(len(p) for p in prompts) + n + 1)
-        outs: dict[int, list[int]] = {}
-        for i, ids in enumerate(prompts):
-            outs[i] = [batch.join(i, ids, greedy=True)]
+        outs = {i: [t] for i, t in enumerate(batch.join_many(list(enumerate(prompts)), greedy=True))}
         batch.leave([j for j, r in enumerate(batch.rows) if outs[r][-1] in self.eos or n <= 1])
         while batch.rows:
             nxt = batch.step(np.asarray([outs[r][-1] for r in batch.rows], dtype=np.int64), greedy=True)

@@ -263,7 +263,10 @@ class GenerationScheduler:
         #    batch lays it out (on CPU: rows × the longest row, so one long prompt cannot inflate every row).
         needs = [len(r.ids) + self.max_new for r in batch.rows]
         prefilled = 0
-        while self._waiting and len(batch.rows) < self.max_batch:
+        joining: list[tuple[_Seq, tuple[int, ...]]] = []
+        padded = batch.batched  # one padded call: its cost is rows × the longest prompt, the prefix included
+        width = 0
+        while self._waiting and len(batch.rows) + len(joining) < self.max_batch:
             s = self._waiting[0][2]
             need = len(s.ids) + self.max_new
             if (needs and not batch.admits(needs, need, self.max_tokens)) or prefilled >= self.prefill_tokens:
@@ -271,20 +274,19 @@ class GenerationScheduler:
             heapq.heappop(self._waiting)
             s.admitted = self.clock()
             prefix = next((p for p in self._prefixes if len(s.ids) > len(p) and tuple(s.ids[: len(p)]) == p), ())
-            try:
-                first = batch.join(s, s.ids, prefix, greedy=not sample)
-            except Exception as exc:  # noqa: BLE001 — this prompt's failure, not the engine's
-                finished.append((s, EngineFailure(f"engine: prefill failed: {type(exc).__name__}: {str(exc)[:200]}")))
-                continue
-            prefilled += len(s.ids) - len(prefix)
+            joining.append((s, prefix))
+            if padded:
+                width = max(width, len(s.ids))
+                prefilled = len(joining) * width
+            else:
+                prefilled += len(s.ids) - len(prefix)
             needs.append(need)
-            s.out.append(pick(first[None, :], [s.rng], self.sampling)[0] if sample else first)
-            s.first_at = self.clock()
-            if self._finished(s, s.first_at):
-                finished.append((s, self._result(s)))
-                batch.leave([batch.rows.index(s)])
-                needs.pop()
         self._queued = len(self._waiting)
+        if joining:
+            # Room for the burst in one go: as many rows as wait, within max_batch and the KV budget.
+            batch.reserve(min(self.max_batch, len(batch.rows) + len(joining) + len(self._waiting),
+                              self.max_tokens // max(needs)))
+            finished += self._join(batch, joining, sample)
         # 2. Rows whose deadline passed leave with what they have.
         now = self.clock()
         gone = []
@@ -323,6 +325,40 @@ class GenerationScheduler:
             for s, _ in finished:
                 self._by_prompt.pop(s.prompt, None)
             self._post(self._resolve_many, finished)
+
+    def _join(self, batch, joining: list[tuple[_Seq, tuple[int, ...]]], sample: bool) -> list:
+        """Prefill the admitted prompts into the batch: one ``join_many`` per shared prefix (the decode batch
+        decides how: one padded call, or one call per prompt over the prefix's KV); a call that fails is
+        retried prompt by prompt, so a prompt that cannot be prefilled fails alone."""
+        finished: list[tuple[_Seq, object]] = []
+        groups: dict[tuple[int, ...], list[_Seq]] = {}
+        for s, prefix in joining:
+            groups.setdefault(prefix, []).append(s)
+        for prefix, seqs in groups.items():
+            try:
+                firsts = batch.join_many([(s, s.ids) for s in seqs], prefix, greedy=not sample)
+                joined = list(zip(seqs, firsts))
+            except Exception:  # noqa: BLE001 — find the prompt that fails, the others join
+                # Rows that joined before the failure (an earlier run of slots) lost their first token: they
+                # leave and are prefilled again with the others.
+                batch.leave([j for j, r in enumerate(batch.rows) if any(r is s for s in seqs)])
+                joined = []
+                for s in seqs:
+                    try:
+                        joined.append((s, batch.join(s, s.ids, prefix, greedy=not sample)))
+                    except Exception as exc:  # noqa: BLE001 — this prompt's failure, not the engine's
+                        finished.append((s, EngineFailure(
+                            f"engine: prefill failed: {type(exc).__name__}: {str(exc)[:200]}")))
+            now = self.clock()
+            gone = []
+            for s, first in joined:
+                s.out.append(pick(first[None, :], [s.rng], self.sampling)[0] if sample else first)
+                s.first_at = now
+                if self._finished(s, now):
+                    finished.append((s, self._result(s)))
+                    gone.append(batch.rows.index(s))
+            batch.leave(sorted(gone))
+        return finished
 
     def _finished(self, s: _Seq, now: float) -> bool:
         reason, cut = self.stops(s.out, now, s.deadline)

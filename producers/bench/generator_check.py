@@ -45,6 +45,31 @@ async def capacity(m: GenerativeModel, texts: list[str], rows: int, max_new: int
         await s.close()
 
 
+async def burst(m: GenerativeModel, texts: list[str], n: int, *, rows: int, max_new: int = 32, template: str = "reply",
+                prefill_tokens: int = 512, max_tokens: int = 8192, **kw) -> dict:
+    """``n`` distinct prompts arriving together at an idle scheduler (after 8 to warm up): time to first token
+    p50/p99 (from arrival) and the time until every prompt had its first token."""
+    s = GenerationScheduler(m, max_batch=rows, max_new_tokens=max_new, ignore_eos=True, prefill_tokens=prefill_tokens,
+                            max_tokens=max_tokens, **kw)
+    tpl = template_from(template)
+    s.add_prefix(m.prefix_of(tpl.render("")[0]))
+    s.start()
+    try:
+        prompts = [m.render(*tpl.render(t)) for t in texts]
+        await s.generate(prompts[:8])
+        batch = [p + f" (#{i})" for i, p in enumerate((prompts * (1 + n // len(prompts)))[:n])]
+        t = time.perf_counter()
+        res = await s.generate(batch)
+        dt = time.perf_counter() - t
+        ttft = sorted(r.timings.ttft for r in res)
+        pct = lambda q: round(ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1000, 1)  # noqa: E731
+        return {"burst": n, "rows": rows, "prefill_tokens": prefill_tokens, "ttft_p50_ms": pct(0.5),
+                "ttft_p99_ms": pct(0.99), "ttft_max_ms": round(ttft[-1] * 1000, 1), "seconds": round(dt, 2),
+                "tokens_per_s": round(sum(r.tokens for r in res) / dt, 1)}
+    finally:
+        await s.close()
+
+
 def texts(n: int = 256) -> list[str]:
     from producers.synthetic import Generator
 
@@ -57,9 +82,20 @@ def main() -> None:
     ap.add_argument("--variant")
     ap.add_argument("--provider", default="auto")
     ap.add_argument("--rows", default="32,64,128,256")
+    ap.add_argument("--burst", type=int, default=0, help="also: TTFT when this many prompts arrive together")
+    ap.add_argument("--burst-rows", type=int, default=0, help="decode rows for --burst (default: the burst)")
+    ap.add_argument("--burst-only", action="store_true", help="only the burst (no gate, no capacity)")
     a = ap.parse_args()
     m = GenerativeModel(a.artifact, variant=a.variant, provider=a.provider)
     report: dict = {"model": m.model_id, "variant": m.variant, "provider": m.session.get_providers()[0]}
+    if a.burst:
+        rows = a.burst_rows or a.burst
+        cpu = m.providers[0] == "CPUExecutionProvider"
+        report["burst"] = asyncio.run(burst(m, texts(), a.burst, rows=rows, prefill_tokens=512 if cpu else 4096,
+                                            max_tokens=8192 if cpu else rows * 1024))
+        if a.burst_only:
+            print(json.dumps(report, indent=2))
+            return
     ref = m.manifest.gate.get("reference_tokens")
     if ref:
         hyp = m.greedy(gate_prompt_ids(m), 16)

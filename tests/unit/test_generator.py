@@ -106,6 +106,76 @@ def test_device_slot_batch_decodes_like_one_prompt_at_a_time(model):
         assert outs[i] == solo(model, p, len(outs[i])), f"row {i}"
 
 
+LONGER = PROMPTS + ["Hi", "I was charged a fee on a transfer I cancelled within the hour, and support closed my ticket "
+                              "twice without an answer; what should I do next?", "ok thanks"]
+
+
+def _decode(batch, model, prompts, n: int, join_at: dict[int, list[int]]) -> dict:
+    """Greedy decoding on ``batch``: ``join_at[step]`` prompts join together (one join_many) before that step."""
+    outs: dict[int, list[int]] = {}
+    for step in range(n + max(join_at)):
+        if step in join_at:
+            group = join_at[step]
+            for i, t in zip(group, batch.join_many([(i, model.encode(prompts[i])) for i in group], greedy=True)):
+                outs[i] = [t]
+        if step == 3 and 1 in batch.rows:  # one leaves early: a hole among the slots
+            batch.leave([batch.rows.index(1)])
+        live = [r for r in batch.rows if len(outs[r]) < n]
+        if not live:
+            continue
+        batch.leave([j for j, r in enumerate(batch.rows) if len(outs[r]) >= n])
+        nxt = batch.step(np.asarray([outs[r][-1] for r in batch.rows]), greedy=True)
+        for r, t in zip(batch.rows, np.asarray(nxt).tolist()):
+            outs[r].append(int(t))
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["host, one call per prompt", "host, one padded call", "device slots, padded runs"])
+def test_batched_prefill_decodes_exactly_what_one_at_a_time_prefill_does(model, kind):
+    """Prompts of 1 to ~40 tokens join in groups (right-padded in one call, or one call each), a row leaves and
+    later prompts fill the hole: every row's tokens are those of the prompt decoded alone."""
+    from pipeline.generation import DeviceDecodeBatch
+
+    prompts = prompts_of(model, LONGER)
+    if kind.startswith("device"):
+        batch = DeviceDecodeBatch(model, rows=8, length=256, device="cpu")
+    else:
+        batch = DecodeBatch(model)
+        batch.batched = "padded" in kind
+    outs = _decode(batch, model, prompts, 10, {0: [0, 1, 2], 5: [3, 4, 5, 6, 7]})
+    assert sorted(outs) == list(range(8))
+    for i, p in enumerate(prompts):
+        assert outs[i] == solo(model, p, len(outs[i])), f"{kind}: prompt {i}"
+
+
+def test_the_graph_projects_only_each_rows_last_position(model):
+    """The build adds a gather before the LM head: logits are rows × 1 × vocabulary, and a right-padded batch's
+    row gets its own last token's logits (not the padding's)."""
+    assert model.last_only
+    assert [o.shape[1] for o in model.session.get_outputs() if o.name in ("logits", "next_token")] == [1, 1]
+    ids = [model.encode(p) for p in prompts_of(model, LONGER)]
+    assert len({len(i) for i in ids}) > 3, "rows of different lengths: padding in the batch"
+    batched, present = model.prefill_many(ids)
+    for i, one in enumerate(ids):
+        alone, kv = model.prefill(one)
+        np.testing.assert_allclose(batched[i], alone, atol=1e-5)
+        k = model.past_names[0]
+        np.testing.assert_allclose(present[k][i, :, :len(one)], kv[k][0], atol=1e-5)
+
+
+def test_free_slot_runs_cover_the_joining_prompts_in_slot_order(model):
+    from pipeline.generation import DeviceDecodeBatch
+
+    batch = DeviceDecodeBatch(model, rows=8, length=64, device="cpu")
+    assert batch.runs(3) == [(0, 3)]
+    batch.slots = ["a", None, None, "b", None, "c", None, None]
+    assert batch.runs(1) == [(1, 1)]
+    assert batch.runs(3) == [(1, 2), (4, 1)]
+    assert batch.runs(5) == [(1, 2), (4, 1), (6, 2)]
+    with pytest.raises(ValueError, match="6 prompts to join, 5 free slots"):
+        batch.runs(6)
+
+
 async def test_prompts_join_the_running_batch_and_match_solo_decoding(model):
     sched = GenerationScheduler(model, max_batch=8, max_new_tokens=24)
     sched.add_prefix(model.prefix_of(TEMPLATES["reply"].render("")[0]))
@@ -133,10 +203,13 @@ async def test_prompts_join_the_running_batch_and_match_solo_decoding(model):
 
 
 async def test_deadline_finishes_a_sequence_with_what_it_has(model):
-    sched = GenerationScheduler(model, max_batch=4, max_new_tokens=400)
+    ticks = iter(range(10**9))
+    t0 = time.time()
+    clock = lambda: t0 + next(ticks) * 0.001  # noqa: E731 — 1 ms per reading: the deadline falls mid-generation
+    sched = GenerationScheduler(model, max_batch=4, max_new_tokens=400, clock=clock)
     sched.start()
     try:
-        [r] = await asyncio.wait_for(sched.generate(prompts_of(model, PROMPTS[:1]), [time.time() + 0.05]), 30)
+        [r] = await asyncio.wait_for(sched.generate(prompts_of(model, PROMPTS[:1]), [t0 + 0.05]), 30)
         assert isinstance(r, Generation) and r.finish_reason == "deadline"
         assert 1 <= r.tokens < 400
         assert sched.late == 1
