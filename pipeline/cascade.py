@@ -6,6 +6,14 @@ batcher), the first stage labels every text; texts whose top probability is belo
 answered by the second stage, in the same call. Each answer says which model gave it (``model``) and at
 which stage (``cascade_stage``: 0 or 1).
 
+Gathering: the batcher runs as many first-stage calls at once as the first stage has session replicas
+(``sessions``). Each call's escalated texts wait in one second-stage queue, which goes to the second stage as
+one batch when it holds ``second_batch`` texts, or as soon as no first-stage call is still running (nothing
+more can join, so nobody waits for a timer: an escalated text waits at most for the first-stage calls that
+ran beside its own). The second stage runs on its own replicas. Escalations from several small first-stage
+batches so become one full second-stage batch instead of several small ones (the teacher is the expensive
+model, and its cost per text falls with the batch).
+
 Overload: when the batcher has a full batch or more waiting (``pressure()``), escalating would make
 everyone later, so the cascade stops escalating: those answers stay the student's and say so
 (``cascade_degraded``), and ``streamlabel_cascade_total{result="degraded"}`` counts them. Degradation
@@ -17,6 +25,7 @@ cascade's labels agree with the second stage's on at least ``target`` of the tex
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Callable, Sequence
@@ -26,7 +35,7 @@ import numpy as np
 from pipeline.engine import OnnxEngine, Tokens
 from pipeline.errors import NoTokens, UsageError
 from pipeline.events import Prediction, Timings
-from pipeline.runtime import DaemonExecutor, softmax
+from pipeline.runtime import softmax
 
 
 class CascadeEngine:
@@ -49,12 +58,17 @@ class CascadeEngine:
         self.variant = f"{first.variant}>{second.variant}"
         self.providers = first.providers
         self.threads = first.threads
-        self.sessions = 1  # one executor runs both stages, one call at a time (each stage's first session)
+        self.sessions = first.sessions  # first-stage calls at once (the batcher's concurrency)
+        self.second_batch = 64  # escalated texts per second-stage call at most (ClassifyTask: batching.max_batch)
+        self._first_running = 0
+        self._pending: list[tuple[list[Tokens], asyncio.Future]] = []
+        self._pending_n = 0
+        self._flushes: set[asyncio.Task] = set()
+        self.second_calls = 0
         self.max_length = min(first.max_length, second.max_length)
         self.width = first.width
         self.call_overhead_tokens = first.call_overhead_tokens
-        self._executor = DaemonExecutor("cascade")
-        self.thread_ids = set(first.thread_ids) | set(second.thread_ids) | {self._executor.native_id}
+        self.thread_ids = set(first.thread_ids) | set(second.thread_ids)
         self.pressure: Callable[[], bool] = lambda: False
         self.metrics = metrics
         self.counts = {"first": 0, "escalated": 0, "degraded": 0}
@@ -73,7 +87,10 @@ class CascadeEngine:
             for i, p in zip(unsure, again):
                 if isinstance(p, Prediction):
                     out[i] = dataclasses.replace(p, stage=1)
-        took = time.perf_counter() - t0
+        return self._finish(out, unsure, degraded, time.perf_counter() - t0)
+
+    def _finish(self, out: list, unsure: list[int], degraded: bool, took: float) -> list:
+        """First-stage answers say so (and whether overload kept them); the counters and metrics."""
         for i, p in enumerate(out):
             if isinstance(p, Prediction) and p.stage is None:
                 out[i] = dataclasses.replace(p, stage=0, degraded=degraded and i in unsure,
@@ -87,8 +104,58 @@ class CascadeEngine:
                 self.metrics.cascade.labels("degraded" if degraded else "escalated").inc(len(unsure))
         return out
 
-    async def infer(self, batch: Sequence[Tokens]):
-        return await self._executor.run(self.infer_sync, list(batch))
+    async def infer(self, batch: Sequence[Tokens]) -> list[Prediction | NoTokens]:
+        """The first stage on one of its replicas; the escalated texts through the gathering second stage."""
+        first, second = self.stages
+        t0 = time.perf_counter()
+        self._first_running += 1
+        try:
+            out = await first.infer(batch)
+        finally:
+            self._first_running -= 1
+        unsure = [i for i, p in enumerate(out) if isinstance(p, Prediction) and p.score < self.threshold]
+        degraded = bool(unsure) and self.pressure()
+        if unsure and not degraded:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending.append(([batch[i] for i in unsure], fut))
+            self._pending_n += len(unsure)
+            self._flush_if_due()
+            again = await fut
+            for i, p in zip(unsure, again):
+                if isinstance(p, Prediction):
+                    out[i] = dataclasses.replace(p, stage=1, timings=Timings(infer=time.perf_counter() - t0))
+        else:
+            self._flush_if_due()  # this call's end may be what the others' escalations wait for
+        return self._finish(out, unsure, degraded, time.perf_counter() - t0)
+
+    def _flush_if_due(self) -> None:
+        while self._pending and (self._pending_n >= self.second_batch or self._first_running == 0):
+            take, n = [], 0
+            while self._pending and (not take or n + len(self._pending[0][0]) <= self.second_batch):
+                items, fut = self._pending.pop(0)
+                take.append((items, fut))
+                n += len(items)
+            self._pending_n -= n
+            task = asyncio.get_running_loop().create_task(self._second(take), name="cascade-second")
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _second(self, take: list[tuple[list[Tokens], asyncio.Future]]) -> None:
+        self.second_calls += 1
+        try:
+            res = await self.stages[1].infer([t for items, _ in take for t in items])
+        except BaseException as exc:  # noqa: BLE001 — every waiting call gets the failure (or the cancellation)
+            for _, fut in take:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            if not isinstance(exc, Exception):
+                raise
+            return
+        at = 0
+        for items, fut in take:
+            if not fut.done():
+                fut.set_result(res[at:at + len(items)])
+            at += len(items)
 
     def predict_sync(self, texts: Sequence[str]):
         return self.infer_sync(self.tokenize(texts))
@@ -107,17 +174,18 @@ class CascadeEngine:
             s.warmup()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for t in list(self._flushes):
+            t.cancel()
         for s in self.stages:
             s.close()
 
 
 def load_cascade(paths: Sequence[str], threshold: float, *, provider: str = "auto", threads: int | None = None,
-                 metrics=None) -> CascadeEngine:
+                 sessions: int | None = None, metrics=None) -> CascadeEngine:
     if len(paths) != 2:
         raise UsageError(f"model.cascade names {len(paths)} artifacts; a cascade has two (first, second)",
                          hint='e.g. cascade = ["models/sentiment-minilm-minilm-l3", "models/sentiment-minilm"]')
-    first, second = (OnnxEngine(p, provider=provider, threads=threads) for p in paths)
+    first, second = (OnnxEngine(p, provider=provider, threads=threads, sessions=sessions) for p in paths)
     return CascadeEngine(first, second, threshold, metrics=metrics)
 
 

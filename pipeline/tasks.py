@@ -24,7 +24,8 @@ def load_engine(m: ModelSettings):
     """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
     ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator)."""
     if m.cascade:
-        return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads)
+        return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads,
+                            sessions=m.sessions or None)
     _, manifest = load_manifest(m.path, verify=False)
     if manifest.task == "text-generation":
         return GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads)
@@ -62,6 +63,7 @@ class ClassifyTask:
             # A full batch waiting means there is no time to escalate; answers depend on the threshold too.
             batcher = self.scheduler
             engine.pressure = lambda: batcher.waiting() >= batcher.max_batch
+            engine.second_batch = b.max_batch
             engine.metrics = metrics
             self.cache_namespace = f"{engine.model_id}|t={engine.threshold}"
 

@@ -36,11 +36,13 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
-    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=1 if cascade_to else sessions)
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=sessions)
     if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of
         from pipeline.cascade import CascadeEngine
 
-        eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider), threshold)
+        eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider, sessions=sessions),
+                            threshold)
+        eng.second_batch = batch
 
     async def go() -> float:
         b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128), concurrency=eng.sessions)

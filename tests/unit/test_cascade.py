@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,51 @@ def test_compare_gives_speed_and_quality_points_and_a_plot(tiny_artifact, tmp_pa
     for r in rep["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["msgs_per_s"] > 0
     assert (tmp_path / "cmp.png").stat().st_size > 10_000 and "<img" in (tmp_path / "cmp.html").read_text()
+
+
+async def test_escalations_of_concurrent_calls_are_gathered_into_one_second_stage_call(tiny_artifact):
+    """Two first-stage calls run at once (two replicas); their escalated texts go to the second stage together,
+    once neither first-stage call is still running, and each call gets its own answers back."""
+    first = OnnxEngine(tiny_artifact, variant="int8", provider="cpu", warmup=False, sessions=2)
+    second = OnnxEngine(tiny_artifact, variant="fp32", provider="cpu", warmup=False)
+    try:
+        cascade = CascadeEngine(first, second, 1.0)  # every text escalates
+        assert cascade.sessions == 2
+        sizes: list[int] = []
+        infer = second.infer
+
+        async def recording(batch):
+            sizes.append(len(batch))
+            return await infer(batch)
+
+        second.infer = recording
+        a, b = TEXTS[:10], TEXTS[10:25]
+        out_a, out_b = await asyncio.gather(cascade.infer(first.tokenize(a)), cascade.infer(first.tokenize(b)))
+        assert sizes == [25], "one second-stage call for both first-stage calls"
+        want = second.predict_sync(a + b)
+        assert [p.label for p in out_a + out_b] == [p.label for p in want]
+        assert all(p.stage == 1 and p.model == second.model_id for p in out_a + out_b)
+        # A full second-stage batch goes at once, without waiting for the other call.
+        cascade.second_batch = 8
+        sizes.clear()
+        await asyncio.gather(cascade.infer(first.tokenize(TEXTS[:20])), cascade.infer(first.tokenize(TEXTS[20:23])))
+        assert sum(sizes) == 23 and max(sizes) <= 20 and len(sizes) >= 2
+        assert cascade.counts["escalated"] == 48
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_failing_second_stage_fails_the_calls_that_wait_for_it(stages):
+    first, second = stages
+    cascade = CascadeEngine(first, second, 1.0)
+
+    async def broken(batch):
+        raise RuntimeError("second stage down")
+
+    second_infer, second.infer = second.infer, broken
+    try:
+        with pytest.raises(RuntimeError, match="second stage down"):
+            await cascade.infer(first.tokenize(TEXTS[:5]))
+    finally:
+        second.infer = second_infer
