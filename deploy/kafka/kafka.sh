@@ -9,14 +9,24 @@
 # Extra broker properties can be appended with KAFKA_EXTRA_PROPS="k=v\nk=v" (later keys win), and SCRAM
 # credentials created at format time with KAFKA_SCRAM='SCRAM-SHA-256=[name=alice,password=secret]'.
 # The controller listens on PORT+1. The data dir keeps the log, so a restart on it is durable.
+#
+# KAFKA_BUNDLE=DIR runs the broker from a bundle (deploy/kafka/bundle.py: a jlink'd Java runtime in DIR/jre and
+# the jars in DIR/lib): no system Java, no Maven, no network (the GPU machine).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 lib="$here/lib"
+java=java
+if [ -n "${KAFKA_BUNDLE:-}" ]; then
+  bundle="$(cd "$KAFKA_BUNDLE" && pwd)" || { echo "kafka.sh: KAFKA_BUNDLE=$KAFKA_BUNDLE is not a directory" >&2; exit 2; }
+  lib="$bundle/lib"; java="$bundle/jre/bin/java"
+  [ -x "$java" ] && [ -f "$lib/.resolved" ] || { echo "kafka.sh: $bundle is not a broker bundle (no jre/bin/java or lib/); build one with make broker-bundle" >&2; exit 2; }
+fi
 
 die() { echo "kafka.sh: $*" >&2; exit 2; }
 
 resolve() {
   if [ -f "$lib/kafka_2.13-4.4.0.jar" ] && [ -f "$lib/.resolved" ]; then return 0; fi
+  [ -z "${KAFKA_BUNDLE:-}" ] || die "the bundle $KAFKA_BUNDLE has no broker jars; rebuild it (make broker-bundle)"
   command -v mvn >/dev/null || die "Maven (mvn) is needed to resolve the Kafka jars; install it (apt-get install maven)."
   command -v java >/dev/null || die "Java 17+ is needed to run Kafka; install it (apt-get install openjdk-17-jre-headless)."
   rm -rf "$lib"
@@ -60,12 +70,12 @@ PROPS
   if [ ! -f "$data/log/meta.properties" ]; then
     local scram=()
     if [ -n "${KAFKA_SCRAM:-}" ]; then scram=(--add-scram "$KAFKA_SCRAM"); fi
-    java "${jvm[@]}" -cp "$cp" kafka.tools.StorageTool format -t "streamlabel-local-cluster0" \
+    "$java" "${jvm[@]}" -cp "$cp" kafka.tools.StorageTool format -t "streamlabel-local-cluster0" \
       -c "$props" "${scram[@]}" >"$data/format.log" 2>&1 \
       || { cat "$data/format.log" >&2; die "formatting $data failed"; }
   fi
   # setsid: the broker gets its own process group, so fault tests can SIGKILL/SIGSTOP it alone.
-  setsid java "${jvm[@]}" -cp "$cp" kafka.Kafka "$props" >>"$data/broker.log" 2>&1 < /dev/null &
+  setsid "$java" "${jvm[@]}" -cp "$cp" kafka.Kafka "$props" >>"$data/broker.log" 2>&1 < /dev/null &
   echo $! > "$data/broker.pid"
   local deadline=$((SECONDS + 90))
   until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do

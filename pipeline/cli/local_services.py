@@ -53,8 +53,10 @@ class LocalKafka:
     """A single-node KRaft broker from the jars deploy/kafka resolves; its data dir survives restarts."""
 
     def __init__(self, data_dir: str | Path, port: int | None = None, extra_props: str = "",
-                 scram: str | None = None) -> None:
+                 scram: str | None = None, bundle: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # A broker bundle (deploy/kafka/bundle.py: its own Java runtime and jars); default: $KAFKA_BUNDLE, if set.
+        self.bundle = str(bundle) if bundle else os.environ.get("KAFKA_BUNDLE") or None
         self.port = port or free_port(pair=True)
         self.extra_props = extra_props
         self.scram = scram  # e.g. "SCRAM-SHA-256=[name=alice,password=secret]", created at format time
@@ -64,10 +66,13 @@ class LocalKafka:
         return f"127.0.0.1:{self.port}"
 
     def _sh(self, *args: str, timeout: float = 300) -> None:
-        if not shutil.which("java"):
+        if not self.bundle and not shutil.which("java"):
             raise UsageError("Java is not installed; the local Kafka broker needs it",
-                             hint="apt-get install openjdk-17-jre-headless, or point --bootstrap at a running broker")
+                             hint="apt-get install openjdk-17-jre-headless, set KAFKA_BUNDLE to a broker bundle "
+                                  "(make broker-bundle), or point --bootstrap at a running broker")
         env = {**os.environ, "KAFKA_EXTRA_PROPS": self.extra_props, "KAFKA_SCRAM": self.scram or ""}
+        if self.bundle:
+            env["KAFKA_BUNDLE"] = self.bundle
         r = subprocess.run([str(KAFKA_SH), *args], capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
             raise UsageError(f"local Kafka: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else 'failed'}",
