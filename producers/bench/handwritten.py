@@ -1,7 +1,7 @@
 """The hand-written baseline of the load test: the consumer a competent engineer writes in an afternoon.
 
 aiokafka ``getmany`` → ``orjson`` → one ONNX Runtime session on the artifact's INT8 file (FP32 when it has
-none), the records of each poll sorted by text length and cut into batches of up to ``max_batch``, each
+none; FP16 on the CUDA provider when ``STREAMLABEL_MODEL__PROVIDER=cuda``), the records of each poll sorted by text length and cut into batches of up to ``max_batch``, each
 padded to its own longest text (``tokenizers``, truncated at the manifest's ``max_length``) → softmax →
 every label sent without awaiting each, then all acks awaited → ``commit()`` → loop. Inference runs in a
 thread (``asyncio.to_thread``), so aiokafka keeps fetching in the background meanwhile. At-least-once
@@ -38,10 +38,14 @@ class Classifier:
 
         root = Path(artifact)
         manifest = orjson.loads((root / "manifest.json").read_bytes())
-        variant = manifest["variants"].get("int8") or manifest["variants"]["fp32"]
+        # On a GPU (STREAMLABEL_MODEL__PROVIDER=cuda, as the worker is told): the fp16 file on the CUDA provider.
+        gpu = os.environ.get("STREAMLABEL_MODEL__PROVIDER", "cpu").lower() == "cuda"
+        v = manifest["variants"]
+        variant = (v.get("fp16") if gpu else None) or v.get("int8") or v["fp32"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = os.cpu_count() or 1
-        self.session = ort.InferenceSession(str(root / variant["file"]), opts, providers=["CPUExecutionProvider"])
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(root / variant["file"]), opts, providers=providers)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.tokenizer = Tokenizer.from_file(str(root / manifest.get("tokenizer_file", "tokenizer.json")))
         self.tokenizer.enable_truncation(manifest["max_length"])

@@ -174,21 +174,31 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
-async def wait_worker_ready(bootstrap: str, topics: tuple[str, str, str], proc: WorkerProcess, timeout: float = 120) -> None:
-    """Send a probe event and wait for its label: the worker has its assignment and a warm engine."""
-    probe = f"probe-{uuid.uuid4().hex[:6]}"
+async def wait_worker_ready(bootstrap: str, topics: tuple[str, str, str], proc: WorkerProcess, timeout: float = 120,
+                            partitions: int | None = None) -> None:
+    """Send a probe event (one to each of ``partitions``, when given: every worker of a group) and wait for its
+    label: the worker has its assignment and a warm engine."""
+    tag = uuid.uuid4().hex[:6]
+    probes = [f"probe-{tag}-{i}" for i in range(partitions or 1)]
     p = producer_for_load(bootstrap)
     await p.start()
     try:
-        await (await p.send(topics[0], value=encode_input("warm-up probe", id=probe)))
+        for i, probe in enumerate(probes):
+            await (await p.send(topics[0], value=encode_input("warm-up probe", id=probe),
+                                partition=i if partitions else None))
     finally:
         await p.stop()
+    want = {x.encode() for x in probes}
+
+    def answered(r) -> bool:
+        return all(any(w in x.value for x in r) for w in want)
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.proc.poll() is not None:
             raise RuntimeError(f"worker exited during start-up: {proc.proc.stderr.read().decode()[-800:]}")
-        got = await read_until(bootstrap, [topics[1]], lambda r: any(probe.encode() in x.value for x in r), 2)
-        if any(probe.encode() in x.value for x in got):
+        got = await read_until(bootstrap, [topics[1]], answered, 2)
+        if answered(got):
             return
     raise RuntimeError("worker did not answer the probe in time")
 
@@ -206,6 +216,8 @@ class BenchConfig:
     seed: int = 0
     delivery: str = "at_least_once"
     env: dict = field(default_factory=dict)  # more STREAMLABEL_* settings for the worker and the baselines
+    workers: int = 1  # worker processes in one consumer group (the input topic gets at least as many partitions)
+    producers: int = 1  # load-generator processes, each offering rate / producers (one Python producer tops out)
 
 
 async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio: float = 0.0, worker_cmd: list[str] | None = None, variant: str | None = None,
@@ -218,32 +230,30 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
     tag = uuid.uuid4().hex[:8]
     topics = (f"bench-in-{tag}", f"bench-out-{tag}", f"bench-dlq-{tag}")
     group = f"bench-{tag}"
-    await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=PARTITIONS)
-    await ensure_topics(cfg.bootstrap, [topics[1]], partitions=PARTITIONS, configs=LOG_APPEND)
+    partitions = max(PARTITIONS, cfg.workers)
+    await ensure_topics(cfg.bootstrap, [topics[0], topics[2]], partitions=partitions)
+    await ensure_topics(cfg.bootstrap, [topics[1]], partitions=partitions, configs=LOG_APPEND)
     env = {"STREAMLABEL_BATCHING__MAX_BATCH": str(cfg.max_batch), "STREAMLABEL_MODEL__PATH": cfg.artifact,
            "STREAMLABEL_SLO__OBJECTIVE_MS": str(cfg.slo_ms), "STREAMLABEL_WORKER__DELIVERY": cfg.delivery,
            # Unique-text steps compare serving, so the cache is off; the duplicate steps measure the cache.
            "STREAMLABEL_CACHE__ENABLED": "true" if duplicate_ratio > 0 else "false", **cfg.env}
-    cmd = None
-    port = None
-    if worker_cmd is not None:
-        cmd = [*worker_cmd, cfg.bootstrap, *topics, group]
-    else:
-        port = free_port()
-        env["STREAMLABEL_METRICS__PORT"] = str(port)
-    w = WorkerProcess(cfg.bootstrap, cfg.artifact, topics, group, variant=variant or cfg.variant,
-                      redis_url=cfg.redis_url, extra_env=env, command=cmd)
+    cmd = [*worker_cmd, cfg.bootstrap, *topics, group] if worker_cmd is not None else None
+    ports: list[int] = []
+    procs: list[WorkerProcess] = []
     try:
-        await wait_worker_ready(cfg.bootstrap, topics, w)
-        before = worker_counters(await asyncio.to_thread(scrape, port)) if port else None
-        gen = Generator("mixed", seed=cfg.seed, duplicate_ratio=duplicate_ratio, id_prefix=f"{name}-{tag}")
+        for _ in range(cfg.workers):
+            wenv = dict(env)
+            if worker_cmd is None:
+                ports.append(free_port())
+                wenv["STREAMLABEL_METRICS__PORT"] = str(ports[-1])
+            procs.append(WorkerProcess(cfg.bootstrap, cfg.artifact, topics, group, variant=variant or cfg.variant,
+                                       redis_url=cfg.redis_url, extra_env=wenv, command=cmd))
+        if cfg.workers > 1:
+            await wait_group(cfg.bootstrap, group, cfg.workers, procs)
+        await wait_worker_ready(cfg.bootstrap, topics, procs[0], partitions=partitions if cfg.workers > 1 else None)
+        before = _sum_counters([worker_counters(await asyncio.to_thread(scrape, p)) for p in ports])
         count = max(1, int(rate * cfg.step_seconds))
         sent_ids: list[str] = []
-
-        def records():
-            for ev in gen:
-                sent_ids.append(ev.id)
-                yield ev.entity.encode(), encode_input(ev.text, id=ev.id, source=ev.source, entity=ev.entity)
 
         # Exactly-once: a label's LogAppendTime is stamped when it is appended, before its transaction commits;
         # what a read_committed reader sees is the commit. So the latency is measured to the moment a live
@@ -251,36 +261,103 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
         tail = _VisibleTail(cfg.bootstrap, topics[1]) if cfg.delivery == "exactly_once" else None
         if tail is not None:
             await tail.start()
-        p = producer_for_load(cfg.bootstrap)
-        await p.start()
-        try:
-            rep = await send_at_rate(p, topics[0], records(), rate=rate, count=count, seed=cfg.seed)
-        finally:
-            await p.stop()
-        want = set(sent_ids)
+        if cfg.producers > 1:
+            achieved = await _load_processes(cfg, topics[0], rate, count, f"{name}-{tag}", duplicate_ratio)
+        else:
+            gen = Generator("mixed", seed=cfg.seed, duplicate_ratio=duplicate_ratio, id_prefix=f"{name}-{tag}")
+
+            def records():
+                for ev in gen:
+                    sent_ids.append(ev.id)
+                    yield ev.entity.encode(), encode_input(ev.text, id=ev.id, source=ev.source, entity=ev.entity)
+
+            p = producer_for_load(cfg.bootstrap)
+            await p.start()
+            try:
+                achieved = (await send_at_rate(p, topics[0], records(), rate=rate, count=count, seed=cfg.seed)).achieved_rate
+            finally:
+                await p.stop()
         # Drain: wait for every label, bounded by what an SLO-breaking backlog could need.
         ins = await read_until(cfg.bootstrap, [topics[0]], lambda r: len(r) >= count + 1, 30)
         inputs = {}
+        prefix = f"{name}-{tag}"
         for r in ins:
             d = orjson.loads(r.value)
-            if d.get("id") in want:
+            if str(d.get("id", "")).startswith(prefix):  # not the readiness probes
                 inputs[d["id"]] = r.timestamp
+        want = set(sent_ids) if sent_ids else set(inputs)
         drain = max(30.0, cfg.step_seconds * 3)
         if tail is not None:
             outs = await tail.until(want, drain)
         else:
             outs = await read_until(cfg.bootstrap, [topics[1]],
                                     lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), drain)
-        after = worker_counters(await asyncio.to_thread(scrape, port)) if port else None
+        after = _sum_counters([worker_counters(await asyncio.to_thread(scrape, p)) for p in ports])
         queued = await _queued_ids(cfg.bootstrap, group, topics[0], ins, want - _ids(outs))
-        step = analyse(name, inputs, outs, rate, rep.achieved_rate, cfg.slo_ms, cfg.target, queued=queued)
+        step = analyse(name, {k: v for k, v in inputs.items() if k in want}, outs, rate, achieved, cfg.slo_ms,
+                       cfg.target, queued=queued)
         (step.worker_cpu_us_per_event, step.engine_cpu_us_per_event,
          step.tokenizer_cpu_us_per_event) = cpu_per_event(before, after)
         if progress:
             progress(progress_line(step))
         return step
     finally:
-        w.stop()
+        for w in procs:
+            w.stop()
+
+
+def _sum_counters(items: Sequence[dict | None]) -> dict | None:
+    """The workers' counters added up (None when any worker exported none)."""
+    if not items or any(i is None for i in items):
+        return None
+    out: dict[str, float] = {}
+    for d in items:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+async def _load_processes(cfg: BenchConfig, topic: str, rate: float, count: int, prefix: str,
+                          duplicate_ratio: float) -> float:
+    """``cfg.producers`` load-generator processes (``producers.bench.load``), each offering its share of ``rate``;
+    the events/s they achieved together."""
+    n = cfg.producers
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "producers.bench.load", cfg.bootstrap, topic, str(rate / n), str(-(-count // n)),
+        str(cfg.seed + i), f"{prefix}-p{i}", str(duplicate_ratio), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE) for i in range(n)]
+    achieved = 0.0
+    for p in procs:
+        out, err = await p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"a load generator failed: {err.decode()[-500:]}")
+        achieved += orjson.loads(out.splitlines()[-1])["achieved_rate"]
+    return achieved
+
+
+async def wait_group(bootstrap: str, group: str, members: int, procs: Sequence[WorkerProcess],
+                     timeout: float = 180) -> None:
+    """Wait until ``group`` is stable with ``members`` members (every worker has loaded its model and joined)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            for w in procs:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited during start-up: {w.proc.stderr.read().decode()[-800:]}")
+            desc = await admin.describe_consumer_groups([group])
+            groups = [g for resp in desc for g in resp.groups]
+            state, n = (groups[0][2], len(groups[0][5])) if groups else ("", 0)
+            if state == "Stable" and n >= members:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the group {group} has {n} of {members} workers after {timeout:.0f} s")
+            await asyncio.sleep(0.5)  # polling the group coordinator: its state has no push signal
+    finally:
+        await admin.close()
 
 
 PARTITIONS = 4

@@ -52,6 +52,17 @@ async def test_tiny_step_measures_from_records_and_plots(kafka, tiny_artifact, t
     assert "data:image/png;base64," in html.read_text() and "tiny" in html.read_text()
 
 
+async def test_a_step_with_two_workers_in_one_group_and_two_load_processes(kafka, tiny_artifact):
+    """What the GPU check runs: N worker processes in one consumer group (the input gets ≥ N partitions, every
+    worker answers a probe before the load starts), the load from several producer processes."""
+    cfg = BenchConfig(bootstrap=kafka.bootstrap, artifact=str(tiny_artifact), slo_ms=250, step_seconds=3,
+                      workers=2, producers=2)
+    step = await run_step(cfg, "pair", 100)
+    assert step.sent == 300 and step.labelled == 300 and step.lost == 0 and step.duplicated == 0
+    assert step.backlog == 0 and abs(step.achieved_rate - 100) < 15
+    assert step.worker_cpu_us_per_event is None or step.worker_cpu_us_per_event > 0  # both workers' counters
+
+
 async def test_handwritten_baseline_step(kafka, tiny_artifact):
     cfg = BenchConfig(bootstrap=kafka.bootstrap, artifact=str(tiny_artifact), slo_ms=250, step_seconds=3, max_batch=16)
     step = await run_step(cfg, "hand", 100, worker_cmd=[sys.executable, "-m", "producers.bench.handwritten"])
