@@ -102,6 +102,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
                 await worker.run()
                 break
             except StreamlabelError as exc:
+                engine = worker.engine  # a hot swap may have moved it: a restarted worker serves what was served
                 if isinstance(exc, KafkaUnreachable):
                     if not has_run:
                         raise  # at the first start: a wrong address or a broker that is not there (exit 2)
@@ -141,7 +142,7 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
             server.shutdown()
             server.server_close()
         if own_engine:
-            engine.close()
+            (current[0].engine if current else engine).close()
     return code
 
 

@@ -77,6 +77,17 @@ class Worker:
         self.slo.observer = lambda stage, seconds: (stage_obs.get(stage) or stage_hist.labels(stage).observe)(seconds)
         self.task = open_task(settings, self.fail.wrap_engine(engine), metrics=self.metrics, slo=self.slo)
         self.batcher = self.task.scheduler
+        self.engine = engine  # what serves now (hot swap moves it; the runner restarts a worker with it)
+        self.follower = None
+        if settings.model.follow:
+            if self.task.kind == "classify" and not settings.model.cascade:
+                from pipeline.swap import ModelFollower
+
+                self.follower = ModelFollower(settings, self.task, metrics=self.metrics, log=self.log,
+                                              on_switch=self._switched, wrap=self.fail.wrap_engine)
+            else:
+                self.log.warning("model_follow_ignored", reason="hot swap follows a single classifier, not "
+                                 "a generator or a cascade", note="restart the workers to change the model")
         self.cache = cache or NullCache()
         self.caching = not isinstance(self.cache, NullCache)
         self.records = RecordBuilder(self.task, output=settings.topics.output, dlq=settings.topics.dlq,
@@ -105,6 +116,15 @@ class Worker:
         self._handlers: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._stop_waiter: asyncio.Future | None = None
+
+    def _switched(self, old, new) -> None:
+        from pipeline import __version__
+
+        self.engine = new
+        info = self.metrics.build_info
+        info.labels(__version__, old.model_id, str(old.variant), str(old.providers[0]), old.task).set(0)
+        info.labels(__version__, new.model_id, str(new.variant), str(new.providers[0]), new.task).set(1)
+        self.metrics.track_cpu(new.thread_ids)
 
     def assigned(self) -> bool:
         """Partitions are assigned to this worker now."""
@@ -186,6 +206,8 @@ class Worker:
                                 self._supervise(self.health.summary_loop(), "summary"),
                                 self._supervise(self.health.watch_loop(), "kafka-watch"),
                                 self._supervise(self.health.lag_loop(), "lag")]
+            if self.follower is not None:
+                self._background.append(self._supervise(self.follower.run(), "model-follower"))
             self.batcher.task.add_done_callback(lambda task: self._background_done("batcher", task))
             try:
                 await self._poll_loop()
@@ -382,8 +404,11 @@ class Worker:
         misses = good
         keys: dict[int, str] = {}
         texts = {i: task.text(events[i]) for i in good}
+        if self.follower is not None:
+            self.follower.recent.extend(texts.values())
+        namespace = task.cache_namespace
         if self.caching and good:
-            keys = {i: cache_key(task.cache_namespace, texts[i]) for i in good}
+            keys = {i: cache_key(namespace, texts[i]) for i in good}
             t0 = time.perf_counter()
             cached = await self.cache.get_many(list(keys.values()))
             self.slo.record_stage("cache", time.perf_counter() - t0, len(good))
@@ -401,6 +426,8 @@ class Worker:
                 answers[i] = a
                 waits[i] = wt
 
+        if keys and task.cache_namespace != namespace:
+            keys = {}  # the model was swapped meanwhile: these keys name the old version, the answers may be the new's
         outputs: list[Output] = []
         answered: list[int] = []  # record timestamps of the answered events
         dlq_reasons: list[str] = []

@@ -93,6 +93,16 @@ class MicroBatcher:
         self.coalesced = 0
         self.late = 0
 
+    def swap(self, engine: Engine) -> Engine:
+        """Serve with ``engine`` from the next engine call on (calls already running finish on the old one, which
+        is returned). Its costs are learnt afresh. The caller checks that it tokenizes like the old one."""
+        old, self.engine = self.engine, engine
+        self.overhead = float(engine.call_overhead_tokens)
+        self._width = engine.width
+        self._fit = [0.0] * 5
+        self._canary = None
+        return old
+
     def start(self) -> None:
         if self._dispatcher is None:
             self._dispatcher = asyncio.get_running_loop().create_task(self._run(), name="batcher")

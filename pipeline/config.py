@@ -101,6 +101,8 @@ class ModelSettings:
     max_length: int | None = None  # truncate texts to this many tokens (default: the artifact's)
     cascade: tuple[str, ...] = ()  # two classifier artifacts: [first, second]; replaces path (see pipeline/cascade.py)
     cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)
+    follow: bool = False  # hot swap: path is a name directory; serve its `current` version (else the newest) as it moves
+    follow_interval_s: float = 5.0  # how often each worker looks at the name directory (follow)
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,14 @@ def _check(s: Settings, where: str) -> None:
                    "model.threads": s.model.threads}.items():
         if v is not None and v < 0:
             raise ConfigError(f"'{key}' must be 0 (the default) or positive, got {v}", where=where)
+    if s.model.follow and s.model.cascade:
+        raise ConfigError("'model.follow' follows one classifier's name directory, not a cascade", where=where,
+                          hint="unset model.cascade, or model.follow (restart the workers to change a cascade)")
+    if s.model.follow and (Path(s.model.path) / "manifest.json").is_file():
+        raise ConfigError(f"'model.follow' needs model.path to be a name directory (models/NAME), not the version "
+                          f"directory {s.model.path}", where=where, hint="e.g. path = \"models/sentiment-minilm\"")
+    if s.model.follow_interval_s <= 0:
+        raise ConfigError(f"'model.follow_interval_s' must be positive, got {s.model.follow_interval_s}", where=where)
     if not 0 < s.slo.target < 1:
         raise ConfigError(f"'slo.target' must be between 0 and 1 (e.g. 0.99), got {s.slo.target}", where=where)
     if s.batching.max_wait_ms < 0:

@@ -37,6 +37,8 @@ class Metrics:
                                     "over the last window.", ["window"], registry=r)
         self.build_info = Gauge("streamlabel_build_info", "1, labelled with the version and the model served.",
                                 ["version", "model", "variant", "provider", "task"], registry=r)
+        self.model_swaps = Counter("streamlabel_model_swaps", "Hot swaps of the served model by result (switched, "
+                                   "refused).", ["result"], registry=r)
         from prometheus_client import PlatformCollector, ProcessCollector
 
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
@@ -65,8 +67,13 @@ class Metrics:
                                registry=r)
 
     def track_cpu(self, engine_threads: set[int]) -> None:
-        """Export ``streamlabel_cpu_seconds_total{part="engine"|"outside_engine"}`` (read at scrape time)."""
-        self.registry.register(_CpuCollector(engine_threads))
+        """Export ``streamlabel_cpu_seconds_total{part="engine"|"outside_engine"}`` (read at scrape time). Called
+        again (a hot swap), the new engine's threads are counted too."""
+        if getattr(self, "_cpu", None) is not None:
+            self._cpu.engine_threads = set(self._cpu.engine_threads) | set(engine_threads)
+            return
+        self._cpu = _CpuCollector(engine_threads)
+        self.registry.register(self._cpu)
 
     def serve(self, port: int, host: str = "127.0.0.1", readiness=None, liveness=None, max_connections: int = 8,
               timeout_s: float = 5.0):

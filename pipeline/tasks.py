@@ -67,6 +67,14 @@ class ClassifyTask:
             engine.metrics = metrics
             self.cache_namespace = f"{engine.model_id}|t={engine.threshold}"
 
+    def swap(self, engine):
+        """Serve ``engine`` (another version of the same classifier) from the next engine call on; the old one is
+        returned (the caller closes it once its calls are done). Cache keys follow the new version."""
+        old = self.scheduler.swap(engine)
+        self.engine = engine
+        self.model_id = self.cache_namespace = engine.model_id
+        return old
+
     def text(self, event: Event) -> str:
         return event.text
 

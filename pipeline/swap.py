@@ -1,0 +1,167 @@
+"""Hot swap: a worker follows a model name directory and switches to a new version without a gap.
+
+The reference that moves is the name directory ``model.path`` points at (``models/sentiment-minilm``), with
+``model.follow = true``: the version served is the one its ``current`` file names (a version number), else
+its highest numbered version. Publishing a build (``model build`` writes ``N+1/`` when it is complete) or
+writing ``current`` moves it; rollback is writing the old number into ``current``.
+
+Every ``model.follow_interval_s`` each worker process looks. When the target differs from what it serves, the
+candidate is prepared in a thread while the old version keeps serving: its manifest and files are verified
+(sha256), its quality gate must have passed, it must be a classifier with the same labels and tokenizer as
+the one served (texts already admitted were tokenized by it; a new tokenizer or label set means a restart),
+it is loaded and warmed up, and it must answer the worker's recent texts (a canary; its agreement with the
+served model on them is logged). Then the scheduler switches engines between two engine calls: calls
+already running finish on the old version, every later call runs on the new one. No partition is revoked,
+nothing is re-read, so no record is lost or answered twice (exactly-once included); each output names the
+version that answered it. A candidate that fails any step is refused, counted and logged, and is not tried
+again until the target changes; the old version keeps serving. The old engine is closed once the calls it
+was running have had their timeout.
+
+Not followed: cascades (``model.cascade``) and generators (the decode batch holds the model's KV cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from pipeline.errors import ModelError, StreamlabelError
+from pipeline.manifest import MANIFEST, load_manifest
+
+CURRENT = "current"  # in a name directory: the version to serve, as a number
+
+
+def target_version(name_dir: str | Path) -> Path | None:
+    """The version directory a name directory points at now: ``current``'s, else the highest numbered one."""
+    root = Path(name_dir)
+    pointer = root / CURRENT
+    if pointer.is_file():
+        text = pointer.read_text().strip()
+        if not re.fullmatch(r"\d+", text):
+            raise ModelError(f"{CURRENT} holds {text[:40]!r}, not a version number", where=str(pointer),
+                             hint="write the number of a version directory, e.g. `echo 3 > current`")
+        return root / text
+    versions = [c for c in root.iterdir() if c.is_dir() and re.fullmatch(r"\d+", c.name) and (c / MANIFEST).is_file()]
+    return max(versions, key=lambda c: int(c.name)) if versions else None
+
+
+class Refused(StreamlabelError):
+    """A candidate version that may not serve (the reason says why)."""
+
+
+class ModelFollower:
+    """One worker's follower: polls the name directory, prepares a candidate, asks the task to switch."""
+
+    def __init__(self, settings, task, *, metrics=None, log=None, load: Callable | None = None,
+                 on_switch: Callable | None = None, wrap: Callable = lambda engine: engine) -> None:
+        from pipeline.tasks import load_engine
+
+        self.s = settings
+        self.task = task
+        self.metrics = metrics
+        self.log = log
+        self.load = load or (lambda m: load_engine(m))
+        self.on_switch = on_switch
+        self.wrap = wrap  # the worker's failpoint wrapper
+        self.root = Path(settings.model.path)
+        self.recent: deque[str] = deque(maxlen=256)  # the worker appends texts it served: the canary's
+        self.serving = Path(task.engine.root) if hasattr(task.engine, "root") else None
+        self.refused: dict[str, str] = {}  # version dir → reason (not tried again until the target moves)
+        self.switches = 0
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.model_swaps.labels(result).inc()
+
+    async def run(self) -> None:
+        interval = self.s.model.follow_interval_s
+        while True:
+            await asyncio.sleep(interval)  # polling a directory: the file system pushes nothing portable
+            await self.check()
+
+    async def check(self) -> str | None:
+        """Look once; switch if the target moved and the candidate passes. Returns what happened, if anything."""
+        try:
+            target = await asyncio.to_thread(target_version, self.root)
+        except (OSError, ModelError) as exc:
+            reason = exc.render() if isinstance(exc, StreamlabelError) else str(exc)
+            if self.refused.get("pointer") != reason:
+                self.refused["pointer"] = reason
+                self._count("refused")
+                self._warn("model_target_unreadable", reason)
+            return None
+        self.refused.pop("pointer", None)
+        if target is None or (self.serving is not None and target.resolve() == self.serving.resolve()):
+            return None
+        key = str(target.resolve())
+        if key in self.refused:
+            return None
+        t0 = time.monotonic()
+        try:
+            engine, agreement = await asyncio.to_thread(self._prepare, target, list(self.recent))
+        except Exception as exc:  # noqa: BLE001 — any failure refuses the candidate; the old version serves on
+            reason = exc.render() if isinstance(exc, StreamlabelError) else f"{type(exc).__name__}: {exc}"
+            self.refused[key] = reason
+            self._count("refused")
+            self._warn("model_refused", reason, candidate=str(target))
+            return "refused"
+        old = self.task.swap(self.wrap(engine))
+        self.serving = target
+        self.switches += 1
+        self._count("switched")
+        if self.on_switch is not None:
+            self.on_switch(getattr(old, "_inner", old), engine)
+        if self.log is not None:
+            self.log.info("model_switched", old=getattr(old, "model_id", None), new=engine.model_id,
+                          prepared_s=round(time.monotonic() - t0, 2), canary_texts=len(self.recent),
+                          canary_agreement=agreement)
+        # Calls already running on the old engine finish (each within the batcher's engine timeout) before it closes.
+        asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.close)
+        return "switched"
+
+    def _warn(self, event: str, reason: str, **kw) -> None:
+        if self.log is not None:
+            self.log.warning(event, reason=reason, serving=self.task.model_id, note="the served version keeps serving",
+                             **kw)
+
+    def _prepare(self, target: Path, recent: list[str]):
+        """In a thread: verify, check, load, warm up and canary the candidate. (engine, agreement) or raises."""
+        served = self.task.engine
+        _, manifest = load_manifest(target, verify=True)  # every file against its sha256
+        if manifest.task != "text-classification":
+            raise Refused(f"{manifest.model_id} is a {manifest.task} model; only classifiers are swapped while running",
+                          hint="restart the workers to serve it")
+        gate = manifest.gate or {}
+        if gate and not gate.get("passed", False):
+            raise Refused(f"{manifest.model_id} did not pass its quality gate", hint="rebuild it, or serve another version")
+        if tuple(manifest.labels) != tuple(served.labels):
+            raise Refused(f"{manifest.model_id} has labels {list(manifest.labels)}, the served model {list(served.labels)}",
+                          hint="a new label set needs a restart of the workers (outputs change shape)")
+        if manifest.tokenizer_sha256 != served.manifest.tokenizer_sha256:
+            raise Refused(f"{manifest.model_id} has another tokenizer than the served model",
+                          hint="restart the workers to serve it (texts in flight were tokenized by the old one)")
+        m = self.s.model
+        engine = self.load(_at(m, target))
+        try:
+            if recent:
+                new = engine.predict_sync(recent)
+                old = served.predict_sync(recent)
+                agree = [a.label == b.label for a, b in zip(new, old) if hasattr(a, "label") and hasattr(b, "label")]
+                agreement = round(sum(agree) / len(agree), 4) if agree else None
+            else:
+                engine.predict_sync(["canary"])
+                agreement = None
+        except BaseException:
+            engine.close()
+            raise
+        return engine, agreement
+
+
+def _at(m, target: Path):
+    import dataclasses
+
+    return dataclasses.replace(m, path=str(target))

@@ -1,0 +1,96 @@
+"""Hot swap without a broker: which version a name directory points at, and the follower's checks (a verified,
+gated classifier of the same labels and tokenizer, loaded, warmed and answering the recent texts) and switch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Settings
+from pipeline.engine import OnnxEngine
+from pipeline.errors import ConfigError, ModelError
+from pipeline.metrics import Metrics
+from pipeline.swap import ModelFollower, target_version
+from pipeline.tasks import open_task
+
+
+def publish(src: Path, name_dir: Path, version: int, **manifest_changes) -> Path:
+    """A copy of artifact ``src`` as version ``version`` of ``name_dir`` (written aside, then renamed into place)."""
+    tmp = name_dir / f".staging-{version}"
+    shutil.copytree(src, tmp)
+    m = json.loads((tmp / "manifest.json").read_text())
+    m.update(version=version, **manifest_changes)
+    (tmp / "manifest.json").write_text(json.dumps(m))
+    tmp.rename(name_dir / str(version))
+    return name_dir / str(version)
+
+
+@pytest.fixture()
+def name_dir(tmp_path, tiny_artifact) -> Path:
+    d = tmp_path / "models" / "tiny"
+    d.mkdir(parents=True)
+    publish(tiny_artifact, d, 1)
+    return d
+
+
+def test_the_target_is_current_else_the_newest_version(name_dir, tiny_artifact):
+    assert target_version(name_dir) == name_dir / "1"
+    publish(tiny_artifact, name_dir, 2)
+    (name_dir / "10").mkdir()  # a version still being written (no manifest yet) is not a target
+    assert target_version(name_dir) == name_dir / "2"
+    (name_dir / "current").write_text("1\n")
+    assert target_version(name_dir) == name_dir / "1"
+    (name_dir / "current").write_text("latest")
+    with pytest.raises(ModelError, match="not a version number"):
+        target_version(name_dir)
+
+
+def test_follow_needs_a_name_directory_and_no_cascade(name_dir):
+    with pytest.raises(ConfigError, match="name directory"):
+        Settings().replace(model={"path": str(name_dir / "1"), "follow": True})
+    with pytest.raises(ConfigError, match="not a cascade"):
+        Settings().replace(model={"path": str(name_dir), "follow": True, "cascade": ["a", "b"]})
+
+
+async def test_a_new_version_is_checked_then_served_a_broken_one_refused_and_rollback_moves_back(name_dir, tiny_artifact):
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"})
+    first = OnnxEngine(name_dir / "1", provider="cpu")
+    metrics = Metrics()
+    task = open_task(s, first, metrics=metrics)
+    switched = []
+    f = ModelFollower(s, task, metrics=metrics, on_switch=lambda old, new: switched.append((old.model_id, new.model_id)))
+    f.recent.extend(["great service", "awful delay", "the meeting is at noon"])
+    sample = metrics.registry.get_sample_value
+    try:
+        assert await f.check() is None, "nothing new"
+        publish(tiny_artifact, name_dir, 2)
+        assert await f.check() == "switched"
+        assert task.model_id == task.cache_namespace == "tiny@2" and task.scheduler.engine.model_id == "tiny@2"
+        assert switched == [("tiny@1", "tiny@2")]
+        assert sample("streamlabel_model_swaps_total", {"result": "switched"}) == 1
+        # A corrupt candidate (its ONNX file no longer matches the manifest's sha256) is refused, once.
+        bad = publish(tiny_artifact, name_dir, 3)
+        onnx = bad / json.loads((bad / "manifest.json").read_text())["variants"]["int8"]["file"]
+        onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")
+        assert await f.check() == "refused" and task.model_id == "tiny@2"
+        assert "sha256" in f.refused[str(bad.resolve())] or "checksum" in f.refused[str(bad.resolve())]
+        assert await f.check() is None, "not tried again until the target moves"
+        assert sample("streamlabel_model_swaps_total", {"result": "refused"}) == 1
+        # One that failed its quality gate, or has other labels, is refused too.
+        (name_dir / "current").write_text("4")
+        publish(tiny_artifact, name_dir, 4, gate={"passed": False})
+        assert await f.check() == "refused" and "quality gate" in f.refused[str((name_dir / "4").resolve())]
+        (name_dir / "current").write_text("5")
+        publish(tiny_artifact, name_dir, 5, labels=["bad", "good", "meh"])
+        assert await f.check() == "refused" and "labels" in f.refused[str((name_dir / "5").resolve())]
+        assert task.model_id == "tiny@2"
+        # Rollback: the same operation, pointing current at the old version.
+        (name_dir / "current").write_text("1")
+        assert await f.check() == "switched" and task.model_id == "tiny@1"
+        out = task.scheduler.engine.predict_sync(["fine"])
+        assert out[0].model == "tiny@1"
+    finally:
+        task.scheduler.engine.close()
