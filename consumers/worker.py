@@ -40,6 +40,7 @@ from pipeline.events import Event, decode_event, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import STAGES, SloTracker
+from pipeline.swap import key_share
 from pipeline.tasks import open_task
 
 GATHER_MAX_MS = 50.0  # adaptive fetching: the longest a fetch gathers records under load
@@ -407,22 +408,34 @@ class Worker:
         if self.follower is not None:
             self.follower.recent.extend(texts.values())
         namespace = task.cache_namespace
-        if self.caching and good:
-            keys = {i: cache_key(namespace, texts[i]) for i in good}
+        routed: list[int] = []  # a canary's keys (pipeline/swap.py): its model answers them, never the cache
+        if self.follower is not None and task.canary is not None and good:
+            share = task.canary_share
+            routed = [i for i in good if key_share(events[i].key or events[i].id.encode()) < share]
+        lookup = [i for i in good if i not in set(routed)] if routed else good
+        misses = lookup
+        if self.caching and lookup:
+            keys = {i: cache_key(namespace, texts[i]) for i in lookup}
             t0 = time.perf_counter()
             cached = await self.cache.get_many(list(keys.values()))
-            self.slo.record_stage("cache", time.perf_counter() - t0, len(good))
-            self.cache_lookups += len(good)
+            self.slo.record_stage("cache", time.perf_counter() - t0, len(lookup))
+            self.cache_lookups += len(lookup)
             misses = []
-            for i, hit in zip(good, cached):
+            for i, hit in zip(lookup, cached):
                 if hit is None:
                     misses.append(i)
                 else:
                     answers[i] = hit
-            self.cache_hits += len(good) - len(misses)
+            self.cache_hits += len(lookup) - len(misses)
+        calls = []
         if misses:
-            got = await self.batcher.submit_many([texts[i] for i in misses], [deadlines[i] for i in misses])
-            for i, a, wt in zip(misses, got.results, got.waits):
+            calls.append((misses, self.batcher.submit_many([texts[i] for i in misses], [deadlines[i] for i in misses])))
+        if routed:
+            calls.append((routed, task.canary_scheduler.submit_many([texts[i] for i in routed],
+                                                                    [deadlines[i] for i in routed])))
+        for idx, fut in calls:
+            got = await fut
+            for i, a, wt in zip(idx, got.results, got.waits):
                 answers[i] = a
                 waits[i] = wt
 
@@ -438,7 +451,7 @@ class Worker:
             if isinstance(a, EngineFailure):
                 ev = BadEvent(a.reason)
             if isinstance(ev, Event):
-                if keys and not a.cached and task.cacheable(a):  # computed by the engine, a normal answer: write back
+                if i in keys and not a.cached and task.cacheable(a):  # computed by the engine, a normal answer: write back
                     fresh.append((keys[i], a))
                 outputs.append(self.records.answer(tp, r, ev, a, now, waits[i]))
                 answered.append(r.timestamp)

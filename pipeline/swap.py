@@ -17,6 +17,11 @@ version that answered it. A candidate that fails any step is refused, counted an
 again until the target changes; the old version keeps serving. The old engine is closed once the calls it
 was running have had their timeout.
 
+Canary: a ``canary`` file in the name directory (``VERSION SHARE``, e.g. ``5 0.1``) has that share of keys
+answered by that version, chosen by a stable hash of the record key (the event id when there is none), so a
+customer's messages stay on one model. The candidate goes through the same checks; the share can move while
+running (edit the file); removing the file ends the canary.
+
 Not followed: cascades (``model.cascade``) and generators (the decode batch holds the model's KV cache).
 """
 
@@ -33,6 +38,30 @@ from pipeline.errors import ModelError, StreamlabelError
 from pipeline.manifest import MANIFEST, load_manifest
 
 CURRENT = "current"  # in a name directory: the version to serve, as a number
+CANARY = "canary"  # in a name directory: "VERSION SHARE", a share of keys answered by that version
+
+
+def key_share(key: bytes) -> float:
+    """Where a key falls in [0, 1): a stable hash (the same key, the same place, in every process and run)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+
+
+def read_canary(name_dir: str | Path) -> tuple[Path, float] | None:
+    """The canary the name directory asks for: (version directory, share of keys), or None."""
+    f = Path(name_dir) / CANARY
+    if not f.is_file():
+        return None
+    parts = f.read_text().split()
+    try:
+        version, share = parts[0], float(parts[1])
+        if not version.isdigit() or not 0.0 <= share <= 1.0:
+            raise ValueError
+    except (IndexError, ValueError):
+        raise ModelError(f"{CANARY} holds {' '.join(parts)[:60]!r}, not 'VERSION SHARE'", where=str(f),
+                         hint="e.g. `echo '5 0.1' > canary`: version 5 answers 10% of the keys") from None
+    return Path(name_dir) / version, share
 
 
 def target_version(name_dir: str | Path) -> Path | None:
@@ -72,6 +101,7 @@ class ModelFollower:
         self.serving = Path(task.engine.root) if hasattr(task.engine, "root") else None
         self.refused: dict[str, str] = {}  # version dir → reason (not tried again until the target moves)
         self.switches = 0
+        self.canary_dir: Path | None = None
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -95,6 +125,7 @@ class ModelFollower:
                 self._warn("model_target_unreadable", reason)
             return None
         self.refused.pop("pointer", None)
+        await self._canary()
         if target is None or (self.serving is not None and target.resolve() == self.serving.resolve()):
             return None
         key = str(target.resolve())
@@ -122,6 +153,51 @@ class ModelFollower:
         # Calls already running on the old engine finish (each within the batcher's engine timeout) before it closes.
         asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.close)
         return "switched"
+
+    async def _canary(self) -> None:
+        """Start, move or end the canary the ``canary`` file asks for."""
+        try:
+            want = await asyncio.to_thread(read_canary, self.root)
+        except (OSError, ModelError) as exc:
+            reason = exc.render() if isinstance(exc, StreamlabelError) else str(exc)
+            if self.refused.get("canary-file") != reason:
+                self.refused["canary-file"] = reason
+                self._warn("model_canary_unreadable", reason)
+            return
+        self.refused.pop("canary-file", None)
+        task = self.task
+        if want is None:
+            if task.canary is not None:
+                old = task.set_canary(None, 0.0, linger_s=self.s.batching.engine_timeout_s + 2)
+                if self.log is not None:
+                    self.log.info("model_canary_ended", canary=old.model_id)
+                asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.close)
+            return
+        target, share = want
+        if task.canary is not None and self.canary_dir is not None and target.resolve() == self.canary_dir.resolve():
+            if share != task.canary_share:
+                task.canary_share = share
+                if self.log is not None:
+                    self.log.info("model_canary_share", canary=task.canary.model_id, share=share)
+            return
+        key = "canary:" + str(target.resolve())
+        if key in self.refused:
+            return
+        try:
+            engine, agreement = await asyncio.to_thread(self._prepare, target, list(self.recent))
+        except Exception as exc:  # noqa: BLE001 — a refused canary: the served version answers every key
+            reason = exc.render() if isinstance(exc, StreamlabelError) else f"{type(exc).__name__}: {exc}"
+            self.refused[key] = reason
+            self._count("refused")
+            self._warn("model_canary_refused", reason, candidate=str(target))
+            return
+        old = task.set_canary(self.wrap(engine), share)
+        self.canary_dir = target
+        self._count("canary")
+        if self.log is not None:
+            self.log.info("model_canary_started", canary=engine.model_id, share=share, canary_agreement=agreement)
+        if old is not None:
+            asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.close)
 
     def _warn(self, event: str, reason: str, **kw) -> None:
         if self.log is not None:

@@ -67,6 +67,38 @@ class ClassifyTask:
             engine.metrics = metrics
             self.cache_namespace = f"{engine.model_id}|t={engine.threshold}"
 
+    canary = None  # a candidate engine answering a share of keys (pipeline/swap.py), behind its own batcher
+    canary_share = 0.0
+
+    def set_canary(self, engine, share: float, *, linger_s: float = 30.0):
+        """Have ``engine`` answer ``share`` of the keys (None: no canary); the engine it replaces is returned (the
+        caller closes it once its calls are done). Ending a canary: new texts go to the served model at once; the
+        canary's batcher answers what it holds and is closed ``linger_s`` later."""
+        old = self.canary
+        batcher = getattr(self, "_canary_batcher", None)
+        if engine is None:
+            self._canary_batcher = None
+            if batcher is not None:
+                import asyncio
+
+                loop = asyncio.get_running_loop()
+                loop.call_later(linger_s, lambda: loop.create_task(batcher.close()))
+        elif batcher is not None:
+            batcher.swap(engine)
+        else:
+            self._canary_batcher = MicroBatcher(engine, max_batch=self.scheduler.max_batch,
+                                                max_tokens=self.scheduler.max_tokens,
+                                                max_wait_ms=self.scheduler.max_wait * 1000,
+                                                concurrency=engine.sessions, slo=self.scheduler.slo,
+                                                timeout_s=self.scheduler.timeout_s)
+            self._canary_batcher.start()
+        self.canary, self.canary_share = engine, share
+        return getattr(old, "_inner", old)
+
+    @property
+    def canary_scheduler(self):
+        return getattr(self, "_canary_batcher", None)
+
     def swap(self, engine):
         """Serve ``engine`` (another version of the same classifier) from the next engine call on; the old one is
         returned (the caller closes it once its calls are done). Cache keys follow the new version."""

@@ -90,3 +90,42 @@ async def test_a_version_published_under_load_is_served_without_a_gap(kafka, nam
     versions = [d["model"] for _, _, d in docs]
     assert versions.count("tiny@1") > 0 and versions.count("tiny@2") > 0
     assert metrics.registry.get_sample_value("streamlabel_model_swaps_total", {"result": "switched"}) == 1
+
+
+async def test_a_canary_answers_its_share_of_keys_and_a_key_stays_on_one_model(kafka, names, tiny_artifact, tmp_path):
+    from pipeline.swap import key_share
+
+    name_dir = tmp_path / "models" / "tiny"
+    name_dir.mkdir(parents=True)
+    publish(tiny_artifact, name_dir, 1)
+    publish(tiny_artifact, name_dir, 2)
+    (name_dir / "current").write_text("1")
+    (name_dir / "canary").write_text("2 0.5")
+    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
+                                          "provider": "cpu"})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=4)
+    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, Metrics()))
+    run = asyncio.create_task(w.run())
+    keys = [f"customer-{i}" for i in range(40)]
+    try:
+        await asyncio.wait_for(w.ready.wait(), 60)
+        await wait_for(lambda: w.task.canary is not None, 30, "the canary")
+        p = producer_for_load(kafka.bootstrap)
+        await p.start()
+        try:
+            for i in range(400):
+                await p.send(names.input, key=keys[i % 40].encode(), value=encode_input(f"text {i}", id=f"c{i}"))
+            await p.flush()
+        finally:
+            await p.stop()
+        out = await read_labels(kafka.bootstrap, names.output, {f"c{i}" for i in range(400)})
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 60)
+        w.engine.close()
+    by_key = defaultdict(set)
+    for r in out:
+        by_key[r.key.decode()].add(orjson.loads(r.value)["model"])
+    assert all(len(m) == 1 for m in by_key.values()), "a key's messages stay on one model"
+    on_canary = {k for k, m in by_key.items() if m == {"tiny@2"}}
+    assert on_canary == {k for k in keys if key_share(k.encode()) < 0.5} and 0 < len(on_canary) < 40

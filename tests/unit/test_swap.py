@@ -94,3 +94,41 @@ async def test_a_new_version_is_checked_then_served_a_broken_one_refused_and_rol
         assert out[0].model == "tiny@1"
     finally:
         task.scheduler.engine.close()
+
+
+def test_a_canary_share_by_key_hash_is_stable_and_matches_the_setting():
+    from pipeline.swap import key_share
+
+    keys = [f"customer-{i}".encode() for i in range(10_000)]
+    for share in (0.05, 0.1, 0.5):
+        picked = [k for k in keys if key_share(k) < share]
+        assert abs(len(picked) / len(keys) - share) <= 0.02, (share, len(picked))
+        assert picked == [k for k in keys if key_share(k) < share], "the same keys every time"
+    small, big = ({k for k in keys if key_share(k) < s} for s in (0.1, 0.3))
+    assert small <= big, "raising the share only adds keys: nobody moves back and forth"
+
+
+async def test_the_canary_file_starts_moves_and_ends_a_canary(name_dir, tiny_artifact):
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"},
+                           batching={"engine_timeout_s": 1})
+    task = open_task(s, OnnxEngine(name_dir / "1", provider="cpu"))
+    f = ModelFollower(s, task)
+    try:
+        publish(tiny_artifact, name_dir, 2)
+        (name_dir / "current").write_text("1")
+        (name_dir / "canary").write_text("2 0.1\n")
+        await f.check()
+        assert task.canary.model_id == "tiny@2" and task.canary_share == 0.1 and task.model_id == "tiny@1"
+        got = await task.canary_scheduler.submit_many(["the canary answers this"])
+        assert got.results[0].model == "tiny@2"
+        (name_dir / "canary").write_text("2 0.3")
+        await f.check()
+        assert task.canary_share == 0.3 and task.canary.model_id == "tiny@2"
+        (name_dir / "canary").write_text("two thirds")
+        await f.check()
+        assert task.canary_share == 0.3, "an unreadable canary file changes nothing"
+        (name_dir / "canary").unlink()
+        await f.check()
+        assert task.canary is None and task.canary_scheduler is None
+    finally:
+        task.scheduler.engine.close()
