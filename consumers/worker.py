@@ -439,6 +439,8 @@ class Worker:
                 answers[i] = a
                 waits[i] = wt
 
+        if self.follower is not None and task.shadow is not None and good:
+            task.shadow.offer([texts[i] for i in good], [answers[i] for i in good], self.batcher)
         if keys and task.cache_namespace != namespace:
             keys = {}  # the model was swapped meanwhile: these keys name the old version, the answers may be the new's
         outputs: list[Output] = []

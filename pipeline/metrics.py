@@ -39,6 +39,12 @@ class Metrics:
                                 ["version", "model", "variant", "provider", "task"], registry=r)
         self.model_swaps = Counter("streamlabel_model_swaps", "Hot swaps of the served model by result (switched, "
                                    "refused).", ["result"], registry=r)
+        self.shadow = Counter("streamlabel_shadow", "Texts a shadow model labelled beside the served one, by result "
+                              "(agree, disagree, dropped).", ["result"], registry=r)
+        self.shadow_confusion = Counter("streamlabel_shadow_confusion", "Served label against the shadow's label.",
+                                        ["served", "shadow"], registry=r)
+        self.shadow_latency = Histogram("streamlabel_shadow_latency_seconds", "Submission to answer of a shadow batch.",
+                                        buckets=_STAGE, registry=r)
         from prometheus_client import PlatformCollector, ProcessCollector
 
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …

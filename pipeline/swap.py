@@ -22,6 +22,12 @@ answered by that version, chosen by a stable hash of the record key (the event i
 customer's messages stay on one model. The candidate goes through the same checks; the share can move while
 running (edit the file); removing the file ends the canary.
 
+Shadow: a ``shadow`` file in the name directory (``VERSION``) has that version label the same texts off the
+critical path, behind its own batcher: the served answers are published without waiting for it, and its
+answers are only compared (``Shadow``: agreement, per-class confusion, its latency, as metrics). It is dropped,
+counted, for a batch that arrives while the served model's batcher has a full batch waiting or the shadow's
+own backlog is over two batches: it never takes the served model's time when that is short.
+
 Not followed: cascades (``model.cascade``) and generators (the decode batch holds the model's KV cache).
 """
 
@@ -39,6 +45,68 @@ from pipeline.manifest import MANIFEST, load_manifest
 
 CURRENT = "current"  # in a name directory: the version to serve, as a number
 CANARY = "canary"  # in a name directory: "VERSION SHARE", a share of keys answered by that version
+
+
+SHADOW = "shadow"  # in a name directory: a version that labels the same texts off the critical path
+
+
+class Shadow:
+    """A shadow model beside the served one: compares answers, never publishes them."""
+
+    def __init__(self, engine, batcher, metrics=None) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self.metrics = metrics
+        self.agree = self.disagree = self.dropped = 0
+        self.confusion: dict[tuple[str, str], int] = {}
+        self._tasks: set = set()
+
+    def offer(self, texts: list[str], served: list, primary) -> None:
+        """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
+        (counted) when the served model's batcher or the shadow's is backed up."""
+        import asyncio
+
+        if not texts:
+            return
+        if primary.waiting() >= primary.max_batch or self.batcher.waiting() >= 2 * self.batcher.max_batch:
+            self.dropped += len(texts)
+            if self.metrics is not None:
+                self.metrics.shadow.labels("dropped").inc(len(texts))
+            return
+        t0 = time.monotonic()
+        fut = self.batcher.submit_many(texts)
+        task = asyncio.ensure_future(self._compare(fut, served, t0))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _compare(self, fut, served: list, t0: float) -> None:
+        try:
+            got = await fut
+        except Exception:  # noqa: BLE001 — a failing shadow costs the stream nothing; counted as dropped
+            self.dropped += len(served)
+            if self.metrics is not None:
+                self.metrics.shadow.labels("dropped").inc(len(served))
+            return
+        took = time.monotonic() - t0
+        m = self.metrics
+        for a, b in zip(served, got.results):
+            la, lb = getattr(a, "label", None), getattr(b, "label", None)
+            if la is None or lb is None:
+                continue
+            same = la == lb
+            self.agree += same
+            self.disagree += not same
+            self.confusion[(la, lb)] = self.confusion.get((la, lb), 0) + 1
+            if m is not None:
+                m.shadow.labels("agree" if same else "disagree").inc()
+                m.shadow_confusion.labels(la, lb).inc()
+        if m is not None:
+            m.shadow_latency.observe(took)
+
+    @property
+    def agreement(self) -> float | None:
+        n = self.agree + self.disagree
+        return round(self.agree / n, 4) if n else None
 
 
 def key_share(key: bytes) -> float:
@@ -102,6 +170,7 @@ class ModelFollower:
         self.refused: dict[str, str] = {}  # version dir → reason (not tried again until the target moves)
         self.switches = 0
         self.canary_dir: Path | None = None
+        self.shadow_dir: Path | None = None
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -126,6 +195,7 @@ class ModelFollower:
             return None
         self.refused.pop("pointer", None)
         await self._canary()
+        await self._shadow()
         if target is None or (self.serving is not None and target.resolve() == self.serving.resolve()):
             return None
         key = str(target.resolve())
@@ -198,6 +268,49 @@ class ModelFollower:
             self.log.info("model_canary_started", canary=engine.model_id, share=share, canary_agreement=agreement)
         if old is not None:
             asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.close)
+
+    async def _shadow(self) -> None:
+        """Start, change or end the shadow the ``shadow`` file asks for."""
+        f = self.root / SHADOW
+        try:
+            text = (await asyncio.to_thread(f.read_text)).strip() if f.is_file() else None
+        except OSError:
+            text = None
+        task = self.task
+        if text is None:
+            if task.shadow is not None:
+                old = task.set_shadow(None, linger_s=self.s.batching.engine_timeout_s + 2)
+                if self.log is not None:
+                    self.log.info("model_shadow_ended", shadow=old.engine.model_id, agreement=old.agreement,
+                                  dropped=old.dropped)
+                asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.engine.close)
+            return
+        if not text.isdigit():
+            if self.refused.get("shadow-file") != text:
+                self.refused["shadow-file"] = text
+                self._warn("model_shadow_unreadable", f"{SHADOW} holds {text[:40]!r}, not a version number")
+            return
+        target = self.root / text
+        if task.shadow is not None and self.shadow_dir is not None and target.resolve() == self.shadow_dir.resolve():
+            return
+        key = "shadow:" + str(target.resolve())
+        if key in self.refused:
+            return
+        try:
+            engine, agreement = await asyncio.to_thread(self._prepare, target, list(self.recent))
+        except Exception as exc:  # noqa: BLE001 — a refused shadow: nothing changes
+            reason = exc.render() if isinstance(exc, StreamlabelError) else f"{type(exc).__name__}: {exc}"
+            self.refused[key] = reason
+            self._count("refused")
+            self._warn("model_shadow_refused", reason, candidate=str(target))
+            return
+        old = task.set_shadow(engine, metrics=self.metrics, linger_s=self.s.batching.engine_timeout_s + 2)
+        self.shadow_dir = target
+        self._count("shadow")
+        if self.log is not None:
+            self.log.info("model_shadow_started", shadow=engine.model_id, canary_agreement=agreement)
+        if old is not None:
+            asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.engine.close)
 
     def _warn(self, event: str, reason: str, **kw) -> None:
         if self.log is not None:

@@ -95,6 +95,28 @@ class ClassifyTask:
         self.canary, self.canary_share = engine, share
         return getattr(old, "_inner", old)
 
+    shadow = None  # a pipeline.swap.Shadow: another version labelling the same texts off the critical path
+
+    def set_shadow(self, engine, *, metrics=None, linger_s: float = 30.0):
+        """Have ``engine`` shadow the served model (None: no shadow); the Shadow it replaces is returned."""
+        from pipeline.swap import Shadow
+
+        old = self.shadow
+        if old is not None:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            loop.call_later(linger_s, lambda: loop.create_task(old.batcher.close()))
+        if engine is None:
+            self.shadow = None
+        else:
+            b = MicroBatcher(engine, max_batch=self.scheduler.max_batch, max_tokens=self.scheduler.max_tokens,
+                             max_wait_ms=self.scheduler.max_wait * 1000, concurrency=engine.sessions,
+                             timeout_s=self.scheduler.timeout_s)
+            b.start()
+            self.shadow = Shadow(engine, b, metrics)
+        return old
+
     @property
     def canary_scheduler(self):
         return getattr(self, "_canary_batcher", None)

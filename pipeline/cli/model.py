@@ -162,6 +162,29 @@ def model_compare(
     emit_json(compare(artifacts, cascade=cascade, data_preset=data_preset, seconds=seconds, batch=batch, plot=plot))
 
 
+@app.command("diff")
+def model_diff(
+    served: Annotated[Path, typer.Argument(help="The classifier serving now (an artifact directory).")],
+    candidate: Annotated[Path, typer.Argument(help="The candidate: another version of the same classifier.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Texts to compare on: JSONL ({text[,label]}) or CSV.")] = None,
+    data_preset: Annotated[Optional[str], typer.Option(help="Else a preset's held-out test split (default: the served model's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write OUT.json and OUT.html (the confusion matrix and examples).")] = None,
+    show_text: Annotated[bool, typer.Option(help="Put the disagreeing texts in the report (default: a digest only).")] = False,
+    examples: Annotated[int, typer.Option(help="Disagreement examples in the report.", callback=positive)] = 20,
+) -> None:
+    """A label-diff report: where a candidate model would label differently from the served one."""
+    import json
+
+    from producers.bench.diff import label_diff, write_html
+
+    report = label_diff(served, candidate, data=data, data_preset=data_preset, show_text=show_text, examples=examples)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.json").write_text(json.dumps(report, indent=2))
+        write_html(report, Path(f"{out}.html"))
+    emit_json(report)
+
+
 @app.command("eval")
 def model_eval(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (name dir = newest version).")],

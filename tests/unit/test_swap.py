@@ -132,3 +132,48 @@ async def test_the_canary_file_starts_moves_and_ends_a_canary(name_dir, tiny_art
         assert task.canary is None and task.canary_scheduler is None
     finally:
         task.scheduler.engine.close()
+
+
+async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_served_one_is_backed_up(name_dir, tiny_artifact):
+    import asyncio
+
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"},
+                           batching={"engine_timeout_s": 1})
+    metrics = Metrics()
+    task = open_task(s, OnnxEngine(name_dir / "1", provider="cpu"), metrics=metrics)
+    f = ModelFollower(s, task, metrics=metrics)
+    try:
+        publish(tiny_artifact, name_dir, 2)
+        (name_dir / "current").write_text("1")
+        (name_dir / "shadow").write_text("2")
+        await f.check()
+        assert task.shadow is not None and task.shadow.engine.model_id == "tiny@2" and task.model_id == "tiny@1"
+        texts = ["great service", "awful delay", "the meeting is at noon", "fine"]
+        served = task.engine.predict_sync(texts)
+
+        class Idle:
+            max_batch = 64
+
+            def waiting(self):
+                return 0
+
+        class BackedUp(Idle):
+            def waiting(self):
+                return 64
+
+        task.shadow.offer(texts, served, Idle())
+        deadline = asyncio.get_running_loop().time() + 10
+        while task.shadow.agree + task.shadow.disagree < len(texts):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert task.shadow.agreement == 1.0, "the same weights agree"
+        sample = metrics.registry.get_sample_value
+        assert sample("streamlabel_shadow_total", {"result": "agree"}) == 4
+        assert sum(task.shadow.confusion.values()) == 4
+        task.shadow.offer(texts, served, BackedUp())
+        assert task.shadow.dropped == 4 and sample("streamlabel_shadow_total", {"result": "dropped"}) == 4
+        (name_dir / "shadow").unlink()
+        await f.check()
+        assert task.shadow is None
+    finally:
+        task.scheduler.engine.close()
