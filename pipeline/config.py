@@ -121,6 +121,8 @@ class GenerateSettings:
     seed: int = 0  # do_sample: with each prompt's digest, the seed of its draws
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (bounds the running rows' stall)
     max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens; longer → DLQ
+    labels: tuple[str, ...] = ()  # serve the generator as a classifier of these labels (label-constrained decoding)
+    instruction: str | None = None  # with labels: what to classify, e.g. "Classify the sentiment of the message."
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,21 @@ from pipeline.manifest import load_manifest
 from pipeline.serving import ServingTask
 
 
-def load_engine(m: ModelSettings):
+def load_engine(m: ModelSettings, generate=None):
     """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
-    ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator)."""
+    ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator; with ``generate.labels``, a
+    ``ChoiceClassifier``: the generator as a classifier of those labels)."""
     if m.cascade:
         return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads,
                             sessions=m.sessions or None)
     _, manifest = load_manifest(m.path, verify=False)
     if manifest.task == "text-generation":
-        return GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads)
+        gen = GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads)
+        if generate is not None and generate.labels:
+            from pipeline.generation.choice import ChoiceClassifier
+
+            return ChoiceClassifier(gen, generate.labels, generate.instruction)
+        return gen
     if m.variant == "int4":
         raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
     return OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
