@@ -50,65 +50,6 @@ CANARY = "canary"  # in a name directory: "VERSION SHARE", a share of keys answe
 SHADOW = "shadow"  # in a name directory: a version that labels the same texts off the critical path
 
 
-class Shadow:
-    """A shadow model beside the served one: compares answers, never publishes them."""
-
-    def __init__(self, engine, batcher, metrics=None) -> None:
-        self.engine = engine
-        self.batcher = batcher
-        self.metrics = metrics
-        self.agree = self.disagree = self.dropped = 0
-        self.confusion: dict[tuple[str, str], int] = {}
-        self._tasks: set = set()
-
-    def offer(self, texts: list[str], served: list, primary) -> None:
-        """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
-        (counted) when the served model's batcher or the shadow's is backed up."""
-        import asyncio
-
-        if not texts:
-            return
-        if primary.waiting() >= primary.max_batch or self.batcher.waiting() >= 2 * self.batcher.max_batch:
-            self.dropped += len(texts)
-            if self.metrics is not None:
-                self.metrics.shadow.labels("dropped").inc(len(texts))
-            return
-        t0 = time.monotonic()
-        fut = self.batcher.submit_many(texts)
-        task = asyncio.ensure_future(self._compare(fut, served, t0))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _compare(self, fut, served: list, t0: float) -> None:
-        try:
-            got = await fut
-        except Exception:  # noqa: BLE001 — a failing shadow costs the stream nothing; counted as dropped
-            self.dropped += len(served)
-            if self.metrics is not None:
-                self.metrics.shadow.labels("dropped").inc(len(served))
-            return
-        took = time.monotonic() - t0
-        m = self.metrics
-        for a, b in zip(served, got.results):
-            la, lb = getattr(a, "label", None), getattr(b, "label", None)
-            if la is None or lb is None:
-                continue
-            same = la == lb
-            self.agree += same
-            self.disagree += not same
-            self.confusion[(la, lb)] = self.confusion.get((la, lb), 0) + 1
-            if m is not None:
-                m.shadow.labels("agree" if same else "disagree").inc()
-                m.shadow_confusion.labels(la, lb).inc()
-        if m is not None:
-            m.shadow_latency.observe(took)
-
-    @property
-    def agreement(self) -> float | None:
-        n = self.agree + self.disagree
-        return round(self.agree / n, 4) if n else None
-
-
 def key_share(key: bytes) -> float:
     """Where a key falls in [0, 1): a stable hash (the same key, the same place, in every process and run)."""
     import hashlib

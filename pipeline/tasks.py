@@ -105,7 +105,7 @@ class ClassifyTask:
 
     def set_shadow(self, engine, *, metrics=None, linger_s: float = 30.0):
         """Have ``engine`` shadow the served model (None: no shadow); the Shadow it replaces is returned."""
-        from pipeline.swap import Shadow
+        from pipeline.shadow import Shadow
 
         old = self.shadow
         if old is not None:
