@@ -1,0 +1,63 @@
+"""A generator as a classifier (label-constrained decoding), scored: accuracy and macro-F1 on a preset's held-out
+test split (a stratified sample of ``--n`` texts), and texts/s on this machine, next to a trained classifier
+on the same texts when one is given. Prints JSON.
+
+    python -m producers.bench.choice --generator models/reply-smollm2 --preset sentiment-minilm --n 300 \\
+        --instruction "Classify the sentiment of the message." --classifier models/sentiment-minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generator", required=True)
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--instruction", default=None)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--classifier", default=None)
+    ap.add_argument("--variant", default=None)
+    a = ap.parse_args()
+    from pipeline.generation import GenerativeModel
+    from pipeline.generation.choice import ChoiceClassifier
+    from pipeline.model import data as D
+    from pipeline.model import presets as P
+
+    pre = P.get(a.preset)
+    labels = list(pre.labels)
+    _, test, y = P.labelled_split([a.preset], "test", labels)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(test), size=min(a.n, len(test)), replace=False))
+    texts = [test[i].text for i in pick]
+    y = np.asarray(y)[pick]
+    clf = ChoiceClassifier(GenerativeModel(a.generator, variant=a.variant, provider="cpu"), labels, a.instruction)
+    clf.warmup()
+    t0 = time.perf_counter()
+    pred = clf.logits(texts).argmax(1)
+    took = time.perf_counter() - t0
+    out = {"generator": clf.model_id, "variant": clf.variant, "preset": a.preset, "labels": labels,
+           "instruction": clf.instruction, "n": len(texts), "label_tokens": [len(s) for s in clf.seqs],
+           "choice": {**D.quality(y, pred, labels), "texts_per_s": round(len(texts) / took, 2)},
+           "majority_class_accuracy": round(float(np.bincount(y).max() / len(y)), 4)}
+    clf.close()
+    if a.classifier:
+        from pipeline.engine import OnnxEngine
+
+        e = OnnxEngine(a.classifier, provider="cpu")
+        t0 = time.perf_counter()
+        p2 = np.concatenate([e.logits(texts[i:i + 64]).argmax(1) for i in range(0, len(texts), 64)])
+        took = time.perf_counter() - t0
+        out["classifier"] = {"model": e.model_id, "variant": e.variant, **D.quality(y, p2, labels),
+                             "texts_per_s": round(len(texts) / took, 1)}
+        e.close()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
