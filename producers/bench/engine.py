@@ -36,11 +36,11 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
-    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=sessions)
-    if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=(sessions or 1) if cascade_to else sessions)
+    if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of (as load_cascade)
         from pipeline.cascade import CascadeEngine
 
-        eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider, sessions=sessions),
+        eng = CascadeEngine(eng, OnnxEngine(cascade_to, variant=variant, provider=provider, sessions=sessions or 1),
                             threshold)
         eng.second_batch = batch
 
