@@ -123,6 +123,7 @@ class GenerateSettings:
     max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens; longer → DLQ
     labels: tuple[str, ...] = ()  # serve the generator as a classifier of these labels (label-constrained decoding)
     instruction: str | None = None  # with labels: what to classify, e.g. "Classify the sentiment of the message."
+    calibrate: bool = True  # with labels: divide out the model's label distribution on content-free inputs
 
 
 @dataclass(frozen=True)

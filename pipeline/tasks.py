@@ -33,7 +33,7 @@ def load_engine(m: ModelSettings, generate=None):
         if generate is not None and generate.labels:
             from pipeline.generation.choice import ChoiceClassifier
 
-            return ChoiceClassifier(gen, generate.labels, generate.instruction)
+            return ChoiceClassifier(gen, generate.labels, generate.instruction, generate.calibrate)
         return gen
     if m.variant == "int4":
         raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")

@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--variant", default=None)
+    ap.add_argument("--no-calibrate", action="store_true")
     a = ap.parse_args()
     from pipeline.generation import GenerativeModel
     from pipeline.generation.choice import ChoiceClassifier
@@ -36,13 +37,14 @@ def main() -> None:
     pick = np.sort(rng.choice(len(test), size=min(a.n, len(test)), replace=False))
     texts = [test[i].text for i in pick]
     y = np.asarray(y)[pick]
-    clf = ChoiceClassifier(GenerativeModel(a.generator, variant=a.variant, provider="cpu"), labels, a.instruction)
+    clf = ChoiceClassifier(GenerativeModel(a.generator, variant=a.variant, provider="cpu"), labels, a.instruction,
+                           calibrate=not a.no_calibrate)
     clf.warmup()
     t0 = time.perf_counter()
     pred = clf.logits(texts).argmax(1)
     took = time.perf_counter() - t0
     out = {"generator": clf.model_id, "variant": clf.variant, "preset": a.preset, "labels": labels,
-           "instruction": clf.instruction, "n": len(texts), "label_tokens": [len(s) for s in clf.seqs],
+           "instruction": clf.instruction, "calibrated": clf.bias is not None, "n": len(texts), "label_tokens": [len(s) for s in clf.seqs],
            "choice": {**D.quality(y, pred, labels), "texts_per_s": round(len(texts) / took, 2)},
            "majority_class_accuracy": round(float(np.bincount(y).max() / len(y)), 4)}
     clf.close()

@@ -43,7 +43,7 @@ def brute_force(model: GenerativeModel, clf: ChoiceClassifier, text: str) -> np.
                                     ("spam", "spam or abuse", "fine"),  # one label a prefix of another
                                     ("billing", "billing dispute", "bill")])
 def test_scores_are_the_constrained_distribution_down_the_trie(model, labels):
-    clf = ChoiceClassifier(model, labels, "Classify the message.")
+    clf = ChoiceClassifier(model, labels, "Classify the message.", calibrate=False)
     assert any(len(s) > 1 for s in clf.seqs), "multi-token labels: the trie is walked"
     for text in TEXTS:
         got = clf.scores(clf.tokenize([text])[0].ids)
@@ -80,3 +80,13 @@ async def test_it_is_served_as_a_classifier_behind_the_batcher(model):
         assert [p.label for p in got.results] == [p.label for p in clf.predict_sync(TEXTS)]
     finally:
         await task.scheduler.close()
+
+
+def test_calibration_divides_out_the_content_free_distribution(model):
+    raw = ChoiceClassifier(model, ["negative", "neutral", "positive"], calibrate=False)
+    cal = ChoiceClassifier(model, ["negative", "neutral", "positive"])
+    free = np.mean([raw.scores(raw.tokenize([t])[0].ids) for t in ("N/A", "", "[MASK]")], axis=0)
+    for text in TEXTS:
+        ids = raw.tokenize([text])[0].ids
+        want = raw.scores(ids) / free
+        np.testing.assert_allclose(cal.scores(ids), want / want.sum(), atol=1e-9)
