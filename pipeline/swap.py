@@ -102,7 +102,7 @@ class ModelFollower:
         self.task = task
         self.metrics = metrics
         self.log = log
-        self.load = load or (lambda m: load_engine(m))
+        self.load = load or (lambda m: load_engine(m, settings.generate))
         self.on_switch = on_switch
         self.wrap = wrap  # the worker's failpoint wrapper
         self.root = Path(settings.model.path)
@@ -226,19 +226,25 @@ class ModelFollower:
                                   dropped=old.dropped)
                 asyncio.get_running_loop().call_later(self.s.batching.engine_timeout_s + 5, old.engine.close)
             return
-        if not text.isdigit():
-            if self.refused.get("shadow-file") != text:
-                self.refused["shadow-file"] = text
-                self._warn("model_shadow_unreadable", f"{SHADOW} holds {text[:40]!r}, not a version number")
-            return
-        target = self.root / text
+        if text.isdigit():
+            target = self.root / text
+        else:  # another artifact: a version or name directory (e.g. a generator served by generate.labels)
+            try:
+                from pipeline.manifest import resolve_artifact_dir
+
+                target = resolve_artifact_dir(text)
+            except ModelError as exc:
+                if self.refused.get("shadow-file") != text:
+                    self.refused["shadow-file"] = text
+                    self._warn("model_shadow_unreadable", f"{SHADOW} holds {text[:80]!r}: {exc.render()}")
+                return
         if task.shadow is not None and self.shadow_dir is not None and target.resolve() == self.shadow_dir.resolve():
             return
         key = "shadow:" + str(target.resolve())
         if key in self.refused:
             return
         try:
-            engine, agreement = await asyncio.to_thread(self._prepare, target, list(self.recent))
+            engine, agreement = await asyncio.to_thread(self._prepare, target, list(self.recent), True)
         except Exception as exc:  # noqa: BLE001 — a refused shadow: nothing changes
             reason = exc.render() if isinstance(exc, StreamlabelError) else f"{type(exc).__name__}: {exc}"
             self.refused[key] = reason
@@ -258,20 +264,24 @@ class ModelFollower:
             self.log.warning(event, reason=reason, serving=self.task.model_id, note="the served version keeps serving",
                              **kw)
 
-    def _prepare(self, target: Path, recent: list[str]):
-        """In a thread: verify, check, load, warm up and canary the candidate. (engine, agreement) or raises."""
+    def _prepare(self, target: Path, recent: list[str], shadow: bool = False):
+        """In a thread: verify, check, load, warm up and canary the candidate. (engine, agreement) or raises.
+        A shadow may be a generator served as a classifier (``generate.labels``) and may tokenize differently:
+        it is handed texts, never tokens."""
         served = self.task.engine
         _, manifest = load_manifest(target, verify=True)  # every file against its sha256
-        if manifest.task != "text-classification":
+        choice = shadow and manifest.task == "text-generation" and bool(self.s.generate.labels)
+        if manifest.task != "text-classification" and not choice:
             raise Refused(f"{manifest.model_id} is a {manifest.task} model; only classifiers are swapped while running",
-                          hint="restart the workers to serve it")
+                          hint="restart the workers to serve it (a generator can shadow with generate.labels set)")
         gate = manifest.gate or {}
         if gate and not gate.get("passed", False):
             raise Refused(f"{manifest.model_id} did not pass its quality gate", hint="rebuild it, or serve another version")
-        if tuple(manifest.labels) != tuple(served.labels):
-            raise Refused(f"{manifest.model_id} has labels {list(manifest.labels)}, the served model {list(served.labels)}",
+        labels = tuple(self.s.generate.labels) if choice else tuple(manifest.labels)
+        if labels != tuple(served.labels):
+            raise Refused(f"{manifest.model_id} has labels {list(labels)}, the served model {list(served.labels)}",
                           hint="a new label set needs a restart of the workers (outputs change shape)")
-        if manifest.tokenizer_sha256 != served.manifest.tokenizer_sha256:
+        if not shadow and manifest.tokenizer_sha256 != served.manifest.tokenizer_sha256:
             raise Refused(f"{manifest.model_id} has another tokenizer than the served model",
                           hint="restart the workers to serve it (texts in flight were tokenized by the old one)")
         m = self.s.model

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Sequence
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.delivery.protocol import _TOO_LARGE, _Protocol, _stop_quietly
+from consumers.delivery.protocol import _SEQUENCE_SPENT, _TOO_LARGE, _Protocol, _stop_quietly
 from consumers.delivery.state import Batch, Lifecycle, Output, Partition, _Txn
 from pipeline.errors import DeliveryFailed, PartitionClosed
 from pipeline.failpoints import InjectedFault
@@ -221,10 +221,13 @@ class ExactlyOnce(_Protocol):
         broker refuses on its own is replaced by its fallback (a DLQ record without the value) and the round
         starts over. One round per refused record, on this rare path only."""
         results = await asyncio.gather(*(f for _, f in txn.sent), return_exceptions=True)
-        other = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, _TOO_LARGE)), None)
+        # A refused batch spends its sequence numbers: the partition's later batches of the same producer come back
+        # OutOfOrderSequenceNumber, sometimes before the refusal itself does. Both go the one-record-at-a-time way
+        # on a fresh producer (the fault suite's exactly-once too-large case failed 1 run in 3 without this).
+        other = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, _SEQUENCE_SPENT)), None)
         if other is not None:
             raise other
-        if not any(isinstance(r, _TOO_LARGE) for r in results):
+        if not any(isinstance(r, _SEQUENCE_SPENT) for r in results):
             return
         outputs = [o for o, _ in txn.sent]
         self.log.warning("output_too_large", partition=part.tp.partition, records=len(outputs),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -24,6 +25,10 @@ def main() -> None:
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--variant", default=None)
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--bootstrap", help="also: open-loop steps through Kafka (streamlabel run with generate.labels)")
+    ap.add_argument("--rates", default="4,8,16", help="events/s of those steps")
+    ap.add_argument("--slo-ms", type=float, default=1000.0)
+    ap.add_argument("--step-seconds", type=float, default=15.0)
     a = ap.parse_args()
     from pipeline.generation import GenerativeModel
     from pipeline.generation.choice import ChoiceClassifier
@@ -58,6 +63,21 @@ def main() -> None:
         out["classifier"] = {"model": e.model_id, "variant": e.variant, **D.quality(y, p2, labels),
                              "texts_per_s": round(len(texts) / took, 1)}
         e.close()
+    if a.bootstrap:
+        import asyncio
+
+        from producers.bench import harness as L
+
+        cfg = L.BenchConfig(bootstrap=a.bootstrap, artifact=a.generator, slo_ms=a.slo_ms, step_seconds=a.step_seconds,
+                            max_batch=16, env={"STREAMLABEL_GENERATE__LABELS": json.dumps(labels),
+                                               "STREAMLABEL_GENERATE__INSTRUCTION": clf.instruction,
+                                               "STREAMLABEL_GENERATE__CALIBRATE": "false" if a.no_calibrate else "true"})
+        steps = []
+        for r in (float(x) for x in a.rates.split(",")):
+            steps.append(asyncio.run(L.run_step(cfg, f"choice@{r:g}", r, progress=lambda m: print(m, file=sys.stderr))))
+            if not steps[-1].meets_slo:
+                break
+        out["kafka"] = {"slo_ms": a.slo_ms, "events_per_s_at_slo": L.knee(steps), "steps": [s.row() for s in steps]}
     print(json.dumps(out, indent=2))
 
 

@@ -338,9 +338,9 @@ async def _load_processes(cfg: BenchConfig, topic: str, rate: float, count: int,
 async def wait_group(bootstrap: str, group: str, members: int, procs: Sequence[WorkerProcess],
                      timeout: float = 180) -> None:
     """Wait until ``group`` is stable with ``members`` members (every worker has loaded its model and joined)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from pipeline import kafka as K
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = K.admin(bootstrap)
     await admin.start()
     try:
         deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from pipeline.metrics import Metrics
 from producers.rate import producer_for_load, send_at_rate
-from producers.topics import ensure_topics
+from producers.topics import ensure_topics, produce
 
 from ..unit.test_swap import publish
 from .helpers import read_labels, settings_for
@@ -129,3 +129,60 @@ async def test_a_canary_answers_its_share_of_keys_and_a_key_stays_on_one_model(k
     assert all(len(m) == 1 for m in by_key.values()), "a key's messages stay on one model"
     on_canary = {k for k, m in by_key.items() if m == {"tiny@2"}}
     assert on_canary == {k for k in keys if key_share(k.encode()) < 0.5} and 0 < len(on_canary) < 40
+
+
+async def test_a_broken_candidate_is_refused_while_the_old_version_serves_and_rollback_moves_back(
+        kafka, names, tiny_artifact, tmp_path):
+    """Through the worker and the real broker: a version whose file fails its sha256 is refused (version 1 goes on
+    answering), a good one is served, and writing ``current`` back to 1 rolls back; one assignment throughout."""
+    import json
+
+    name_dir = tmp_path / "models" / "tiny"
+    name_dir.mkdir(parents=True)
+    publish(tiny_artifact, name_dir, 1)
+    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
+                                          "provider": "cpu"})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=4)
+    metrics = Metrics()
+    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, metrics), metrics=metrics)
+    assignments = []
+    assigned = w._on_assigned
+
+    async def counting(parts):
+        assignments.append(set(parts))
+        await assigned(parts)
+
+    w._on_assigned = counting
+    run = asyncio.create_task(w.run())
+    sample = metrics.registry.get_sample_value
+    answered: dict[str, str] = {}
+
+    async def batch(tag: str, n: int = 40) -> set[str]:
+        ids = {f"{tag}{i}" for i in range(n)}
+        await produce(kafka.bootstrap, names.input, [encode_input(f"{tag} text {i}", id=f"{tag}{i}") for i in range(n)])
+        for r in await read_labels(kafka.bootstrap, names.output, ids, timeout=60):
+            d = orjson.loads(r.value)
+            answered[d["id"]] = d["model"]
+        return {answered[i] for i in ids}
+
+    try:
+        await asyncio.wait_for(w.ready.wait(), 60)
+        assert await batch("a") == {"tiny@1"}
+        bad = publish(tiny_artifact, name_dir, 2)
+        onnx = bad / json.loads((bad / "manifest.json").read_text())["variants"]["int8"]["file"]
+        onnx.write_bytes(onnx.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+        await wait_for(lambda: sample("streamlabel_model_swaps_total", {"result": "refused"}) == 1, 60, "the refusal")
+        assert await batch("b") == {"tiny@1"}, "the old version keeps serving"
+        (name_dir / "current").write_text("3")
+        publish(tiny_artifact, name_dir, 3)
+        await wait_for(lambda: w.task.model_id == "tiny@3", 60, "the switch to 3")
+        assert await batch("c") == {"tiny@3"}
+        (name_dir / "current").write_text("1")  # rollback
+        await wait_for(lambda: w.task.model_id == "tiny@1", 60, "the rollback")
+        assert await batch("d") == {"tiny@1"}
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 60)
+        w.engine.close()
+    assert len(assignments) == 1, "no rebalance"
+    assert sample("streamlabel_model_swaps_total", {"result": "switched"}) == 2

@@ -177,3 +177,37 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         assert task.shadow is None
     finally:
         task.scheduler.engine.close()
+
+
+async def test_a_generator_served_as_a_classifier_can_shadow_the_classifier(name_dir, tiny_generator):
+    """The shadow file may name another artifact: with generate.labels set, a generator labels the same texts by
+    label-constrained decoding, beside the served classifier (its own tokenizer: it is handed texts)."""
+    import asyncio
+
+    labels = ["negative", "neutral", "positive"]
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"},
+                           generate={"labels": labels, "instruction": "Classify the sentiment."},
+                           batching={"engine_timeout_s": 1})
+    task = open_task(s, OnnxEngine(name_dir / "1", provider="cpu"))
+    f = ModelFollower(s, task)
+    try:
+        (name_dir / "shadow").write_text(str(tiny_generator))
+        await f.check()
+        assert task.shadow is not None and task.shadow.engine.model_id.endswith(":choice")
+        texts = ["great service", "awful delay", "the meeting is at noon"]
+
+        class Idle:
+            max_batch = 64
+
+            def waiting(self):
+                return 0
+
+        task.shadow.offer(texts, task.engine.predict_sync(texts), Idle())
+        deadline = asyncio.get_running_loop().time() + 20
+        while task.shadow.agree + task.shadow.disagree < len(texts):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        assert sum(task.shadow.confusion.values()) == 3
+        assert {b for _, b in task.shadow.confusion} <= set(labels)
+    finally:
+        task.scheduler.engine.close()
