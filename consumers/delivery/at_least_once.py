@@ -7,9 +7,9 @@ import time
 from typing import Awaitable, Callable, Iterable, Sequence
 
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, OutOfOrderSequenceNumber
 
-from consumers.delivery.protocol import _SEQUENCE_SPENT, _Protocol, _stop_quietly
+from consumers.delivery.protocol import _SEQUENCE_SPENT, _TOO_LARGE, _Protocol, _stop_quietly
 from consumers.delivery.state import Batch, Lifecycle, Output, Partition
 from pipeline.errors import DeliveryFailed
 
@@ -70,16 +70,27 @@ class AtLeastOnce(_Protocol):
         """A record whose producer batch the broker refused as too large. The broker judges whole batches (and
         aiokafka does not split them), so the record is sent again on its own, awaited; only if it is refused
         on its own (a few tries: another handler's records may share its batch) does its fallback replace it."""
-        for _ in range(3):
+        refused = 0  # times the broker refused it as too large; an out-of-order answer is not one of them
+        for _ in range(12):
             producer = self.producer
             try:
                 await (await self._send(producer, o))
                 return
-            except _SEQUENCE_SPENT:
+            except _TOO_LARGE:
+                await self._renew(producer)
+                refused += 1
+                if refused >= 3:
+                    break
+            except OutOfOrderSequenceNumber:
+                # Another record's refusal broke the producer this one was sent on (records in flight share it):
+                # this record is innocent; it goes again on the renewed producer, and never to its fallback.
                 await self._renew(producer)
             except KafkaError as exc:
                 part.fail(batch, f"not acknowledged: {exc!r}")
                 raise DeliveryFailed(f"output to '{o.topic}' not acknowledged: {exc!r}") from exc
+        if refused < 3:
+            part.fail(batch, "the producer kept failing out of order")
+            raise DeliveryFailed(f"output to '{o.topic}' not acknowledged: the producer kept failing out of order")
         if o.fallback is None:
             part.fail(batch, "output refused as too large")
             raise DeliveryFailed(f"output to '{o.topic}' refused as too large, with no fallback")

@@ -84,7 +84,9 @@ async def test_poison_prompt_to_dlq_and_deadline_finish(kafka, names, model):
         (b"a", encode_input(long_text, id="poison"), []),
         (b"b", encode_input("the app crashes when I log in", id="ok"), []),
         (b"c", encode_input("my transfer never arrived", id="hurry"),
-         [("streamlabel.deadline_ms", str(now_ms() + 150).encode())]),
+         # A deadline already past when it arrives: it joins, gets its first token and leaves with it (a deadline
+         # 150 ms ahead raced the tiny model, which now writes 400 tokens in less).
+         [("streamlabel.deadline_ms", str(now_ms() - 1).encode())]),
     ]
     async with running_worker(s, model) as w:
         await send(kafka.bootstrap, names.input, items)

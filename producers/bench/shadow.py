@@ -1,0 +1,130 @@
+"""A shadow under load, measured: the same open-loop step through ``streamlabel run`` twice, without and with a
+shadow (the same artifact published as version 2 and named in the followed directory's ``shadow`` file), at a
+rate near the machine's limit. Prints JSON: per run the served model's p50/p99 and goodput against the SLO, and
+for the shadow run what the shadow labelled, agreed on and dropped (from the worker's /metrics).
+
+    python -m producers.bench.shadow --bootstrap 127.0.0.1:9092 --model models/sentiment-minilm --rate 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import orjson
+
+from pipeline.events import encode_input
+from pipeline.manifest import resolve_artifact_dir
+from producers.bench.harness import LOG_APPEND, free_port, pct, scrape
+from producers.bench.swap import publish
+from producers.rate import producer_for_load, send_at_rate
+from producers.synthetic import Generator
+from producers.topics import ensure_topics, read_until
+
+
+def _shadow_counts(text: str | None) -> dict:
+    out = {"agree": 0.0, "disagree": 0.0, "dropped": 0.0}
+    for line in (text or "").splitlines():
+        if line.startswith("streamlabel_shadow_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            out[result] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def one(a, src: Path, shadow: bool) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
+    name_dir = work / "m"
+    name_dir.mkdir()
+    publish(src, name_dir, 1)
+    if shadow:
+        publish(src, name_dir, 2)
+        (name_dir / "current").write_text("1")
+        (name_dir / "shadow").write_text("2")
+    tag = uuid.uuid4().hex[:8]
+    inp, out, dlq, group = f"sh-in-{tag}", f"sh-out-{tag}", f"sh-dlq-{tag}", f"sh-{tag}"
+    await ensure_topics(a.bootstrap, [inp, dlq], partitions=4)
+    await ensure_topics(a.bootstrap, [out], partitions=4, configs=LOG_APPEND)
+    port = free_port()
+    env = {**os.environ, "STREAMLABEL_MODEL__PATH": str(name_dir), "STREAMLABEL_MODEL__FOLLOW": "true",
+           "STREAMLABEL_MODEL__FOLLOW_INTERVAL_S": "0.5", "STREAMLABEL_CACHE__ENABLED": "false",
+           "STREAMLABEL_METRICS__PORT": str(port), "STREAMLABEL_LOG__LEVEL": "warning",
+           "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest", "STREAMLABEL_SLO__OBJECTIVE_MS": str(a.slo_ms)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--bootstrap", a.bootstrap, "--input", inp,
+                             "--output", out, "--dlq", dlq, "--group", group], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        p = producer_for_load(a.bootstrap)
+        await p.start()
+        try:
+            await (await p.send(inp, encode_input("probe", id="probe")))
+            await read_until(a.bootstrap, [out], lambda r: any(b'"probe"' in x.value for x in r), 180)
+            if shadow:  # the shadow is prepared (verified, loaded, warmed) before the load starts
+                for _ in range(600):
+                    if "streamlabel_shadow_latency_seconds_count" in (scrape(port) or "") and \
+                            _shadow_counts(scrape(port))["agree"] + _shadow_counts(scrape(port))["disagree"] > 0:
+                        break
+                    await (await p.send(inp, encode_input("probe again", id=f"probe-{uuid.uuid4().hex[:6]}")))
+                    await asyncio.sleep(0.2)  # polling the worker's metrics: the shadow's start has no other signal
+            before = _shadow_counts(scrape(port))
+            count = int(a.rate * a.seconds)
+            gen = Generator("mixed", seed=2, id_prefix=f"sh-{tag}")
+            sent: list[str] = []
+
+            def records():
+                for ev in gen:
+                    sent.append(ev.id)
+                    yield ev.entity.encode(), encode_input(ev.text, id=ev.id, source=ev.source, entity=ev.entity)
+
+            rep = await send_at_rate(p, inp, records(), rate=a.rate, count=count)
+        finally:
+            await p.stop()
+        want = set(sent)
+        outs = await read_until(a.bootstrap, [out],
+                                lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), 120)
+        ins = await read_until(a.bootstrap, [inp], lambda r: len(r) >= count, 60)
+        after = _shadow_counts(scrape(port))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    ts = {orjson.loads(r.value)["id"]: r.timestamp for r in ins}
+    lat = [r.timestamp - ts[d["id"]] for r in outs if (d := orjson.loads(r.value))["id"] in want]
+    res = {"shadow": shadow, "sent": rep.sent, "achieved_rate": round(rep.achieved_rate, 1), "answered": len(lat),
+           "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+           "goodput": round(sum(v <= a.slo_ms for v in lat) / max(1, len(lat)), 4)}
+    if shadow:
+        res["shadow_counts"] = {k: after[k] - before[k] for k in after}
+    return res
+
+
+async def run(a) -> dict:
+    src = resolve_artifact_dir(a.model)
+    plain = await one(a, src, False)
+    shadowed = await one(a, src, True)
+    return {"model": json.loads((src / "manifest.json").read_text())["name"], "rate": a.rate,
+            "seconds": a.seconds, "slo_ms": a.slo_ms, "without_shadow": plain, "with_shadow": shadowed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rate", type=float, default=400.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--slo-ms", type=float, default=250.0)
+    print(json.dumps(asyncio.run(run(ap.parse_args())), indent=2))
+
+
+if __name__ == "__main__":
+    main()
