@@ -20,12 +20,14 @@ class Shadow:
 
     def offer(self, texts: list[str], served: list, primary) -> None:
         """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
-        (counted) when the served model's batcher or the shadow's is backed up."""
+        (counted) when anything waits in the served model's batcher or a batch waits in the shadow's."""
         import asyncio
 
         if not texts:
             return
-        if primary.waiting() >= primary.max_batch or self.batcher.waiting() >= 2 * self.batcher.max_batch:
+        # Only when the served model has nothing waiting and the shadow has less than a batch queued: on shared
+        # cores any shadow work is time the served model does not get.
+        if primary.waiting() > 0 or self.batcher.waiting() >= self.batcher.max_batch:
             self.dropped += len(texts)
             if self.metrics is not None:
                 self.metrics.shadow.labels("dropped").inc(len(texts))

@@ -25,8 +25,9 @@ running (edit the file); removing the file ends the canary.
 Shadow: a ``shadow`` file in the name directory (``VERSION``) has that version label the same texts off the
 critical path, behind its own batcher: the served answers are published without waiting for it, and its
 answers are only compared (``Shadow``: agreement, per-class confusion, its latency, as metrics). It is dropped,
-counted, for a batch that arrives while the served model's batcher has a full batch waiting or the shadow's
-own backlog is over two batches: it never takes the served model's time when that is short.
+counted, for a batch that arrives while anything waits in the served model's batcher or the shadow has a batch
+queued; on CPU it gets half the cores and one session. (On 2 cores shared with a broker that was not enough to
+keep the served model's SLO: docs/results/2026-12-04-model-changes.md.)
 
 Not followed: cascades (``model.cascade``) and generators (the decode batch holds the model's KV cache).
 """
@@ -285,6 +286,13 @@ class ModelFollower:
             raise Refused(f"{manifest.model_id} has another tokenizer than the served model",
                           hint="restart the workers to serve it (texts in flight were tokenized by the old one)")
         m = self.s.model
+        if shadow and m.provider != "cuda":
+            # A shadow on CPU gets half the cores and one session: the served model keeps the rest (measured on 2
+            # cores at 400 events/s: with every core the shadow took the served p99 from 102 to 937 ms).
+            import dataclasses
+            import os
+
+            m = dataclasses.replace(m, threads=max(1, (os.cpu_count() or 2) // 2), sessions=1)
         engine = self.load(_at(m, target))
         try:
             if recent:
