@@ -78,9 +78,13 @@ class AtLeastOnce(_Protocol):
                 return
             except _TOO_LARGE:
                 await self._renew(producer)
-                refused += 1
-                if refused >= 3:
-                    break
+                # Refused in a batch it may have shared with another handler's records: send it on a producer
+                # of its own, where its batch is itself; a refusal there is its own (the fault suite saw innocent
+                # records dead-lettered after three shared refusals).
+                if await self._private_send(o):
+                    return
+                refused = 3
+                break
             except OutOfOrderSequenceNumber:
                 # Another record's refusal broke the producer this one was sent on (records in flight share it):
                 # this record is innocent; it goes again on the renewed producer, and never to its fallback.
@@ -100,6 +104,20 @@ class AtLeastOnce(_Protocol):
         except KafkaError as exc:
             part.fail(batch, f"not acknowledged: {exc!r}")
             raise DeliveryFailed(f"output not acknowledged: {exc!r}") from exc
+
+    async def _private_send(self, o: Output) -> bool:
+        """Send ``o`` on a fresh producer of its own: True when acknowledged, False when refused as too large."""
+        if self.make_producer is None:
+            return False
+        p = self.make_producer()
+        await asyncio.wait_for(p.start(), 30.0)
+        try:
+            await (await p.send(o.topic, value=o.value, key=o.key, headers=o.headers))
+            return True
+        except _TOO_LARGE:
+            return False
+        finally:
+            await _stop_quietly(p, 5.0)
 
     async def _renew(self, broken) -> None:
         """Replace a producer the broker refused a batch from. The idempotent producer has already numbered that
