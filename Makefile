@@ -22,10 +22,11 @@ $(BIN)/streamlabel: pyproject.toml requirements.lock
 
 setup: $(BIN)/streamlabel
 
-# Kafka broker jars from Maven Central; redis-server, kcat (the poison tests write with it) and promtool (the
+# Kafka broker jars and the Schema Registry (Apicurio, deploy/schema-registry/) from Maven Central; redis-server, kcat (the poison tests write with it) and promtool (the
 # prometheus package: the alert-rule tests) from Debian.
 services:
 	deploy/kafka/kafka.sh resolve
+	deploy/schema-registry/registry.sh fetch
 	@missing=""; command -v redis-server >/dev/null || missing="redis-server"; \
 	  command -v kcat >/dev/null || missing="$$missing kcat"; \
 	  command -v promtool >/dev/null || missing="$$missing prometheus"; \

@@ -55,9 +55,27 @@ class Health:
                         self.positions[tp] = await asyncio.wait_for(w.consumer.position(tp), 2.0)
                     except (KafkaError, asyncio.TimeoutError, AssertionError, IllegalStateError):
                         pass
-            self.lag()
+            lag = self.lag()
+            self.backlog(lag)
             self.refresh_gauges()
             await asyncio.sleep(1.0)  # a refresh period, not synchronisation
+
+    def backlog(self, lag: int) -> None:
+        """The drain-time estimate, and backlog mode on or off (``pipeline/backlog.py``)."""
+        w = self.w
+        b = w.backlog
+        policy = b.update(time.monotonic(), lag, w.labelled + w.dead_lettered)
+        w.metrics.backlog_seconds.set(b.seconds)
+        if policy is None:
+            return
+        batcher = w.batcher
+        if hasattr(batcher, "max_tokens"):  # a MicroBatcher (a generator's decode rows stay as configured)
+            batcher.max_batch, batcher.max_tokens = policy.max_batch, policy.max_tokens
+            batcher.window = 2 * policy.max_batch
+        w.metrics.backlog_mode.set(1 if b.on else 0)
+        w.log.info("backlog_mode_on" if b.on else "backlog_mode_off", lag=lag, max_batch=policy.max_batch,
+                   max_tokens=policy.max_tokens, drain_estimate_s=round(b.seconds, 1) if b.seconds != float("inf")
+                   else None, rate_per_s=round(b.rate, 1))
 
     # -- SLO and summary ---------------------------------------------------------------------------
     def refresh_gauges(self):
@@ -79,7 +97,8 @@ class Health:
             "goodput": round(snap.goodput, 4), "burn_1m": round(snap.burn_rates["1m"], 2),
             "cache_hit_ratio": round(w.cache_hits / w.cache_lookups, 3) if w.cache_lookups else 0.0,
             "lag": self.lag(), "inflight": w.inflight, "labelled": w.labelled, "dlq": w.dead_lettered,
-            "batches": w.batcher.batches,
+            "batches": w.batcher.batches, "backlog_s": round(w.backlog.seconds, 1)
+            if w.backlog.seconds != float("inf") else None, "backlog_mode": w.backlog.on,
         }
 
     async def summary_loop(self) -> None:

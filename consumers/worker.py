@@ -33,10 +33,11 @@ from consumers.records import RecordBuilder, record_bytes
 from consumers.unreadable import Recovery, Unreadable
 from pipeline import kafka as K
 from pipeline import logs
+from pipeline.backlog import Backlog, Policy
 from pipeline.cache import Cache, NullCache, cache_key
 from pipeline.config import Settings
 from pipeline.errors import BadEvent, EngineFailure, PartitionClosed, StreamlabelError, WorkerError
-from pipeline.events import Event, decode_event, now_ms
+from pipeline.events import Event, decode_event, event_from_fields, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import STAGES, SloTracker
@@ -89,6 +90,19 @@ class Worker:
             else:
                 self.log.warning("model_follow_ignored", reason="hot swap follows a single classifier, not "
                                  "a generator or a cascade", note="restart the workers to change the model")
+        self.decoder = self.encoder = None
+        if settings.format.input != "json" or settings.format.output != "json":
+            from pipeline.registry import open_formats
+
+            self.decoder, self.encoder = open_formats(settings.format, kind=self.task.kind, log=self.log,
+                                                      waits=self.metrics.registry_waits)
+        self.tracing = None  # pipeline.tracing.Tracing with [tracing] otlp_endpoint set; None: no span, no cost
+        if settings.tracing.otlp_endpoint:
+            from pipeline.tracing import Tracing
+
+            self.tracing = Tracing(settings.tracing, group_id=settings.kafka.group_id,
+                                   resource={"service.instance.id": f"{settings.kafka.client_id}-{name}"})
+            self.batcher.tracer = self.tracing
         self.cache = cache or NullCache()
         self.caching = not isinstance(self.cache, NullCache)
         self.records = RecordBuilder(self.task, output=settings.topics.output, dlq=settings.topics.dlq,
@@ -97,6 +111,8 @@ class Worker:
                                      ignored_deadline=self.metrics.ignored.labels("deadline_header"))
         self._labelled_counter = self.metrics.events.labels("labelled")
         self.health = Health(self)
+        b = settings.batching
+        self.backlog = Backlog(settings.backlog, Policy(b.max_batch, b.max_tokens))
         self.eos = settings.worker.delivery == "exactly_once"
         self.inflight = 0
         self.inflight_bytes = 0  # what the records in flight hold (values, keys, headers): the memory bound
@@ -166,6 +182,11 @@ class Worker:
                                     partitions=t.partitions, replication_factor=t.replication_factor)
         self.records.set_limits(info["output"].max_message_bytes, info["dlq"].max_message_bytes,
                                 s.worker.dlq_max_bytes)
+        if self.encoder is not None:  # before anything is read: every output carries the registered schema's id
+            await self._until_stopped(self.encoder.start(t.output))
+            if self._stopping.is_set():
+                return
+            self.task.dumps = self.encoder.encode
         self.consumer = K.consumer(
             s, group_id=k.group_id, client_id=f"{k.client_id}-{self.name}", session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 4), max_poll_interval_ms=k.max_poll_interval_ms,
@@ -226,6 +247,20 @@ class Worker:
                 raise self._fatal
             raise WorkerError(f"{type(self._fatal).__name__}: {self._fatal}") from self._fatal
 
+    async def _until_stopped(self, coro) -> None:
+        """Await ``coro`` unless the worker is asked to stop first (then it is cancelled)."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return
+        task.result()
+
     def _supervise(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         task.add_done_callback(lambda tk: self._background_done(name, tk))
@@ -265,6 +300,8 @@ class Worker:
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=max(0.05, min(1.0, deadline - time.monotonic())))
         await self._close_clients(deadline)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown, max(0.5, min(5.0, deadline - time.monotonic())))
 
     async def _close_clients(self, deadline: float) -> None:
         if self.delivery is not None:
@@ -355,8 +392,15 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ handling
     async def _handle(self, tp: TopicPartition, batch: Batch, records: list, size: int) -> None:
+        spans = publishing = None
+        if self.tracing is not None:
+            spans = self.tracing.messages(tp.topic, tp.partition, records, time.time_ns())
         try:
-            outputs, answered, fresh = await self._outputs(tp, records)
+            outputs, answered, fresh = await self._outputs(tp, records, spans)
+            if spans is not None:
+                out_topic = self.s.topics.output
+                publishing = [self.tracing.publish(spans[i], out_topic, o.headers)
+                              for i, o in enumerate(outputs) if o.topic == out_topic]
             if self.fail:
                 for _ in records:
                     self.fail.hit("after_inference")
@@ -365,16 +409,23 @@ class Worker:
             await self.delivery.publish(batch, outputs)  # acknowledged (exactly-once: committed)
             self.slo.record_stage("publish", time.perf_counter() - t0, len(records))
             self._count(answered)
+            if spans is not None:
+                self.tracing.end(publishing)
+                self.tracing.end(spans)
+                spans = None
             if fresh:
                 await self.cache.put_many(fresh)
         except PartitionClosed:
             pass  # revoked or failed: not published, not committed; whoever owns it next reads it again
         finally:
+            if spans is not None:  # not published: the spans say so
+                self.tracing.end(publishing or (), error="not_published")
+                self.tracing.end(spans, error="not_published")
             self.delivery.settle(batch)
             self.inflight -= len(records)
             self.inflight_bytes -= size
 
-    async def _outputs(self, tp: TopicPartition, records: list) -> tuple[list[Output], tuple, list]:
+    async def _outputs(self, tp: TopicPartition, records: list, spans: list | None = None) -> tuple[list[Output], tuple, list]:
         """One poll batch → one output per record, in order: decode, cache, one scheduler call for the misses."""
         w, task = self.s.worker, self.task
         poll_ms = now_ms()
@@ -383,15 +434,28 @@ class Worker:
         deadlines: list[float] = []
         queued = 0
         prefix = f"{tp.topic}-{tp.partition}-"
-        for r in records:
+        decoded = None
+        if self.decoder is not None:  # Schema Registry formats: the batch's schemas first (an outage waits here)
+            decoded = await self.decoder.decode_many(
+                [None if isinstance(r, Unreadable) or len(r.value or b"") > w.max_bytes else r.value for r in records])
+        for n, r in enumerate(records):
             if isinstance(r, Unreadable):
                 events.append(BadEvent(r.reason))
                 deadlines.append(0.0)
                 continue
             try:
-                events.append(decode_event(r.value, default_id=prefix + str(r.offset), record_ts_ms=r.timestamp,
-                                           key=r.key, headers=r.headers or (), max_bytes=w.max_bytes,
-                                           max_chars=w.max_chars))
+                if decoded is None:
+                    events.append(decode_event(r.value, default_id=prefix + str(r.offset), record_ts_ms=r.timestamp,
+                                               key=r.key, headers=r.headers or (), max_bytes=w.max_bytes,
+                                               max_chars=w.max_chars))
+                elif r.value is not None and len(r.value) > w.max_bytes:
+                    raise BadEvent(f"oversized: value is {len(r.value)} bytes, the cap is {w.max_bytes}")
+                elif isinstance(decoded[n], BadEvent):
+                    raise decoded[n]
+                else:
+                    events.append(event_from_fields(decoded[n], default_id=prefix + str(r.offset),
+                                                    record_ts_ms=r.timestamp, key=r.key, headers=r.headers or (),
+                                                    max_chars=w.max_chars))
             except BadEvent as bad:
                 events.append(bad)
             queued += poll_ms - r.timestamp
@@ -429,7 +493,9 @@ class Worker:
             self.cache_hits += len(lookup) - len(misses)
         calls = []
         if misses:
-            calls.append((misses, self.batcher.submit_many([texts[i] for i in misses], [deadlines[i] for i in misses])))
+            trace = None if spans is None else [spans[i].get_span_context() for i in misses]
+            calls.append((misses, self.batcher.submit_many([texts[i] for i in misses], [deadlines[i] for i in misses],
+                                                           trace=trace)))
         if routed:
             calls.append((routed, task.canary_scheduler.submit_many([texts[i] for i in routed],
                                                                     [deadlines[i] for i in routed])))

@@ -88,6 +88,7 @@ class MicroBatcher:
         self._tokenizer = DaemonExecutor("tokenizer")
         self._closed = False
         self._call_s = 0.0  # running average of an engine call's duration
+        self.tracer = None  # pipeline.tracing.Tracing when tracing is on: a span per engine call
         self._fit = [0.0] * 5  # weighted sums for the call-cost fit: n, Σtokens, Σseconds, Σtokens², Σtokens·seconds
         self.batches = 0
         self.coalesced = 0
@@ -121,14 +122,16 @@ class MicroBatcher:
         return len(self._ontime) + len(self._late)
 
     # -- admission ------------------------------------------------------------------------------------
-    def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None) -> asyncio.Future:
+    def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None, *,
+                    trace: Sequence | None = None) -> asyncio.Future:
         """Queue texts; one future resolves to their ``Answers`` (or raises ``EngineError``).
 
-        ``deadlines``: epoch seconds by which each answer is wanted (default: an hour from now).
+        ``deadlines``: epoch seconds by which each answer is wanted (default: an hour from now). ``trace``: the
+        texts' span contexts, linked from the engine call that answers them (``pipeline/tracing.py``).
         """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        group = Answers(len(texts), fut)
+        group = Answers(len(texts), fut, trace)
         if self.broken is not None:
             fut.set_exception(self.broken)
             return fut
@@ -442,6 +445,7 @@ class MicroBatcher:
             self._break(self.broken, batch)
             return
         t0 = time.perf_counter()
+        t0_ns = time.time_ns() if self.tracer is not None else 0
         try:
             preds = await self._call([it.tok for it in batch])
         except asyncio.CancelledError:
@@ -463,6 +467,8 @@ class MicroBatcher:
             await self._infer(batch[mid:])
             return
         took = time.perf_counter() - t0
+        if self.tracer is not None:
+            self._span(batch, t0_ns)
         if len(preds) != len(batch):
             self._break(EngineError(f"the engine returned {len(preds)} answers for {len(batch)} texts",
                                     hint="the engine breaks its contract: one answer per text"), batch)
@@ -481,6 +487,12 @@ class MicroBatcher:
                 continue
             self._canary = it.tok
             self._resolve(it, p)
+
+    def _span(self, batch: list[_Item], start_ns: int) -> None:
+        links = [g.trace[i] for it in batch for g, i in it.waiters if g.trace is not None]
+        self.tracer.engine_call(links, start_ns, time.time_ns(), rows=len(batch),
+                                tokens=len(batch) * max(it.width for it in batch),
+                                model=getattr(self.engine, "model_id", "?"))
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Cancel the dispatcher; let running engine calls finish (bounded, then cancelled); fail what is queued."""

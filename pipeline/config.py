@@ -127,6 +127,50 @@ class GenerateSettings:
 
 
 @dataclass(frozen=True)
+class FormatSettings:
+    """The records' encoding: JSON (the default wire format), or Avro / Protobuf / JSON Schema in the Confluent wire
+    format (magic byte + schema id) against a Schema Registry (docs/schema-registry.md)."""
+
+    input: Literal["json", "avro", "protobuf", "json-schema"] = "json"  # of the input topic's values
+    output: Literal["json", "avro", "protobuf", "json-schema"] = "json"  # of the output topic's values (DLQ: the original)
+    registry_url: str | None = None  # e.g. http://schema-registry:8081 (Confluent API; Apicurio: …/apis/ccompat/v7)
+    registry_username: str | None = None  # HTTP basic auth
+    registry_password: str | None = None  # (never logged; prefer STREAMLABEL_FORMAT__REGISTRY_PASSWORD)
+    registry_ca_file: str | None = None  # TLS: CA that signed the registry's certificate (PEM)
+    registry_certfile: str | None = None  # mutual TLS: this client's certificate (PEM)
+    registry_keyfile: str | None = None  # mutual TLS: its private key (PEM)
+    registry_timeout_s: float = 5.0  # per registry request; an unreachable registry is retried with backoff
+    subject_strategy: Literal["topic", "record", "topic_record"] = "topic"  # output subject: TOPIC-value, RECORD, TOPIC-RECORD
+    text_field: str = "text"  # input field holding the text (a dotted path reaches into nested records)
+    id_field: str = "id"  # input field holding the event id (default: topic-partition-offset)
+    source_field: str = "source"
+    entity_field: str = "entity"
+    ts_field: str = "ts"  # epoch ms, an Avro timestamp-millis or a protobuf Timestamp (default: the record timestamp)
+
+
+@dataclass(frozen=True)
+class BacklogSettings:
+    """Backlog mode (classifiers): throughput-optimal batching while the lag is large (docs/operations.md#backlog)."""
+
+    enabled: bool = True  # false: the latency policy always (streamlabel_backlog_seconds is exported either way)
+    lag_records: int = 20_000  # this worker's lag above which it drains in backlog mode (back below a quarter of it)
+    max_batch: int = 256  # texts per engine call while draining
+    max_tokens: int = 32_768  # padded tokens per engine call while draining
+    rate_window_s: float = 10.0  # the service rate behind the drain-time estimate is measured over this long
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry spans (docs/tracing.md). Off unless an endpoint is set: no cost when off."""
+
+    otlp_endpoint: str | None = None  # OTLP/HTTP base URL, e.g. http://otel-collector:4318 (spans go to /v1/traces)
+    service_name: str = "streamlabel"  # the resource's service.name
+    sample_ratio: float = 1.0  # of traces started here; a message with a traceparent follows its parent's decision
+    export_timeout_s: float = 10.0  # per export request
+    max_queue_spans: int = 20_000  # spans waiting for export at most (more are dropped, never blocking the worker)
+
+
+@dataclass(frozen=True)
 class SloSettings:
     objective_ms: float = 100.0  # the latency objective: record timestamp to output, per event
     target: float = 0.99  # share of events that must meet it (goodput target; burn rates are against 1 − target)
@@ -170,6 +214,9 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    format: FormatSettings = field(default_factory=FormatSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    backlog: BacklogSettings = field(default_factory=BacklogSettings)
     slo: SloSettings = field(default_factory=SloSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -299,6 +346,8 @@ def _check(s: Settings, where: str) -> None:
         "metrics.liveness_stall_s": s.metrics.liveness_stall_s, "metrics.max_connections": s.metrics.max_connections,
         "topics.partitions": s.topics.partitions, "topics.replication_factor": s.topics.replication_factor,
     }
+    positive.update({"backlog.lag_records": s.backlog.lag_records, "backlog.max_batch": s.backlog.max_batch,
+                     "backlog.max_tokens": s.backlog.max_tokens, "backlog.rate_window_s": s.backlog.rate_window_s})
     positive.update({"generate.max_new_tokens": s.generate.max_new_tokens, "generate.prefill_tokens": s.generate.prefill_tokens})
     for key, v in positive.items():
         if v <= 0:
@@ -321,5 +370,23 @@ def _check(s: Settings, where: str) -> None:
         raise ConfigError("'batching.max_wait_ms' must be ≥ 0", where=where)
     if s.kafka.security_protocol.startswith("SASL") and not (s.kafka.sasl_mechanism and s.kafka.sasl_username):
         raise ConfigError("SASL needs 'kafka.sasl_mechanism' and 'kafka.sasl_username' (and sasl_password)", where=where)
+    f = s.format
+    if (f.input != "json" or f.output != "json") and not f.registry_url:
+        raise ConfigError(f"format {f.input if f.input != 'json' else f.output!r} needs a Schema Registry: "
+                          "'format.registry_url' is not set", where=where,
+                          hint="e.g. [format] registry_url = \"http://schema-registry:8081\"")
+    if f.registry_url and not f.registry_url.startswith(("http://", "https://")):
+        raise ConfigError(f"'format.registry_url' must be an http:// or https:// URL, got {f.registry_url!r}", where=where)
+    if f.registry_timeout_s <= 0:
+        raise ConfigError(f"'format.registry_timeout_s' must be positive, got {f.registry_timeout_s}", where=where)
+    if bool(f.registry_username) != bool(f.registry_password):
+        raise ConfigError("registry basic auth needs both 'format.registry_username' and 'format.registry_password'",
+                          where=where)
+    tr = s.tracing
+    if tr.otlp_endpoint and not tr.otlp_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"'tracing.otlp_endpoint' must be an http:// or https:// URL (OTLP/HTTP), got "
+                          f"{tr.otlp_endpoint!r}", where=where, hint="e.g. http://otel-collector:4318")
+    if not 0 <= tr.sample_ratio <= 1:
+        raise ConfigError(f"'tracing.sample_ratio' must be between 0 and 1, got {tr.sample_ratio}", where=where)
     if len({s.topics.input, s.topics.output, s.topics.dlq}) < 3:
         raise ConfigError("'topics.input', 'topics.output' and 'topics.dlq' must be three different topics", where=where)

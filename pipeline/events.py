@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 import orjson
@@ -118,6 +119,21 @@ def decode_event(
     else:
         fields = {"text": raw}
 
+    return event_from_fields(fields, default_id=default_id, record_ts_ms=record_ts_ms, key=key, headers=headers,
+                             max_chars=max_chars)
+
+
+def event_from_fields(
+    fields: Mapping[str, Any],
+    *,
+    default_id: str,
+    record_ts_ms: int,
+    key: bytes | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> Event:
+    """An ``Event`` from decoded fields (JSON, or a Schema Registry record's configured fields); ``BadEvent``
+    for a missing or mistyped text, id or timestamp."""
     text = fields.get("text")
     if text is None:
         raise BadEvent("schema: missing required field 'text'")
@@ -131,6 +147,8 @@ def decode_event(
 
     ev_id = _opt_str(fields, "id", _ID_MAX) or default_id
     ts = fields.get("ts")
+    if isinstance(ts, datetime):  # an Avro timestamp-millis (fastavro gives a datetime)
+        ts = ts.timestamp() * 1000.0
     if ts is None:
         produced_at = record_ts_ms
     elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (0 < ts < 1e14):
@@ -220,7 +238,11 @@ def encode_label(event: Event, pred: Prediction, *, labeled_at_ms: int, latency_
 
 def encode_generation(event: Event, gen: Generation, *, generated_at_ms: int, latency_ms: Mapping[str, float]) -> bytes:
     """The output value of a generator's topic (schema: docs/wire-format.md)."""
-    return orjson.dumps({
+    return orjson.dumps(generation_record(event, gen, generated_at_ms=generated_at_ms, latency_ms=latency_ms))
+
+
+def generation_record(event: Event, gen: Generation, *, generated_at_ms: int, latency_ms: Mapping[str, float]) -> dict:
+    return {
         "id": event.id,
         "text": gen.text,
         "tokens": gen.tokens,
@@ -232,7 +254,7 @@ def encode_generation(event: Event, gen: Generation, *, generated_at_ms: int, la
         "produced_at": event.produced_at,
         "generated_at": generated_at_ms,
         "latency_ms": latency_ms,
-    })
+    }
 
 
 def encode_input(text: str, *, id: str | None = None, source: str | None = None, entity: str | None = None,

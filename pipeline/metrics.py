@@ -68,6 +68,13 @@ class Metrics:
         self.cascade = Counter("streamlabel_cascade", "Cascade answers: first_stage, escalated (answered by the "
                                "second stage), degraded (not escalated under overload).", ["result"], registry=r)
         self.dlq_reasons = Counter("streamlabel_dlq", "Dead-lettered events by reason class.", ["reason"], registry=r)
+        self.backlog_seconds = Gauge("streamlabel_backlog_seconds", "Estimated time to drain this worker's lag at "
+                                     "the current service rate (+Inf: lag and nothing served).", registry=r)
+        self.backlog_mode = Gauge("streamlabel_backlog_mode", "1 while the worker drains a backlog with "
+                                  "throughput-optimal batching, else 0.", registry=r)
+        self.registry_waits = Counter("streamlabel_schema_registry_retries", "Schema Registry requests that failed "
+                                      "transiently (unreachable, timeout, 5xx) and were retried after a backoff; the "
+                                      "records waited, uncommitted.", registry=r)
         self.ignored = Counter("streamlabel_ignored", "Untrusted values ignored (the default applies): a "
                                "deadline_header that is not epoch ms, a cache_entry that does not check out.", ["what"],
                                registry=r)

@@ -36,13 +36,14 @@ class Answers:
     per-caller wait lives here, not in the answer.
     """
 
-    __slots__ = ("results", "waits", "left", "future")
+    __slots__ = ("results", "waits", "left", "future", "trace")
 
-    def __init__(self, n: int, future: asyncio.Future) -> None:
+    def __init__(self, n: int, future: asyncio.Future, trace: Sequence | None = None) -> None:
         self.results: list = [None] * n
         self.waits: list[float] = [0.0] * n
         self.left = n
         self.future = future
+        self.trace = trace  # tracing on: text i's message span context (an engine call's span links to them)
 
 
 class Scheduler(Protocol):
@@ -54,9 +55,11 @@ class Scheduler(Protocol):
 
     async def close(self, timeout_s: float = 10.0) -> None: ...
 
-    def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None) -> asyncio.Future:
+    def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None, *,
+                    trace: Sequence | None = None) -> asyncio.Future:
         """Queue texts with their deadlines (epoch seconds); the future resolves to their ``Answers``, or raises
-        ``EngineError`` when the engine is broken."""
+        ``EngineError`` when the engine is broken. ``trace``: the texts' span contexts (tracing on), which the
+        engine call that answers them links to."""
         ...
 
     def waiting(self) -> int:

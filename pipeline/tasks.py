@@ -8,13 +8,15 @@ is the same for both (``pipeline/serving.py`` has the protocol).
 
 from __future__ import annotations
 
+import orjson
+
 from pipeline.batcher import MicroBatcher
 from pipeline.cache import settings_digest
 from pipeline.cascade import CascadeEngine, load_cascade
 from pipeline.config import ModelSettings, Settings
 from pipeline.engine import OnnxEngine
 from pipeline.errors import UsageError
-from pipeline.events import Event, Generation, Prediction, encode_generation, encode_label
+from pipeline.events import Event, Generation, Prediction, generation_record, label_record
 from pipeline.generation import GenerationScheduler, GenerativeModel, Sampling, template_from
 from pipeline.manifest import load_manifest
 from pipeline.serving import ServingTask
@@ -56,6 +58,7 @@ class ClassifyTask:
     """A classifier: the event's text in, a label record out (``latency_ms``: ``e2e``, ``batch_wait``, ``infer``)."""
 
     kind = "classify"
+    dumps = staticmethod(orjson.dumps)  # the output record's encoding (pipeline/registry.py replaces it)
 
     def __init__(self, settings: Settings, engine, *, metrics=None, slo=None) -> None:
         b = settings.batching
@@ -146,7 +149,7 @@ class ClassifyTask:
             lat = {"e2e": now_ms - record_ts_ms}
         else:
             lat = {"e2e": now_ms - record_ts_ms, "batch_wait": _ms(wait_s), "infer": _ms(answer.timings.infer)}
-        return encode_label(event, answer, labeled_at_ms=now_ms, latency_ms=lat)
+        return self.dumps(label_record(event, answer, labeled_at_ms=now_ms, latency_ms=lat))
 
     def started(self, log) -> None:
         pass
@@ -157,6 +160,7 @@ class GenerateTask:
     ``e2e``, ``queue``, ``ttft``, ``decode``)."""
 
     kind = "generate"
+    dumps = staticmethod(orjson.dumps)
 
     def __init__(self, settings: Settings, engine: GenerativeModel, *, metrics=None, slo=None) -> None:
         g, b = settings.generate, settings.batching
@@ -187,7 +191,7 @@ class GenerateTask:
         else:
             t = answer.timings
             lat = {"e2e": now_ms - record_ts_ms, "queue": _ms(t.queue), "ttft": _ms(t.ttft), "decode": _ms(t.decode)}
-        return encode_generation(event, answer, generated_at_ms=now_ms, latency_ms=lat)
+        return self.dumps(generation_record(event, answer, generated_at_ms=now_ms, latency_ms=lat))
 
     def started(self, log) -> None:
         if self.objective_ms < 1000:

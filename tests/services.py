@@ -61,3 +61,37 @@ def names():
     tag = uuid.uuid4().hex[:8]
     return type("Names", (), {"input": f"in-{tag}", "output": f"out-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}",
                               "tag": tag})()
+
+
+class LocalRegistry:
+    """A real Confluent-compatible Schema Registry (Apicurio Registry from Maven Central, deploy/schema-registry/)
+    on free ports, its state in a Kafka topic of the test broker: a restart keeps every schema and id."""
+
+    SCRIPT = os.path.join(os.path.dirname(__file__), "..", "deploy", "schema-registry", "registry.sh")
+
+    def __init__(self, workdir, bootstrap: str) -> None:
+        from pipeline.cli.local_services import free_port
+
+        self.dir = str(workdir)
+        self.bootstrap = bootstrap
+        self.topic = f"registry-{uuid.uuid4().hex[:8]}"
+        self.port = free_port(pair=True)
+        self.url = f"http://127.0.0.1:{self.port}/apis/ccompat/v7"
+
+    def start(self) -> LocalRegistry:
+        subprocess.run([self.SCRIPT, "start", "--port", str(self.port), "--dir", self.dir, "--kafka", self.bootstrap,
+                        "--topic", self.topic], check=True, capture_output=True, timeout=180)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        subprocess.run([self.SCRIPT, "kill" if kill else "stop", self.dir], check=False, capture_output=True,
+                       timeout=60)
+
+
+@pytest.fixture(scope="module")
+def schema_registry(kafka, tmp_path_factory):
+    reg = LocalRegistry(tmp_path_factory.mktemp("registry"), kafka.bootstrap).start()
+    try:
+        yield reg
+    finally:
+        reg.stop()

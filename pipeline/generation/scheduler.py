@@ -144,7 +144,8 @@ class GenerationScheduler:
     def waiting(self) -> int:
         return len(self._inbox) + self._queued
 
-    def submit_many(self, prompts: Sequence[str], deadlines: Sequence[float] | None = None) -> asyncio.Future:
+    def submit_many(self, prompts: Sequence[str], deadlines: Sequence[float] | None = None, *,
+                    trace: Sequence | None = None) -> asyncio.Future:
         """Queue rendered prompts; one future resolves to their ``Answers`` (or raises ``EngineError``)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

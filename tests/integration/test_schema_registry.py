@@ -1,0 +1,173 @@
+"""Avro, Protobuf and JSON Schema topics through a real Schema Registry (Apicurio, deploy/schema-registry/) and a
+real broker: records written by confluent-kafka's own serializers in, records its deserializers read out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import aiokafka
+import pytest
+
+from pipeline.engine import OnnxEngine
+from pipeline.metrics import Metrics
+from pipeline.registry import AVRO_LABEL, compile_proto, proto_schema
+from producers.topics import ensure_topics, read_until
+
+from .helpers import running_worker, settings_for
+
+pytestmark = pytest.mark.integration
+
+USER_AVRO = {"type": "record", "name": "Message", "namespace": "shop", "fields": [
+    {"name": "body", "type": "string"}, {"name": "msg_id", "type": "string"},
+    {"name": "ts", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}], "default": None}]}
+USER_AVRO_V2 = {**USER_AVRO, "fields": USER_AVRO["fields"] + [{"name": "channel", "type": "string", "default": "web"}]}
+USER_JSON = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+             "properties": {"body": {"type": "string"}, "msg_id": {"type": "string"}}, "required": ["body"]}
+USER_PROTO = 'syntax = "proto3";\npackage shop;\nmessage Message {\n  string body = 1;\n  string msg_id = 2;\n}\n'
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    yield eng
+    eng.close()
+
+
+def _client(url):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient({"url": url, "timeout": 10})
+
+
+def _proto_class(text: str, name: str):
+    from google.protobuf import message_factory
+
+    pool, _ = compile_proto(text, {})
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+
+def _serializer(fmt: str, url: str, schema=None):
+    """The library's own serializer for our test's input schema (what users' producers run)."""
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+
+    c = _client(url)
+    if fmt == "avro":
+        return AvroSerializer(c, json.dumps(schema or USER_AVRO)), dict
+    if fmt == "json-schema":
+        return JSONSerializer(json.dumps(USER_JSON), c), dict
+    cls = _proto_class(USER_PROTO, "shop.Message")
+    return ProtobufSerializer(cls, c, {"use.deprecated.format": False}), (lambda **kw: cls(**kw))
+
+
+def _deserializer(fmt: str, url: str):
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.schema_registry.json_schema import JSONDeserializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer
+
+    c = _client(url)
+    if fmt == "avro":
+        return AvroDeserializer(c)
+    if fmt == "json-schema":
+        return JSONDeserializer(None, schema_registry_client=c)
+    from google.protobuf import json_format
+
+    des = ProtobufDeserializer(_proto_class(proto_schema(AVRO_LABEL), "streamlabel.Label"),
+                               {"use.deprecated.format": False})
+    return lambda value, ctx: json_format.MessageToDict(des(value, ctx), preserving_proto_field_name=True)
+
+
+def _encode(fmt, url, topic, docs, schema=None) -> list[bytes]:
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    ser, make = _serializer(fmt, url, schema)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    return [ser(make(**d), ctx) for d in docs]
+
+
+async def _produce(bootstrap, topic, values) -> None:
+    p = aiokafka.AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await p.start()
+    try:
+        for v in values:
+            await p.send(topic, v, key=b"k")
+        await p.flush()
+    finally:
+        await p.stop()
+
+
+def _decode_all(fmt, url, topic, records) -> list[dict]:
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    des = _deserializer(fmt, url)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    return [des(r.value, ctx) for r in records]
+
+
+def _fmt_settings(kafka, names, reg, fmt, **extra):
+    return settings_for(kafka, names, format={"input": fmt, "output": fmt, "registry_url": reg.url,
+                                              "text_field": "body", "id_field": "msg_id", "registry_timeout_s": 2.0},
+                        **extra)
+
+
+@pytest.mark.parametrize("fmt", ["avro", "protobuf", "json-schema"])
+async def test_round_trip_and_bad_records_to_the_dlq(kafka, names, engine, schema_registry, fmt):
+    url = schema_registry.url
+    await ensure_topics(kafka.bootstrap, [names.input], partitions=1)
+    good = await asyncio.to_thread(_encode, fmt, url, names.input,
+                                   [{"body": f"message {i} about a refund", "msg_id": f"m{i}"} for i in range(20)])
+    bad = [b'{"text": "plain JSON on an Avro topic"}', b"\x00" + struct.pack(">I", 987_654) + b"\x02ab"]
+    if fmt == "json-schema":  # written against its schema id, but breaking it: no "body"
+        bad.append(good[0][:5] + b'{"msg_id": "nobody"}')
+    await _produce(kafka.bootstrap, names.input, good + bad)
+    async with running_worker(_fmt_settings(kafka, names, schema_registry, fmt), engine):
+        out = await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 20, 60)
+        dlq = await read_until(kafka.bootstrap, [names.dlq], lambda recs: len(recs) >= len(bad), 60)
+    docs = await asyncio.to_thread(_decode_all, fmt, url, names.output, out)
+    assert sorted(d["id"] for d in docs) == sorted(f"m{i}" for i in range(20))
+    assert all(d["label"] in engine.labels and d["model"] == engine.model_id for d in docs)
+    assert all(r.value[0] == 0 for r in out), "outputs are in the Confluent wire format"
+    reasons = sorted(dict(r.headers)["streamlabel.error"].decode() for r in dlq)
+    assert any(x.startswith("not the Confluent wire format") for x in reasons), reasons
+    assert any(x.startswith("unknown schema id") and "987654" in x for x in reasons), reasons
+    if fmt == "json-schema":
+        assert any(x.startswith("schema mismatch") and "body" in x for x in reasons), reasons
+    subjects = _client(url).get_subjects()
+    assert f"{names.output}-value" in subjects, "the output schema is registered under TopicNameStrategy"
+
+
+async def test_schema_evolution_and_a_registry_outage_lose_nothing(kafka, names, engine, schema_registry):
+    url = schema_registry.url
+    await ensure_topics(kafka.bootstrap, [names.input], partitions=2)
+    v1 = await asyncio.to_thread(_encode, "avro", url, names.input,
+                                 [{"body": f"first version {i}", "msg_id": f"a{i}", "ts": None} for i in range(10)])
+    # A compatible new version (a field with a default): registered now, its records written later.
+    v2 = await asyncio.to_thread(_encode, "avro", url, names.input,
+                                 [{"body": f"second version {i}", "msg_id": f"b{i}", "ts": None, "channel": "app"}
+                                  for i in range(10)], USER_AVRO_V2)
+    assert v1[0][1:5] != v2[0][1:5], "two schema ids"
+    metrics = Metrics()
+    s = _fmt_settings(kafka, names, schema_registry, "avro")
+    async with running_worker(s, engine, metrics=metrics) as w:
+        await _produce(kafka.bootstrap, names.input, v1)
+        await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 10, 60)
+        schema_registry.stop(kill=True)  # the worker has not seen v2's id yet: it must wait for the registry
+        await _produce(kafka.bootstrap, names.input, v2)
+        await _wait(lambda: metrics.registry_waits._value.get() >= 2, 30)
+        assert w.labelled == 10 and w.dead_lettered == 0, "nothing dead-lettered or skipped while the registry is down"
+        schema_registry.start()
+        out = await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 20, 90)
+        assert w.dead_lettered == 0
+    docs = await asyncio.to_thread(_decode_all, "avro", url, names.output, out)
+    assert sorted(d["id"] for d in docs) == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)])
+
+
+async def _wait(cond, timeout: float) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.1)  # polling a condition with a deadline

@@ -1,0 +1,75 @@
+"""OpenTelemetry spans through a real broker into an OTLP/HTTP receiver: the span tree and the engine call's links."""
+
+from __future__ import annotations
+
+import aiokafka
+import pytest
+
+from pipeline.engine import OnnxEngine
+from pipeline.events import encode_input
+from producers.topics import ensure_topics
+from tests.otlp import OtlpReceiver
+
+from .helpers import read_labels, running_worker, settings_for
+
+pytestmark = pytest.mark.integration
+
+CONSUMER, PRODUCER = 5, 4  # OTLP's SpanKind numbers (SPAN_KIND_CONSUMER, SPAN_KIND_PRODUCER)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    eng = OnnxEngine(tiny_artifact, provider="cpu")
+    yield eng
+    eng.close()
+
+
+async def test_three_traces_one_batch_links_and_continued_context(kafka, names, engine):
+    traces = [f"{i + 1:032x}" for i in range(3)]
+    parents = [f"{0xa0 + i:016x}" for i in range(3)]
+    with OtlpReceiver() as otlp:
+        s = settings_for(kafka, names, tracing={"otlp_endpoint": otlp.endpoint, "service_name": "sl-test"})
+        await ensure_topics(kafka.bootstrap, [names.input], partitions=1)
+        p = aiokafka.AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await p.start()
+        try:  # three messages from three traces, in one partition before the worker starts: one poll batch
+            for i in range(3):
+                await p.send(names.input, encode_input(f"text number {i}", id=f"m{i}"), key=b"k",
+                             headers=[("traceparent", f"00-{traces[i]}-{parents[i]}-01".encode())])
+            await p.send(names.input, encode_input("no trace here", id="m3"), key=b"k")
+            await p.send(names.input, encode_input("bad traceparent", id="m4"), key=b"k",
+                         headers=[("traceparent", b"\xff\xfe not a traceparent")])
+            await p.flush()
+        finally:
+            await p.stop()
+        async with running_worker(s, engine):
+            out = await read_labels(kafka.bootstrap, names.output, {f"m{i}" for i in range(5)})
+        spans = await otlp.wait_for(lambda got: sum(sp.name.endswith(" process") for sp in got) >= 5)
+
+    by_id = {sp.span_id: sp for sp in spans}
+    process = {sp.trace_id: sp for sp in spans if sp.name == f"{names.input} process"}
+    for t, parent in zip(traces, parents):
+        sp = process[t]
+        assert sp.parent_id == parent and sp.kind == CONSUMER, "the message span continues its traceparent"
+        assert sp.attributes["messaging.destination.name"] == names.input and sp.service == "sl-test"
+        kids = {c.name: c for c in spans if c.parent_id == sp.span_id}
+        assert set(kids) == {"queue", f"{names.output} publish"}
+        assert kids[f"{names.output} publish"].kind == PRODUCER
+        assert kids["queue"].start_ns == sp.start_ns <= kids["queue"].end_ns <= sp.end_ns
+    fresh = [sp for sp in process.values() if sp.trace_id not in traces]
+    assert len(fresh) == 2 and all(sp.parent_id == "" for sp in fresh), "no or a bad traceparent: a new root"
+
+    infer = [sp for sp in spans if sp.name == "infer"]
+    linked = {ln for sp in infer for ln in sp.links}
+    for t in traces:
+        assert (t, process[t].span_id) in linked, "the engine call links to every message it answered"
+    one = [sp for sp in infer if {t for t, _ in sp.links} >= set(traces)]
+    assert one, "the three messages rode one engine call, whose span links all three traces"
+    assert one[0].trace_id not in traces and one[0].attributes["streamlabel.batch.rows"] >= 3
+
+    for r in out:  # the output's traceparent points at the publish span, in the message's trace
+        headers = dict(r.headers)
+        _, trace_id, span_id, _ = headers["traceparent"].decode().split("-")
+        pub = by_id[span_id]
+        assert pub.name == f"{names.output} publish" and pub.trace_id == trace_id
+        assert by_id[pub.parent_id].name == f"{names.input} process"
