@@ -34,6 +34,7 @@ class Backlog:
         self.drain = Policy(max(live.max_batch, b.max_batch), max(live.max_tokens, b.max_tokens))
         self.window_s = b.rate_window_s
         self.on = False
+        self.switches = 0
         self.seconds = 0.0
         self.rate = 0.0
         self._served: deque[tuple[float, int]] = deque()
@@ -55,8 +56,10 @@ class Backlog:
             return None
         if not self.on and lag > self.enter:
             self.on = True
+            self.switches += 1
             return self.drain
         if self.on and lag < self.leave:
             self.on = False
+            self.switches += 1
             return self.live
         return None

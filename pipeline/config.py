@@ -152,7 +152,7 @@ class FormatSettings:
 class BacklogSettings:
     """Backlog mode (classifiers): throughput-optimal batching while the lag is large (docs/operations.md#backlog)."""
 
-    enabled: bool = True  # false: the latency policy always (streamlabel_backlog_seconds is exported either way)
+    enabled: bool = False  # true: switch while the lag is large (off by default: it did not drain faster here, see docs)
     lag_records: int = 20_000  # this worker's lag above which it drains in backlog mode (back below a quarter of it)
     max_batch: int = 256  # texts per engine call while draining
     max_tokens: int = 32_768  # padded tokens per engine call while draining

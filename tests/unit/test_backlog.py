@@ -11,7 +11,7 @@ LIVE = Policy(64, 8192)
 
 
 def test_enters_above_the_threshold_and_leaves_below_a_quarter():
-    b = Backlog(BacklogSettings(lag_records=1000, max_batch=256, max_tokens=32768), LIVE)
+    b = Backlog(BacklogSettings(enabled=True, lag_records=1000, max_batch=256, max_tokens=32768), LIVE)
     assert b.update(0.0, 500, 0) is None and not b.on
     assert b.update(1.0, 1500, 100) == Policy(256, 32768) and b.on
     assert b.update(2.0, 800, 800) is None and b.on, "between a quarter and the threshold: stays on"
