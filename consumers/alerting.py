@@ -80,6 +80,11 @@ class AlertingWorker:
         if not self.a.rules:
             raise ConfigError("no alert rules configured", where="alerting.rules",
                               hint="add [[alerting.rules]] tables to the config; docs/operations/alerting.md has examples")
+        if settings.format.output != "json" and (self.a.input or settings.topics.output) == settings.topics.output:
+            raise ConfigError(f"the alerting worker reads JSON label records, and format.output is "
+                              f"{settings.format.output!r}", where="[format] output",
+                              hint="run the alerts with a config whose [format] output is json (the label workers "
+                                   "may keep theirs: alerting.input can name a JSON copy of the label topic)")
         if self.a.state_redis_url:
             c = settings.cache  # the same password and TLS settings as the prediction cache
             self._redis = redis_client(self.a.state_redis_url, password=c.redis_password, tls=c.redis_tls,

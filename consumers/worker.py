@@ -399,8 +399,10 @@ class Worker:
             outputs, answered, fresh = await self._outputs(tp, records, spans)
             if spans is not None:
                 out_topic = self.s.topics.output
-                publishing = [self.tracing.publish(spans[i], out_topic, o.headers)
-                              for i, o in enumerate(outputs) if o.topic == out_topic]
+                for i, o in enumerate(outputs):
+                    if o.topic == out_topic:
+                        self.tracing.continue_in(spans[i], o.headers)
+                publishing = [self.tracing.publish(out_topic, spans, len(outputs))]
             if self.fail:
                 for _ in records:
                     self.fail.hit("after_inference")

@@ -1,4 +1,4 @@
-"""Backlog mode and the drain-time estimate (``[backlog]``; docs/operations.md#backlog).
+"""Backlog mode and the drain-time estimate (``[backlog]``; docs/operations/deploy.md).
 
 After an outage or a deploy the lag is large and every record is already past its deadline: the latency
 policy (small batches that leave at once) only costs throughput then. ``Backlog`` watches the worker's lag once a

@@ -5,11 +5,13 @@ Spans, following the OpenTelemetry messaging conventions:
 
 * ``{topic} process`` (CONSUMER), one per message, child of the record's ``traceparent`` header when it has a
   valid one (else the root of a new trace). It starts at the record's timestamp and ends when its output is
-  acknowledged (exactly-once: committed), so its length is the ``e2e`` latency the SLO measures.
-  Children: ``queue`` (record timestamp → taken from the poll) and ``{output topic} publish`` (PRODUCER).
-* ``infer`` (INTERNAL), one per engine call, in a trace of its own with a **link** to each message span it
-  answered: one call serves N messages from N traces.
-* The output record's ``traceparent`` (and ``tracestate``) continue the message's trace from its publish span.
+  acknowledged (exactly-once: committed), so its length is the ``e2e`` latency the SLO measures. Its child
+  ``queue``: record timestamp → taken from the poll.
+* ``infer`` (INTERNAL), one per engine call, and ``{output topic} publish`` (PRODUCER), one per published poll
+  batch, each in a trace of its own with a **link** to every message span it served: one call serves N messages
+  from N traces (the messaging conventions' batch shape). Per message that is two spans, not four: the SDK
+  costs about 17 µs a span to record and 16 µs to encode.
+* The output record's ``traceparent`` (and ``tracestate``) continue the message's trace from its span.
 
 Spans go to an OTLP/HTTP endpoint through the SDK's batch processor (export off the event loop); a backend
 that is down costs dropped spans, never a stalled worker.
@@ -92,17 +94,20 @@ class Tracing:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error[:200]))
         span.end(end_time=end_ns)
 
-    def publish(self, parent, topic: str, headers: list) -> object:
-        """Start the publish span under a message span and point the output's ``traceparent`` at it."""
-        span = self.tracer.start_span(f"{topic} publish", context=self._trace.set_span_in_context(parent),
-                                      kind=self.PRODUCER,
-                                      attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
-                                                  "messaging.destination.name": topic})
+    def continue_in(self, span, headers: list) -> None:
+        """Point an output's ``traceparent`` (and ``tracestate``) at its message's span."""
         carrier: dict[str, str] = {}
         self.propagator.inject(carrier, context=self._trace.set_span_in_context(span))
         headers[:] = [(k, v) for k, v in headers if k not in _PROPAGATED]
         headers.extend((k, v.encode()) for k, v in carrier.items())
-        return span
+
+    def publish(self, topic: str, spans, n: int) -> object:
+        """The publish span of one poll batch's outputs, linked to the message spans (ended by ``end``)."""
+        return self.tracer.start_span(f"{topic} publish", context=None, kind=self.PRODUCER,
+                                      links=[self.Link(s.get_span_context()) for s in spans if s is not None],
+                                      attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
+                                                  "messaging.destination.name": topic,
+                                                  "messaging.batch.message_count": n})
 
     @staticmethod
     def end(spans, *, error: str | None = None) -> None:

@@ -1,6 +1,8 @@
 """Draining a backlog, measured: N records wait in the input topic, then one worker (``streamlabel run``) starts,
 once with backlog mode on and once off (``[backlog] enabled``), while a live producer adds records at a low rate.
-Prints JSON: the drain time of each run, the drain-time metric's estimate (``streamlabel_backlog_seconds``, read
+``--modes trace,off`` measures tracing's cost the same way (the service rate with spans exported to an OTLP
+receiver in this process, against none), ``--modes off,baseline --baseline DIR`` the cost of a change. Prints
+JSON: the drain time of each run, the drain-time metric's estimate (``streamlabel_backlog_seconds``, read
 ``--estimate-at`` seconds after the first answer) against the time the drain then actually took, and the p99
 latency of the live records during the drain; writes a PNG of the estimate against the actual remaining time.
 
@@ -73,17 +75,31 @@ async def fill(bootstrap: str, topic: str, n: int, tag: str) -> float:
     return time.perf_counter() - t0
 
 
-async def one(a, mode: str) -> dict:
+MODES = {  # label → environment of the worker
+    "on": {"STREAMLABEL_BACKLOG__ENABLED": "true"},
+    "off": {"STREAMLABEL_BACKLOG__ENABLED": "false"},
+    "trace": {"STREAMLABEL_BACKLOG__ENABLED": "false"},  # + STREAMLABEL_TRACING__OTLP_ENDPOINT: a receiver here
+    "baseline": {},  # the worker of another checkout (--baseline DIR), e.g. before a change
+}
+
+
+async def one(a, mode: str, receiver=None) -> dict:
     tag = uuid.uuid4().hex[:8]
     inp, out, dlq, group = f"bl-in-{tag}", f"bl-out-{tag}", f"bl-dlq-{tag}", f"bl-{tag}"
     await ensure_topics(a.bootstrap, [inp, dlq], partitions=a.partitions)
     await ensure_topics(a.bootstrap, [out], partitions=a.partitions, configs=LOG_APPEND)
     fill_s = await fill(a.bootstrap, inp, a.records, tag)
     port = free_port()
-    env = {**os.environ, "STREAMLABEL_MODEL__PATH": a.model, "STREAMLABEL_BACKLOG__ENABLED": str(mode == "on").lower(),
+    env = {**os.environ, **MODES[mode], "STREAMLABEL_MODEL__PATH": str(Path(a.model).resolve()),
            "STREAMLABEL_CACHE__ENABLED": "false", "STREAMLABEL_METRICS__PORT": str(port),
            "STREAMLABEL_LOG__FORMAT": "json", "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest",
            "STREAMLABEL_SLO__OBJECTIVE_MS": str(a.slo_ms)}
+    cwd = None
+    if mode == "trace":
+        env["STREAMLABEL_TRACING__OTLP_ENDPOINT"] = receiver.endpoint
+    if mode == "baseline":
+        cwd = a.baseline
+        env["PYTHONPATH"] = a.baseline
     work = Path(tempfile.mkdtemp(prefix="backlog-bench-"))
     log = open(work / "worker.log", "wb")
     consumer = AIOKafkaConsumer(out, bootstrap_servers=a.bootstrap, auto_offset_reset="earliest",
@@ -92,7 +108,7 @@ async def one(a, mode: str) -> dict:
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--bootstrap", a.bootstrap, "--input", inp,
                              "--output", out, "--dlq", dlq, "--group", group], env=env, stdout=subprocess.DEVNULL,
-                            stderr=log, start_new_session=True)
+                            stderr=log, start_new_session=True, cwd=cwd)
     live_sent = 0
     live_e2e: list[float] = []
     backlog_seen = 0
@@ -141,7 +157,11 @@ async def one(a, mode: str) -> dict:
     est = [(t, m) for t, m in samples if first is not None and t >= first + a.estimate_at and "backlog_seconds" in m]
     t_est, m_est = est[0] if est else (None, {})
     modes = sorted({m.get("backlog_mode") for _, m in samples if "backlog_mode" in m})
-    return {
+    spans = None
+    if receiver is not None:
+        spans = len(receiver.spans)
+        receiver.spans.clear()
+    return {"spans_received": spans,
         "mode": mode, "records": a.records, "fill_s": round(fill_s, 1),
         "startup_s": round(first - started, 1), "drain_s": round(drain_s, 1),
         "rate_per_s": round(a.records / drain_s, 1),
@@ -179,11 +199,25 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 async def main_async(a) -> dict:
-    results = [await one(a, mode) for mode in a.modes.split(",")]
+    modes = a.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or ("baseline" in modes and not a.baseline):
+        raise SystemExit(f"--modes: choose from {', '.join(MODES)} (baseline needs --baseline DIR); got {a.modes}")
+    receiver = None
+    if "trace" in modes:
+        from producers.bench.otlp import OtlpReceiver
+
+        receiver = OtlpReceiver().__enter__()
+    try:
+        results = [await one(a, mode, receiver if mode == "trace" else None) for mode in modes]
+    finally:
+        if receiver is not None:
+            receiver.__exit__(None, None, None)
     by = {r["mode"]: r for r in results}
     summary = {"results": results}
-    if "on" in by and "off" in by:
-        summary["drain_on_over_off"] = round(by["on"]["drain_s"] / by["off"]["drain_s"], 3)
+    for x, y in (("on", "off"), ("trace", "off"), ("off", "baseline")):
+        if x in by and y in by:  # a ratio of service rates measured in one run
+            summary[f"rate_{x}_over_{y}"] = round(by[x]["rate_per_s"] / by[y]["rate_per_s"], 3)
     return summary
 
 
@@ -195,7 +229,9 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--live-rate", type=float, default=20.0)
     ap.add_argument("--estimate-at", type=float, default=10.0)
-    ap.add_argument("--modes", default="on,off")
+    ap.add_argument("--modes", default="on,off", help="backlog mode on/off; trace: tracing on into a receiver here; "
+                    "baseline: the worker of --baseline DIR")
+    ap.add_argument("--baseline", default=None, help="a checkout (e.g. a git worktree) whose worker runs as 'baseline'")
     ap.add_argument("--slo-ms", type=float, default=100.0)
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--out", default=None, help="write the JSON here (and a PNG beside it)")

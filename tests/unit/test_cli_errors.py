@@ -153,6 +153,43 @@ def test_bad_config_file_is_one_line(capsys, tmp_path):
     assert rc == 2 and err.startswith(f"error: {cfg}: unknown key 'kafka.bootstrap_server'") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("env, line", [
+    ({"STREAMLABEL_FORMAT__INPUT": "avro"},
+     "error: defaults: format 'avro' needs a Schema Registry: 'format.registry_url' is not set "
+     "(e.g. [format] registry_url = \"http://schema-registry:8081\")"),
+    ({"STREAMLABEL_FORMAT__OUTPUT": "xml"},
+     "error: STREAMLABEL_FORMAT__OUTPUT: 'format.output' is 'xml'; allowed: 'json', 'avro', 'protobuf', 'json-schema'"),
+    ({"STREAMLABEL_FORMAT__INPUT": "protobuf", "STREAMLABEL_FORMAT__REGISTRY_URL": "registry:8081"},
+     "error: defaults: 'format.registry_url' must be an http:// or https:// URL, got 'registry:8081'"),
+    ({"STREAMLABEL_FORMAT__REGISTRY_URL": "http://r:8081", "STREAMLABEL_FORMAT__REGISTRY_USERNAME": "u"},
+     "error: defaults: registry basic auth needs both 'format.registry_username' and 'format.registry_password'"),
+    ({"STREAMLABEL_TRACING__OTLP_ENDPOINT": "collector:4318"},
+     "error: defaults: 'tracing.otlp_endpoint' must be an http:// or https:// URL (OTLP/HTTP), got 'collector:4318' "
+     "(e.g. http://otel-collector:4318)"),
+    ({"STREAMLABEL_BACKLOG__LAG_RECORDS": "0"}, "error: defaults: 'backlog.lag_records' must be positive, got 0"),
+])
+def test_format_tracing_and_backlog_settings_errors_are_one_line(capsys, monkeypatch, env, line):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc, out, err = run_main(capsys, "produce", "--count", "1")
+    assert (rc, err) == (2, line + "\n")
+
+
+def test_alerting_refuses_a_label_topic_it_cannot_read(capsys, monkeypatch):
+    monkeypatch.setenv("STREAMLABEL_FORMAT__OUTPUT", "avro")
+    monkeypatch.setenv("STREAMLABEL_FORMAT__REGISTRY_URL", "http://127.0.0.1:9")
+    from consumers.alerting import AlertingWorker
+    from pipeline.alerts import parse_rules
+    from pipeline.config import load_settings
+    from pipeline.errors import ConfigError
+
+    s = load_settings()
+    s = s.replace(alerting={"rules": parse_rules([{"name": "r", "kind": "share", "labels": ["negative"], "threshold": 0.5,
+                                                   "window_s": 60}], "test"), "state_redis_url": None})
+    with pytest.raises(ConfigError, match="reads JSON label records"):
+        AlertingWorker(s)
+
+
 # ------------------------------------------------------------------------------------------ demo model slots
 def test_demo_default_model_path_follows_the_preset():
     from pipeline.cli.demo import model_slot

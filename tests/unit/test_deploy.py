@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,18 @@ def test_kubernetes_manifests_validate_against_the_api_schemas():
 def test_keda_scaledobject_scales_on_consumer_lag_up_to_the_partitions():
     [so] = docs(DEPLOY / "k8s" / "keda.yaml")
     assert so["kind"] == "ScaledObject" and so["spec"]["scaleTargetRef"]["name"] == "streamlabel-worker"
-    [trig] = so["spec"]["triggers"]
+    trig, drain = so["spec"]["triggers"]
+    assert drain["type"] == "prometheus" and float(drain["metadata"]["threshold"]) > 0
+    assert "streamlabel_backlog_seconds" in drain["metadata"]["query"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert any(j["job_name"] == "streamlabel" for j in prom["scrape_configs"]), "the query's job label exists"
+    if shutil.which("promtool"):  # the query parses as PromQL (promtool checks it as a recording rule)
+        with tempfile.TemporaryDirectory() as tmp:
+            rules = Path(tmp) / "q.yml"
+            rules.write_text(yaml.safe_dump({"groups": [{"name": "q", "rules": [
+                {"record": "streamlabel:drain_seconds:max", "expr": drain["metadata"]["query"]}]}]}))
+            out = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+            assert out.returncode == 0, out.stdout + out.stderr
     assert trig["type"] == "kafka" and int(trig["metadata"]["lagThreshold"]) > 0
     cm = next(d for d in docs(DEPLOY / "k8s" / "worker.yaml") if d["kind"] == "ConfigMap")["data"]
     assert trig["metadata"]["consumerGroup"] == cm["STREAMLABEL_KAFKA__GROUP_ID"]

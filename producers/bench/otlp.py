@@ -1,4 +1,4 @@
-"""A small OTLP/HTTP trace receiver for the tracing tests: the SDK's real exporter posts protobuf
+"""A small OTLP/HTTP trace receiver (the tracing tests, and the benches that measure tracing): the SDK's real exporter posts protobuf
 ``ExportTraceServiceRequest`` bodies to ``/v1/traces`` here, as it would to an OpenTelemetry Collector.
 
 (No collector or Jaeger build installs from the package registries in CI time; the wire protocol, the
