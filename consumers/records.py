@@ -53,7 +53,10 @@ class RecordBuilder:
         self.output_limit = min(K.MAX_REQUEST_BYTES, output_limit or K.MAX_REQUEST_BYTES)
 
     def answer(self, tp: TopicPartition, r, ev: Event, answer: Prediction | Generation, now: int, wait: float) -> Output:
-        value = self.task.encode(ev, answer, wait_s=wait, now_ms=now, record_ts_ms=r.timestamp)
+        try:
+            value = self.task.encode(ev, answer, wait_s=wait, now_ms=now, record_ts_ms=r.timestamp)
+        except Exception as exc:  # noqa: BLE001 — an output schema (pipeline/registry.py) refusing a value: this record's
+            return self.dead_letter(tp, r, f"output encoding: {type(exc).__name__}: {str(exc)[:200]}")
         out = Output(self.output, r.key, value, list(r.headers) if r.headers else [],
                      lambda: self.fallback(tp, r, "publish: the output record is larger than the output topic allows "
                                                   "(input key and headers are kept on outputs)"))
