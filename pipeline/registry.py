@@ -85,14 +85,19 @@ class _Outage:
         self.url, self.log, self.counter = url, log, counter
         self.since: float | None = None
 
-    async def call(self, what: str, fn: Callable, Error):
+    async def call(self, what: str, fn: Callable, Error, give_up_s: float | None = None):
         delay = 0.1
+        end = None if give_up_s is None else time.monotonic() + give_up_s
         while True:
             try:
                 result = await fn()
             except Exception as exc:  # noqa: BLE001 — sorted below: transient (wait), else the caller's
                 if not _transient(exc, Error):
                     raise
+                if end is not None and time.monotonic() > end:
+                    raise ConfigError(f"the Schema Registry at {self.url} did not answer ({what}): "
+                                      f"{type(exc).__name__}: {str(exc)[:160]}", where="format.registry_url",
+                                      hint="check the URL and that the registry runs") from None
                 self.counter.inc()
                 if self.since is None:
                     self.since = time.monotonic()
@@ -482,15 +487,39 @@ def proto_schema(avro: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def input_schema(f: FormatSettings) -> dict:
+    """The Avro schema ``streamlabel produce`` and ``replay`` write input events with, under the field names the
+    worker is configured to read (``[format] text_field``, …); its Protobuf and JSON Schema twins follow."""
+    names = {"text": f.text_field, "id": f.id_field, "source": f.source_field, "entity": f.entity_field,
+             "ts": f.ts_field, "label": "label"}
+    dotted = [n for n in names.values() if "." in n]
+    if dotted or len(set(names.values())) < len(names):
+        raise ConfigError(f"produce and replay write flat records with distinct field names; got {sorted(names.values())}",
+                          where="[format] *_field", hint="use plain field names to produce, or produce with your own client")
+    opt = {"default": None}
+    return {"type": "record", "name": "TextEvent", "namespace": "streamlabel", "doc": "A text event to label.",
+            "fields": [{"name": names["text"], "type": "string"}]
+            + [{"name": names[k], "type": ["null", "string"], **opt} for k in ("id", "source", "entity")]
+            + [{"name": names["ts"], "type": ["null", "long"], **opt}, {"name": "label", "type": ["null", "string"], **opt}]}
+
+
+def input_record(doc: dict, f: FormatSettings) -> dict:
+    """A JSON input event (``pipeline.events.encode_input``'s fields) under the configured field names."""
+    names = {"text": f.text_field, "id": f.id_field, "source": f.source_field, "entity": f.entity_field,
+             "ts": f.ts_field, "label": "label"}
+    return {names[k]: doc.get(k) for k in names}
+
+
 class RegistryEncoder:
     """Output records → the Confluent wire format under the schema registered at ``start``."""
 
-    def __init__(self, fmt: str, f: FormatSettings, *, kind: str, log, waits, registry=None) -> None:
+    def __init__(self, fmt: str, f: FormatSettings, *, kind: str, log, waits, registry=None,
+                 schema: dict | None = None) -> None:
         _, self.Schema, self.Error, self.SchemaId = _libs()
         self.fmt, self.f, self.log = fmt, f, log
         self.url = f.registry_url
         self.client = registry or client(f)
-        self.avro = AVRO_LABEL if kind == "classify" else AVRO_GENERATION
+        self.avro = schema or (AVRO_LABEL if kind == "classify" else AVRO_GENERATION)
         self.outage = _Outage(self.url, log, waits)
         self.schema_id: int | None = None
         self.subject: str | None = None
@@ -500,8 +529,9 @@ class RegistryEncoder:
         record = f"{self.avro['namespace']}.{self.avro['name']}"
         return {"topic": f"{topic}-value", "record": record, "topic_record": f"{topic}-{record}"}[self.f.subject_strategy]
 
-    async def start(self, topic: str) -> int:
-        """Register the output schema (waiting out an outage); its id prefixes every record from now on."""
+    async def start(self, topic: str, give_up_s: float | None = None) -> int:
+        """Register the output schema (waiting out an outage, or up to ``give_up_s``); its id prefixes every record
+        from now on."""
         self.subject = self.subject_for(topic)
         if self.fmt == "avro":
             text = json.dumps(self.avro)
@@ -512,7 +542,8 @@ class RegistryEncoder:
         schema = self.Schema(text, SCHEMA_TYPES[self.fmt])
         try:
             sid = await self.outage.call(f"registering {self.subject}",
-                                         lambda: self.client.register_schema(self.subject, schema), self.Error)
+                                         lambda: self.client.register_schema(self.subject, schema), self.Error,
+                                         give_up_s)
         except self.Error as exc:
             if (err := _auth(exc, self.url)) is not None:
                 raise err from None

@@ -83,6 +83,25 @@ def produce_cmd(
          create=create_topics or s.topics.create, poisson=poisson, seed=seed, progress=True)
 
 
+async def registry_records(s: Settings, topic: str, recs):
+    """Register the input schema under the topic's subject, then encode each JSON input event with it."""
+    import orjson
+
+    from pipeline import logs
+    from pipeline.registry import RegistryEncoder, input_record, input_schema
+
+    class _Count:
+        def inc(self, n: int = 1) -> None:
+            pass
+
+    f = s.format
+    logs.configure(s.log.level, s.log.format)  # lifecycle lines to stderr: stdout is the JSON report
+    enc = RegistryEncoder(f.input, f, kind="input", log=logs.get("streamlabel.produce"), waits=_Count(),
+                          schema=input_schema(f))
+    await enc.start(topic, give_up_s=3 * f.registry_timeout_s)
+    return ((key, enc.encode(input_record(orjson.loads(value), f))) for key, value in recs)
+
+
 def send(where: str, s: Settings, topic: str, recs: Iterable[tuple[bytes | None, bytes]], *, rate: float,
          count: int | None, duration: float | None, create: bool, poisson: bool = True, seed: int = 0,
          progress: bool = False) -> None:
@@ -100,11 +119,14 @@ def send(where: str, s: Settings, topic: str, recs: Iterable[tuple[bytes | None,
         from producers.rate import producer_for_load, send_at_rate
 
         await require_topics(s, {"target": topic}, where=where, create=create)
+        records = recs
+        if s.format.input != "json":  # Avro / Protobuf / JSON Schema under the registry's id, as the workers read it
+            records = await registry_records(s, topic, recs)
         p = producer_for_load(s)
         await start_client(s, p, where)
         try:
             return await send_at_rate(
-                p, topic, recs, rate=rate, count=count, duration_s=duration, poisson=poisson, seed=seed, stop=stop,
+                p, topic, records, rate=rate, count=count, duration_s=duration, poisson=poisson, seed=seed, stop=stop,
                 on_progress=(lambda r: console.print(f"sent {r.sent}  {r.sent / r.seconds:7.1f}/s of "
                                                      f"{r.offered_rate:.0f}/s")) if progress else None)
         except KafkaError as exc:

@@ -171,3 +171,37 @@ async def _wait(cond, timeout: float) -> None:
         if asyncio.get_running_loop().time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.1)  # polling a condition with a deadline
+
+
+async def test_produce_writes_registry_records_the_worker_reads(kafka, names, engine, schema_registry):
+    """``streamlabel produce`` with a registry format registers its input schema as .proto source (what Java and Go
+    clients register) under the worker's field names; the worker reads it back; an unreachable registry is one line."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.cli.local_services import free_port
+
+    await ensure_topics(kafka.bootstrap, [names.input], partitions=2)
+    env = {**os.environ, "STREAMLABEL_FORMAT__INPUT": "protobuf", "STREAMLABEL_FORMAT__REGISTRY_URL": schema_registry.url,
+           "STREAMLABEL_FORMAT__TEXT_FIELD": "body", "STREAMLABEL_FORMAT__ID_FIELD": "msg_id"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "produce", "--count", "40", "--rate", "400", "--topic", names.input,
+           "--bootstrap", kafka.bootstrap]
+    done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["acked"] == 40
+    s = settings_for(kafka, names, format={"input": "protobuf", "registry_url": schema_registry.url,
+                                           "text_field": "body", "id_field": "msg_id"})
+    async with running_worker(s, engine) as w:
+        out = await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 40, 60)
+        assert w.dead_lettered == 0
+    assert len({json.loads(r.value)["id"] for r in out}) == 40, "JSON out, every produced id answered"
+    latest = _client(schema_registry.url).get_latest_version(f"{names.input}-value")
+    assert latest.schema.schema_type == "PROTOBUF" and "message TextEvent" in latest.schema.schema_str
+    assert "string body = 1;" in latest.schema.schema_str
+
+    env["STREAMLABEL_FORMAT__REGISTRY_URL"] = f"http://127.0.0.1:{free_port()}"
+    env["STREAMLABEL_FORMAT__REGISTRY_TIMEOUT_S"] = "0.5"
+    done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: format.registry_url: the Schema Registry at http://")
