@@ -69,25 +69,22 @@ class Tracing:
                         carrier[k] = v.decode("ascii", "replace")  # a bad value is ignored by the propagator
             ts_ns = int(getattr(r, "timestamp", 0) or 0) * 1_000_000
             start = ts_ns if 0 < ts_ns <= polled_ns else polled_ns
-            span = start_span(name, context=extract(carrier) if carrier else None, kind=kind, start_time=start,
-                              attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
-                                          "messaging.destination.name": topic,
-                                          "messaging.destination.partition.id": str(partition),
-                                          "messaging.kafka.offset": getattr(r, "offset", -1),
-                                          "messaging.consumer.group.name": self.group_id})
-            start_span("queue", context=set_in(span), start_time=start).end(end_time=polled_ns)
+            span = start_span(name, context=extract(carrier) if carrier else None, kind=kind, start_time=start)
+            if span.is_recording():  # a message the sampler left out costs no attributes and no child span
+                span.set_attributes({"messaging.system": "kafka", "messaging.operation.type": "process",
+                                     "messaging.destination.name": topic,
+                                     "messaging.destination.partition.id": str(partition),
+                                     "messaging.kafka.offset": getattr(r, "offset", -1),
+                                     "messaging.consumer.group.name": self.group_id})
+                start_span("queue", context=set_in(span), start_time=start).end(end_time=polled_ns)
             spans.append(span)
         return spans
-
-    def contexts(self, spans, index: list[int]) -> list:
-        """What an engine call links to: the span contexts of the messages at ``index``."""
-        return [spans[i].get_span_context() for i in index]
 
     def engine_call(self, links, start_ns: int, end_ns: int, *, rows: int, tokens: int, model: str,
                     error: str | None = None) -> None:
         """The ``infer`` span of one engine call, linked to every message it answered."""
         span = self.tracer.start_span("infer", context=None, start_time=start_ns,
-                                      links=[self.Link(c) for c in links if c is not None and c.is_valid],
+                                      links=[self.Link(c) for c in links if c is not None and c.trace_flags.sampled],
                                       attributes={"streamlabel.batch.rows": rows, "streamlabel.batch.tokens": tokens,
                                                   "streamlabel.model": model, "messaging.batch.message_count": rows})
         if error:
@@ -102,9 +99,10 @@ class Tracing:
         headers.extend((k, v.encode()) for k, v in carrier.items())
 
     def publish(self, topic: str, spans, n: int) -> object:
-        """The publish span of one poll batch's outputs, linked to the message spans (ended by ``end``)."""
+        """The publish span of one poll batch's outputs, linked to the sampled message spans (ended by ``end``)."""
         return self.tracer.start_span(f"{topic} publish", context=None, kind=self.PRODUCER,
-                                      links=[self.Link(s.get_span_context()) for s in spans if s is not None],
+                                      links=[self.Link(c) for s in spans if s is not None
+                                             and (c := s.get_span_context()).trace_flags.sampled],
                                       attributes={"messaging.system": "kafka", "messaging.operation.type": "send",
                                                   "messaging.destination.name": topic,
                                                   "messaging.batch.message_count": n})
@@ -113,7 +111,7 @@ class Tracing:
     def end(spans, *, error: str | None = None) -> None:
         now = time.time_ns()
         for s in spans:
-            if s is not None:
+            if s is not None and s.is_recording():
                 if error:
                     s.set_attribute("streamlabel.outcome", error)
                 s.end(end_time=now)

@@ -26,8 +26,7 @@ import uuid
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer
-
+from pipeline import kafka as K
 from pipeline.cli.local_services import free_port
 from pipeline.events import encode_input
 from producers.bench.harness import LOG_APPEND, pct
@@ -102,8 +101,7 @@ async def one(a, mode: str, receiver=None) -> dict:
         env["PYTHONPATH"] = a.baseline
     work = Path(tempfile.mkdtemp(prefix="backlog-bench-"))
     log = open(work / "worker.log", "wb")
-    consumer = AIOKafkaConsumer(out, bootstrap_servers=a.bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+    consumer = K.consumer(a.bootstrap, out, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--bootstrap", a.bootstrap, "--input", inp,

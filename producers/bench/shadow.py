@@ -4,6 +4,10 @@ rate near the machine's limit. Prints JSON: per run the served model's p50/p99 a
 for the shadow run what the shadow labelled, agreed on and dropped (from the worker's /metrics).
 
     python -m producers.bench.shadow --bootstrap 127.0.0.1:9092 --model models/sentiment-minilm --rate 400
+
+``--shadow-model models/reply-smollm2`` shadows with another artifact instead (named by path in the ``shadow``
+file); a generator there is served as a classifier of the served model's labels (``generate.labels``, with
+``--instruction``), which is how a label-constrained LLM is tried beside a trained classifier.
 """
 
 from __future__ import annotations
@@ -44,7 +48,13 @@ async def one(a, src: Path, shadow: bool) -> dict:
     name_dir = work / "m"
     name_dir.mkdir()
     publish(src, name_dir, 1)
-    if shadow:
+    extra = {}
+    if shadow and a.shadow_model:
+        (name_dir / "current").write_text("1")
+        (name_dir / "shadow").write_text(str(resolve_artifact_dir(a.shadow_model).resolve()))
+        labels = json.loads((src / "manifest.json").read_text())["labels"]
+        extra = {"STREAMLABEL_GENERATE__LABELS": json.dumps(labels), "STREAMLABEL_GENERATE__INSTRUCTION": a.instruction}
+    elif shadow:
         publish(src, name_dir, 2)
         (name_dir / "current").write_text("1")
         (name_dir / "shadow").write_text("2")
@@ -56,7 +66,7 @@ async def one(a, src: Path, shadow: bool) -> dict:
     env = {**os.environ, "STREAMLABEL_MODEL__PATH": str(name_dir), "STREAMLABEL_MODEL__FOLLOW": "true",
            "STREAMLABEL_MODEL__FOLLOW_INTERVAL_S": "0.5", "STREAMLABEL_CACHE__ENABLED": "false",
            "STREAMLABEL_METRICS__PORT": str(port), "STREAMLABEL_LOG__LEVEL": "warning",
-           "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest", "STREAMLABEL_SLO__OBJECTIVE_MS": str(a.slo_ms)}
+           "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest", "STREAMLABEL_SLO__OBJECTIVE_MS": str(a.slo_ms), **extra}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--bootstrap", a.bootstrap, "--input", inp,
                              "--output", out, "--dlq", dlq, "--group", group], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -67,7 +77,7 @@ async def one(a, src: Path, shadow: bool) -> dict:
             await (await p.send(inp, encode_input("probe", id="probe")))
             await read_until(a.bootstrap, [out], lambda r: any(b'"probe"' in x.value for x in r), 180)
             if shadow:  # the shadow is prepared (verified, loaded, warmed) before the load starts
-                for _ in range(600):
+                for _ in range(int(a.timeout_s * 5)):
                     if "streamlabel_shadow_latency_seconds_count" in (scrape(port) or "") and \
                             _shadow_counts(scrape(port))["agree"] + _shadow_counts(scrape(port))["disagree"] > 0:
                         break
@@ -112,7 +122,7 @@ async def run(a) -> dict:
     src = resolve_artifact_dir(a.model)
     plain = await one(a, src, False)
     shadowed = await one(a, src, True)
-    return {"model": json.loads((src / "manifest.json").read_text())["name"], "rate": a.rate,
+    return {"model": json.loads((src / "manifest.json").read_text())["name"], "shadow_model": a.shadow_model, "rate": a.rate,
             "seconds": a.seconds, "slo_ms": a.slo_ms, "without_shadow": plain, "with_shadow": shadowed}
 
 
@@ -123,6 +133,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=400.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--slo-ms", type=float, default=250.0)
+    ap.add_argument("--shadow-model", default=None, help="shadow with this artifact (default: the served one again)")
+    ap.add_argument("--instruction", default="Classify the sentiment of the message.",
+                    help="a generator shadow's instruction (generate.instruction)")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="the longest the shadow may take to start")
     print(json.dumps(asyncio.run(run(ap.parse_args())), indent=2))
 
 

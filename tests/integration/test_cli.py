@@ -36,8 +36,11 @@ class Running:
     """A CLI subprocess whose stderr is read as it comes, so a test can wait for a line (with a timeout)."""
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
+        # SIGINT back to its default in the child: a suite started as a background job of a script inherits it
+        # ignored, and the CLI keeps an ignored SIGINT ignored (as nohup asks), which is not what these tests test.
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
