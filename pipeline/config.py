@@ -103,6 +103,7 @@ class ModelSettings:
     cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)
     follow: bool = False  # hot swap: path is a name directory; serve its `current` version (else the newest) as it moves
     follow_interval_s: float = 5.0  # how often each worker looks at the name directory (follow)
+    shadow_topic: str | None = None  # follow: a shadow's answers beside the served ones go here too (best effort)
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,8 @@ def _check(s: Settings, where: str) -> None:
     if s.model.follow and (Path(s.model.path) / "manifest.json").is_file():
         raise ConfigError(f"'model.follow' needs model.path to be a name directory (models/NAME), not the version "
                           f"directory {s.model.path}", where=where, hint="e.g. path = \"models/sentiment-minilm\"")
+    if s.model.shadow_topic and s.model.shadow_topic in (s.topics.input, s.topics.output, s.topics.dlq):
+        raise ConfigError(f"'model.shadow_topic' must be a topic of its own, not {s.model.shadow_topic!r}", where=where)
     if s.model.follow_interval_s <= 0:
         raise ConfigError(f"'model.follow_interval_s' must be positive, got {s.model.follow_interval_s}", where=where)
     if not 0 < s.slo.target < 1:

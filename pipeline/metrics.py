@@ -40,7 +40,8 @@ class Metrics:
         self.model_swaps = Counter("streamlabel_model_swaps", "Hot swaps of the served model by result (switched, "
                                    "refused).", ["result"], registry=r)
         self.shadow = Counter("streamlabel_shadow", "Texts a shadow model labelled beside the served one, by result "
-                              "(agree, disagree, dropped).", ["result"], registry=r)
+                              "(agree, disagree, dropped; published, not_published: to model.shadow_topic).",
+                              ["result"], registry=r)
         self.shadow_confusion = Counter("streamlabel_shadow_confusion", "Served label against the shadow's label.",
                                         ["served", "shadow"], registry=r)
         self.shadow_latency = Histogram("streamlabel_shadow_latency_seconds", "Submission to answer of a shadow batch.",

@@ -1,6 +1,7 @@
 """A shadow model beside the served one (``pipeline/swap.py`` starts it from the followed directory): it labels the
 same texts off the critical path, behind its own batcher; its answers are compared with the served ones
-(agreement, per-class confusion, its latency as metrics), never published."""
+(agreement, per-class confusion, its latency as metrics). They are never published as answers; with
+``model.shadow_topic`` set, the worker's ``sink`` writes each comparison to that topic, best effort."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ import time
 class Shadow:
     """A shadow model beside the served one: compares answers, never publishes them."""
 
-    def __init__(self, engine, batcher, metrics=None) -> None:
+    def __init__(self, engine, batcher, metrics=None, sink=None) -> None:
         self.engine = engine
         self.batcher = batcher
         self.metrics = metrics
+        self.sink = sink  # sink(tags, served answers, shadow answers, shadow model id): the shadow topic's writer
         self.agree = self.disagree = self.dropped = 0
         self.confusion: dict[tuple[str, str], int] = {}
         self._tasks: set = set()
 
-    def offer(self, texts: list[str], served: list, primary) -> None:
+    def offer(self, texts: list[str], served: list, primary, tags: list | None = None) -> None:
         """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
         (counted) when anything waits in the served model's batcher or a batch waits in the shadow's."""
         import asyncio
@@ -34,11 +36,11 @@ class Shadow:
             return
         t0 = time.monotonic()
         fut = self.batcher.submit_many(texts)
-        task = asyncio.ensure_future(self._compare(fut, served, t0))
+        task = asyncio.ensure_future(self._compare(fut, served, t0, tags))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _compare(self, fut, served: list, t0: float) -> None:
+    async def _compare(self, fut, served: list, t0: float, tags: list | None = None) -> None:
         try:
             got = await fut
         except Exception:  # noqa: BLE001 — a failing shadow costs the stream nothing; counted as dropped
@@ -61,6 +63,8 @@ class Shadow:
                 m.shadow_confusion.labels(la, lb).inc()
         if m is not None:
             m.shadow_latency.observe(took)
+        if self.sink is not None and tags is not None:
+            self.sink(tags, served, got.results, getattr(self.engine, "model_id", "?"))
 
     @property
     def agreement(self) -> float | None:

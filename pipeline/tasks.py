@@ -59,6 +59,7 @@ class ClassifyTask:
 
     kind = "classify"
     dumps = staticmethod(orjson.dumps)  # the output record's encoding (pipeline/registry.py replaces it)
+    shadow_sink = None  # the worker's writer of model.shadow_topic (see Shadow.sink)
 
     def __init__(self, settings: Settings, engine, *, metrics=None, slo=None) -> None:
         b = settings.batching
@@ -123,7 +124,7 @@ class ClassifyTask:
                              max_wait_ms=self.scheduler.max_wait * 1000, concurrency=engine.sessions,
                              timeout_s=self.scheduler.timeout_s)
             b.start()
-            self.shadow = Shadow(engine, b, metrics)
+            self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink)
         return old
 
     @property

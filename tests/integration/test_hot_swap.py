@@ -17,7 +17,7 @@ from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from pipeline.metrics import Metrics
 from producers.rate import producer_for_load, send_at_rate
-from producers.topics import ensure_topics, produce
+from producers.topics import ensure_topics, produce, read_until
 
 from ..unit.test_swap import publish
 from .helpers import read_labels, settings_for
@@ -186,3 +186,41 @@ async def test_a_broken_candidate_is_refused_while_the_old_version_serves_and_ro
         w.engine.close()
     assert len(assignments) == 1, "no rebalance"
     assert sample("streamlabel_model_swaps_total", {"result": "switched"}) == 2
+
+
+async def test_a_shadow_writes_its_comparisons_to_the_shadow_topic(kafka, names, tiny_artifact, tmp_path):
+    """model.shadow_topic: each text the shadow labelled becomes one record there (the input key kept, both labels,
+    the shadow's model); the served outputs are unchanged and name the served version."""
+    name_dir = tmp_path / "models" / "tiny"
+    name_dir.mkdir(parents=True)
+    publish(tiny_artifact, name_dir, 1)
+    publish(tiny_artifact, name_dir, 2)
+    (name_dir / "current").write_text("1")
+    (name_dir / "shadow").write_text("2")
+    shadow_topic = f"shadow-{names.tag}"
+    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
+                                          "provider": "cpu", "shadow_topic": shadow_topic})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq, shadow_topic], partitions=2)
+    metrics = Metrics()
+    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, metrics), metrics=metrics)
+    run = asyncio.create_task(w.run())
+    try:
+        await asyncio.wait_for(w.ready.wait(), 60)
+        await wait_for(lambda: w.task.shadow is not None, 30, "the shadow")
+        for i in range(30):  # one at a time: the served batcher is idle, so the shadow is not dropped
+            await produce(kafka.bootstrap, names.input, [encode_input(f"text {i}", id=f"s{i}")], [f"k{i % 3}".encode()])
+            await read_labels(kafka.bootstrap, names.output, {f"s{i}"})
+        await wait_for(lambda: w.task.shadow.agree + w.task.shadow.dropped >= 30, 30, "the shadow's comparisons")
+        agreed = w.task.shadow.agree
+        shadowed = await read_until(kafka.bootstrap, [shadow_topic], lambda r: len(r) >= agreed, 30)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 60)
+        w.engine.close()
+    assert agreed >= 15, "most texts were compared, not dropped"
+    docs = [orjson.loads(r.value) for r in shadowed]
+    assert len({d["id"] for d in docs}) == len(docs) == agreed
+    for r, d in zip(shadowed, docs):
+        assert d["model"] == "tiny@2" and d["served_model"] == "tiny@1" and d["agree"] is True
+        assert d["label"] == d["served_label"] and r.key == f"k{int(d['id'][1:]) % 3}".encode()
+    assert metrics.shadow.labels("published")._value.get() == agreed
