@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from pipeline.metrics import Metrics
 from producers.rate import producer_for_load
@@ -18,15 +17,8 @@ from .helpers import running_worker, settings_for
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    eng = OnnxEngine(tiny_artifact, provider="cpu")
-    yield eng
-    eng.close()
-
-
 async def test_backlog_mode_on_while_draining_then_off(kafka, names, engine):
-    n = 20_000
+    n = 40_000
     await ensure_topics(kafka.bootstrap, [names.input], partitions=4)
     p = producer_for_load(kafka.bootstrap)
     await p.start()
@@ -37,8 +29,9 @@ async def test_backlog_mode_on_while_draining_then_off(kafka, names, engine):
     finally:
         await p.stop()
     metrics = Metrics()
+    # 40,000 records and a small in-flight bound: the drain lasts several lag samples (one a second; ~4 s here).
     s = settings_for(kafka, names, backlog={"enabled": True, "lag_records": 1000, "max_batch": 128},
-                     batching={"max_batch": 16})
+                     batching={"max_batch": 16}, worker={"max_inflight": 256, "commit_interval_ms": 100})
     async with running_worker(s, engine, metrics=metrics) as w:
         estimates = []
         end = asyncio.get_running_loop().time() + 120

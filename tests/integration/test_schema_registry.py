@@ -10,7 +10,6 @@ import struct
 import aiokafka
 import pytest
 
-from pipeline.engine import OnnxEngine
 from pipeline.metrics import Metrics
 from pipeline.registry import AVRO_LABEL, compile_proto, proto_schema
 from producers.topics import ensure_topics, read_until
@@ -26,13 +25,6 @@ USER_AVRO_V2 = {**USER_AVRO, "fields": USER_AVRO["fields"] + [{"name": "channel"
 USER_JSON = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
              "properties": {"body": {"type": "string"}, "msg_id": {"type": "string"}}, "required": ["body"]}
 USER_PROTO = 'syntax = "proto3";\npackage shop;\nmessage Message {\n  string body = 1;\n  string msg_id = 2;\n}\n'
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    eng = OnnxEngine(tiny_artifact, provider="cpu")
-    yield eng
-    eng.close()
 
 
 def _client(url):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import aiokafka
 import pytest
 
-from pipeline.engine import OnnxEngine
 from pipeline.events import encode_input
 from producers.topics import ensure_topics
 from producers.bench.otlp import OtlpReceiver
@@ -15,13 +14,6 @@ from .helpers import read_labels, running_worker, settings_for
 pytestmark = pytest.mark.integration
 
 CONSUMER, PRODUCER = 5, 4  # OTLP's SpanKind numbers (SPAN_KIND_CONSUMER, SPAN_KIND_PRODUCER)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    eng = OnnxEngine(tiny_artifact, provider="cpu")
-    yield eng
-    eng.close()
 
 
 async def test_three_traces_one_batch_links_and_continued_context(kafka, names, engine):

@@ -20,13 +20,6 @@ from .helpers import ids_of, read_labels, running_worker, settings_for
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    eng = OnnxEngine(tiny_artifact, provider="cpu")
-    yield eng
-    eng.close()
-
-
 async def test_every_id_labelled_key_order_and_headers_kept(kafka, names, engine):
     s = settings_for(kafka, names)
     n, keys = 400, 20
