@@ -5,6 +5,7 @@ partition's outputs name the old version up to a point and the new one after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 
@@ -32,29 +33,49 @@ async def wait_for(cond, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
-async def test_a_version_published_under_load_is_served_without_a_gap(kafka, names, tiny_artifact, tmp_path, delivery):
+def name_dir_with(tmp_path, artifact, versions=(1,), **files: str):
+    """A followed name directory holding ``versions`` of ``artifact`` and the control files given (current, …)."""
     name_dir = tmp_path / "models" / "tiny"
     name_dir.mkdir(parents=True)
-    publish(tiny_artifact, name_dir, 1)
-    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.2,
-                                          "provider": "cpu"}, worker={"commit_interval_ms": 100, "delivery": delivery})
-    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=4)
+    for v in versions:
+        publish(artifact, name_dir, v)
+    for name, text in files.items():
+        (name_dir / name).write_text(text)
+    return name_dir
+
+
+@contextlib.asynccontextmanager
+async def following_worker(kafka, names, name_dir, *, model=None, worker=None, topics=(), interval_s: float = 0.1):
+    """A worker following ``name_dir`` (serving version 1 at first), with its metrics and the assignments it saw."""
+    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": interval_s,
+                                          "provider": "cpu", **(model or {})},
+                     worker={"commit_interval_ms": 100, **(worker or {})})
+    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq, *topics], partitions=4)
     metrics = Metrics()
     w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, metrics), metrics=metrics)
-    assignments = []
+    w.assignments = []
     assigned = w._on_assigned
 
     async def counting(parts):
-        assignments.append(set(parts))
+        w.assignments.append(set(parts))
         await assigned(parts)
 
     w._on_assigned = counting
     run = asyncio.create_task(w.run())
-    n, rate = 1500, 250.0
     try:
         await asyncio.wait_for(w.ready.wait(), 60)
+        yield w
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 60)
+        w.engine.close()
 
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_version_published_under_load_is_served_without_a_gap(kafka, names, tiny_artifact, tmp_path, delivery):
+    name_dir = name_dir_with(tmp_path, tiny_artifact)
+    n, rate = 1500, 250.0
+    async with following_worker(kafka, names, name_dir, worker={"delivery": delivery}, interval_s=0.2) as w:
         def records():
             for i in range(n):
                 yield f"k{i % 16}".encode(), encode_input(f"swap text {i} about fees and delays", id=f"s{i}")
@@ -71,10 +92,7 @@ async def test_a_version_published_under_load_is_served_without_a_gap(kafka, nam
         finally:
             await p.stop()
         out = await read_labels(kafka.bootstrap, names.output, {f"s{i}" for i in range(n)}, timeout=90)
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 60)
-        w.engine.close()
+    assignments, metrics = w.assignments, w.metrics
     docs = [(r.partition, r.offset, orjson.loads(r.value)) for r in out]
     ids = [d["id"] for _, _, d in docs]
     assert rep.sent == n and len(ids) == n and set(ids) == {f"s{i}" for i in range(n)}, "none lost, none twice"
@@ -95,20 +113,9 @@ async def test_a_version_published_under_load_is_served_without_a_gap(kafka, nam
 async def test_a_canary_answers_its_share_of_keys_and_a_key_stays_on_one_model(kafka, names, tiny_artifact, tmp_path):
     from pipeline.swap import key_share
 
-    name_dir = tmp_path / "models" / "tiny"
-    name_dir.mkdir(parents=True)
-    publish(tiny_artifact, name_dir, 1)
-    publish(tiny_artifact, name_dir, 2)
-    (name_dir / "current").write_text("1")
-    (name_dir / "canary").write_text("2 0.5")
-    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
-                                          "provider": "cpu"})
-    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=4)
-    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, Metrics()))
-    run = asyncio.create_task(w.run())
+    name_dir = name_dir_with(tmp_path, tiny_artifact, (1, 2), current="1", canary="2 0.5")
     keys = [f"customer-{i}" for i in range(40)]
-    try:
-        await asyncio.wait_for(w.ready.wait(), 60)
+    async with following_worker(kafka, names, name_dir) as w:
         await wait_for(lambda: w.task.canary is not None, 30, "the canary")
         p = producer_for_load(kafka.bootstrap)
         await p.start()
@@ -119,10 +126,6 @@ async def test_a_canary_answers_its_share_of_keys_and_a_key_stays_on_one_model(k
         finally:
             await p.stop()
         out = await read_labels(kafka.bootstrap, names.output, {f"c{i}" for i in range(400)})
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 60)
-        w.engine.close()
     by_key = defaultdict(set)
     for r in out:
         by_key[r.key.decode()].add(orjson.loads(r.value)["model"])
@@ -137,24 +140,7 @@ async def test_a_broken_candidate_is_refused_while_the_old_version_serves_and_ro
     answering), a good one is served, and writing ``current`` back to 1 rolls back; one assignment throughout."""
     import json
 
-    name_dir = tmp_path / "models" / "tiny"
-    name_dir.mkdir(parents=True)
-    publish(tiny_artifact, name_dir, 1)
-    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
-                                          "provider": "cpu"})
-    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq], partitions=4)
-    metrics = Metrics()
-    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, metrics), metrics=metrics)
-    assignments = []
-    assigned = w._on_assigned
-
-    async def counting(parts):
-        assignments.append(set(parts))
-        await assigned(parts)
-
-    w._on_assigned = counting
-    run = asyncio.create_task(w.run())
-    sample = metrics.registry.get_sample_value
+    name_dir = name_dir_with(tmp_path, tiny_artifact)
     answered: dict[str, str] = {}
 
     async def batch(tag: str, n: int = 40) -> set[str]:
@@ -165,8 +151,8 @@ async def test_a_broken_candidate_is_refused_while_the_old_version_serves_and_ro
             answered[d["id"]] = d["model"]
         return {answered[i] for i in ids}
 
-    try:
-        await asyncio.wait_for(w.ready.wait(), 60)
+    async with following_worker(kafka, names, name_dir) as w:
+        sample = w.metrics.registry.get_sample_value
         assert await batch("a") == {"tiny@1"}
         bad = publish(tiny_artifact, name_dir, 2)
         onnx = bad / json.loads((bad / "manifest.json").read_text())["variants"]["int8"]["file"]
@@ -180,32 +166,17 @@ async def test_a_broken_candidate_is_refused_while_the_old_version_serves_and_ro
         (name_dir / "current").write_text("1")  # rollback
         await wait_for(lambda: w.task.model_id == "tiny@1", 60, "the rollback")
         assert await batch("d") == {"tiny@1"}
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 60)
-        w.engine.close()
-    assert len(assignments) == 1, "no rebalance"
+    assert len(w.assignments) == 1, "no rebalance"
     assert sample("streamlabel_model_swaps_total", {"result": "switched"}) == 2
 
 
 async def test_a_shadow_writes_its_comparisons_to_the_shadow_topic(kafka, names, tiny_artifact, tmp_path):
     """model.shadow_topic: each text the shadow labelled becomes one record there (the input key kept, both labels,
     the shadow's model); the served outputs are unchanged and name the served version."""
-    name_dir = tmp_path / "models" / "tiny"
-    name_dir.mkdir(parents=True)
-    publish(tiny_artifact, name_dir, 1)
-    publish(tiny_artifact, name_dir, 2)
-    (name_dir / "current").write_text("1")
-    (name_dir / "shadow").write_text("2")
+    name_dir = name_dir_with(tmp_path, tiny_artifact, (1, 2), current="1", shadow="2")
     shadow_topic = f"shadow-{names.tag}"
-    s = settings_for(kafka, names, model={"path": str(name_dir), "follow": True, "follow_interval_s": 0.1,
-                                          "provider": "cpu", "shadow_topic": shadow_topic})
-    await ensure_topics(kafka.bootstrap, [names.input, names.output, names.dlq, shadow_topic], partitions=2)
-    metrics = Metrics()
-    w = Worker(s, OnnxEngine(name_dir / "1", provider="cpu"), cache=make_cache(s.cache, metrics), metrics=metrics)
-    run = asyncio.create_task(w.run())
-    try:
-        await asyncio.wait_for(w.ready.wait(), 60)
+    async with following_worker(kafka, names, name_dir, model={"shadow_topic": shadow_topic},
+                                topics=[shadow_topic]) as w:
         await wait_for(lambda: w.task.shadow is not None, 30, "the shadow")
         for i in range(30):  # one at a time: the served batcher is idle, so the shadow is not dropped
             await produce(kafka.bootstrap, names.input, [encode_input(f"text {i}", id=f"s{i}")], [f"k{i % 3}".encode()])
@@ -213,10 +184,7 @@ async def test_a_shadow_writes_its_comparisons_to_the_shadow_topic(kafka, names,
         await wait_for(lambda: w.task.shadow.agree + w.task.shadow.dropped >= 30, 30, "the shadow's comparisons")
         agreed = w.task.shadow.agree
         shadowed = await read_until(kafka.bootstrap, [shadow_topic], lambda r: len(r) >= agreed, 30)
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 60)
-        w.engine.close()
+    metrics = w.metrics
     assert agreed >= 15, "most texts were compared, not dropped"
     docs = [orjson.loads(r.value) for r in shadowed]
     assert len({d["id"] for d in docs}) == len(docs) == agreed
