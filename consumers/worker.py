@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
-
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
@@ -32,6 +30,7 @@ from aiokafka.errors import (
 from consumers.delivery import AtLeastOnce, Batch, ExactlyOnce, Output
 from consumers.health import Health
 from consumers.records import RecordBuilder, record_bytes
+from consumers.shadow_topic import ShadowTopic
 from consumers.unreadable import Recovery, Unreadable
 from pipeline import kafka as K
 from pipeline import logs
@@ -92,8 +91,7 @@ class Worker:
             else:
                 self.log.warning("model_follow_ignored", reason="hot swap follows a single classifier, not "
                                  "a generator or a cascade", note="restart the workers to change the model")
-        self.shadow_out = None  # model.shadow_topic's producer, started in run()
-        self._shadow_sends: set[asyncio.Future] = set()
+        self.shadow_out: ShadowTopic | None = None  # model.shadow_topic's writer, started in run()
         self.decoder = self.encoder = None
         if settings.format.input != "json" or settings.format.output != "json":
             from pipeline.registry import open_formats
@@ -234,7 +232,11 @@ class Worker:
                                 self._supervise(self.health.lag_loop(), "lag")]
             if self.follower is not None:
                 if s.model.shadow_topic:
-                    await self._start_shadow_topic(s.model.shadow_topic)
+                    self.shadow_out = ShadowTopic(s, name=self.name, metrics=self.metrics)
+                    await self.shadow_out.start()
+                    self.task.shadow_sink = self.shadow_out.publish
+                    if self.task.shadow is not None:
+                        self.task.shadow.sink = self.shadow_out.publish
                 self._background.append(self._supervise(self.follower.run(), "model-follower"))
             self.batcher.task.add_done_callback(lambda task: self._background_done("batcher", task))
             try:
@@ -309,51 +311,9 @@ class Worker:
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown, max(0.5, min(5.0, deadline - time.monotonic())))
 
-    # ------------------------------------------------------------------------------------ the shadow's topic
-    async def _start_shadow_topic(self, topic: str) -> None:
-        """A producer of its own for ``model.shadow_topic``: comparisons, best effort, outside the delivery protocol
-        (a shadow's answer is never an answer the stream waits for)."""
-        s = self.s
-        await K.check_topics(s, {"shadow": topic}, create=s.topics.create, partitions=s.topics.partitions,
-                             replication_factor=s.topics.replication_factor)
-        self.shadow_out = K.producer(s, client_id=f"{s.kafka.client_id}-{self.name}-shadow", request_timeout_ms=30_000)
-        await asyncio.wait_for(self.shadow_out.start(), K.START_TIMEOUT_S)
-        self.task.shadow_sink = self._shadow_publish
-        if self.task.shadow is not None:
-            self.task.shadow.sink = self._shadow_publish
-
-    def _shadow_publish(self, tags, served, shadowed, shadow_model: str) -> None:
-        """One record per compared text: the shadow's label and scores beside the served ones (input key kept)."""
-        if self.shadow_out is None or self._stopping.is_set():
-            return
-        topic, now = self.s.model.shadow_topic, now_ms()
-        for (key, ev), a, b in zip(tags, served, shadowed):
-            if getattr(a, "label", None) is None or getattr(b, "label", None) is None:
-                continue
-            value = orjson.dumps({"id": ev.id, "label": b.label, "score": b.score, "scores": dict(b.scores),
-                                  "model": shadow_model, "served_label": a.label, "served_model": a.model,
-                                  "agree": a.label == b.label, "source": ev.source, "entity": ev.entity,
-                                  "produced_at": ev.produced_at, "labeled_at": now})
-            try:
-                fut = asyncio.ensure_future(self.shadow_out.send(topic, value, key=key))
-            except Exception:  # noqa: BLE001 — best effort: counted, never the stream's problem
-                self.metrics.shadow.labels("not_published").inc()
-                continue
-            self._shadow_sends.add(fut)
-            fut.add_done_callback(self._shadow_sent)
-
-    def _shadow_sent(self, fut: asyncio.Future) -> None:
-        self._shadow_sends.discard(fut)
-        ok = not fut.cancelled() and fut.exception() is None
-        self.metrics.shadow.labels("published" if ok else "not_published").inc()
-
     async def _close_clients(self, deadline: float) -> None:
         if self.shadow_out is not None:
-            out, self.shadow_out = self.shadow_out, None
-            try:
-                await asyncio.wait_for(out.stop(), max(0.5, min(5.0, deadline - time.monotonic())))
-            except (KafkaError, asyncio.TimeoutError, OSError):
-                pass
+            await self.shadow_out.stop(deadline)
         if self.delivery is not None:
             await self.delivery.stop_clients(deadline)
         if self.consumer is not None:
