@@ -23,8 +23,12 @@ USER_AVRO = {"type": "record", "name": "Message", "namespace": "shop", "fields":
     {"name": "ts", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}], "default": None}]}
 USER_AVRO_V2 = {**USER_AVRO, "fields": USER_AVRO["fields"] + [{"name": "channel", "type": "string", "default": "web"}]}
 USER_JSON = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-             "properties": {"body": {"type": "string"}, "msg_id": {"type": "string"}}, "required": ["body"]}
+             "properties": {"body": {"type": "string"}, "msg_id": {"type": "string"}}, "required": ["body"],
+             "additionalProperties": False}  # a closed content model: adding a property is a compatible change
 USER_PROTO = 'syntax = "proto3";\npackage shop;\nmessage Message {\n  string body = 1;\n  string msg_id = 2;\n}\n'
+USER_PROTO_V2 = USER_PROTO.replace("  string msg_id = 2;\n", "  string msg_id = 2;\n  string channel = 3;\n")
+USER_JSON_V2 = {**USER_JSON, "properties": {**USER_JSON["properties"], "channel": {"type": "string"}}}
+V2 = {"avro": USER_AVRO_V2, "protobuf": USER_PROTO_V2, "json-schema": USER_JSON_V2}
 
 
 def _client(url):
@@ -50,8 +54,8 @@ def _serializer(fmt: str, url: str, schema=None):
     if fmt == "avro":
         return AvroSerializer(c, json.dumps(schema or USER_AVRO)), dict
     if fmt == "json-schema":
-        return JSONSerializer(json.dumps(USER_JSON), c), dict
-    cls = _proto_class(USER_PROTO, "shop.Message")
+        return JSONSerializer(json.dumps(schema or USER_JSON), c), dict
+    cls = _proto_class(schema or USER_PROTO, "shop.Message")
     return ProtobufSerializer(cls, c, {"use.deprecated.format": False}), (lambda **kw: cls(**kw))
 
 
@@ -131,18 +135,19 @@ async def test_round_trip_and_bad_records_to_the_dlq(kafka, names, engine, schem
     assert f"{names.output}-value" in subjects, "the output schema is registered under TopicNameStrategy"
 
 
-async def test_schema_evolution_and_a_registry_outage_lose_nothing(kafka, names, engine, schema_registry):
+@pytest.mark.parametrize("fmt", ["avro", "protobuf", "json-schema"])
+async def test_schema_evolution_and_a_registry_outage_lose_nothing(kafka, names, engine, schema_registry, fmt):
     url = schema_registry.url
     await ensure_topics(kafka.bootstrap, [names.input], partitions=2)
-    v1 = await asyncio.to_thread(_encode, "avro", url, names.input,
-                                 [{"body": f"first version {i}", "msg_id": f"a{i}", "ts": None} for i in range(10)])
-    # A compatible new version (a field with a default): registered now, its records written later.
-    v2 = await asyncio.to_thread(_encode, "avro", url, names.input,
-                                 [{"body": f"second version {i}", "msg_id": f"b{i}", "ts": None, "channel": "app"}
-                                  for i in range(10)], USER_AVRO_V2)
+    v1 = await asyncio.to_thread(_encode, fmt, url, names.input,
+                                 [{"body": f"first version {i}", "msg_id": f"a{i}"} for i in range(10)])
+    # A compatible new version (one more field): registered now, its records written later.
+    v2 = await asyncio.to_thread(_encode, fmt, url, names.input,
+                                 [{"body": f"second version {i}", "msg_id": f"b{i}", "channel": "app"}
+                                  for i in range(10)], V2[fmt])
     assert v1[0][1:5] != v2[0][1:5], "two schema ids"
     metrics = Metrics()
-    s = _fmt_settings(kafka, names, schema_registry, "avro")
+    s = _fmt_settings(kafka, names, schema_registry, fmt)
     async with running_worker(s, engine, metrics=metrics) as w:
         await _produce(kafka.bootstrap, names.input, v1)
         await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 10, 60)
@@ -153,7 +158,7 @@ async def test_schema_evolution_and_a_registry_outage_lose_nothing(kafka, names,
         schema_registry.start()
         out = await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 20, 90)
         assert w.dead_lettered == 0
-    docs = await asyncio.to_thread(_decode_all, "avro", url, names.output, out)
+    docs = await asyncio.to_thread(_decode_all, fmt, url, names.output, out)
     assert sorted(d["id"] for d in docs) == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)])
 
 
