@@ -38,7 +38,7 @@ from pipeline.backlog import Backlog, Policy
 from pipeline.cache import Cache, NullCache, cache_key
 from pipeline.config import Settings
 from pipeline.errors import BadEvent, EngineFailure, PartitionClosed, StreamlabelError, WorkerError
-from pipeline.events import Event, decode_event, event_from_fields, now_ms
+from pipeline.events import Event, Generation, decode_event, event_from_fields, now_ms
 from pipeline.failpoints import Failpoints
 from pipeline.metrics import Metrics
 from pipeline.slo import STAGES, SloTracker
@@ -409,9 +409,12 @@ class Worker:
             outputs, answered, fresh = await self._outputs(tp, records, spans)
             if spans is not None:
                 out_topic = self.s.topics.output
+                now_ns = time.time_ns()
                 for i, o in enumerate(outputs):
                     if o.topic == out_topic:
                         self.tracing.continue_in(spans[i], o.headers)
+                        if self.task.kind == "generate" and isinstance(a := answered[2][i], Generation) and not a.cached:
+                            self.tracing.generation(spans[i], a, now_ns)
                 publishing = [self.tracing.publish(out_topic, spans, len(outputs))]
             if self.fail:
                 for _ in records:
@@ -539,11 +542,11 @@ class Worker:
             else:
                 outputs.append(self.records.dead_letter(tp, r, ev.reason))
                 dlq_reasons.append(ev.reason)
-        return outputs, (answered, dlq_reasons), fresh
+        return outputs, (answered, dlq_reasons, answers), fresh
 
-    def _count(self, answered: tuple[list[int], list[str]]) -> None:
+    def _count(self, answered: tuple[list[int], list[str], list]) -> None:
         """Counters and latency for one published batch (one metric call per kind, not per record)."""
-        labelled, reasons = answered
+        labelled, reasons, _ = answered
         if labelled:
             now = now_ms()
             e2e = [max(0, now - ts) for ts in labelled]

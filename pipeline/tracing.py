@@ -11,6 +11,9 @@ Spans, following the OpenTelemetry messaging conventions:
   batch, each in a trace of its own with a **link** to every message span it served: one call serves N messages
   from N traces (the messaging conventions' batch shape). Per message that is two spans, not four: the SDK
   costs about 17 µs a span to record and 16 µs to encode.
+* ``generate`` (INTERNAL), for a generator, one per generated answer, child of its message span: admitted →
+  last token, with the first token as an event. A generator's engine calls are decode steps shared by every row
+  of the batch, dozens per answer: one span each would cost more than the generation.
 * The output record's ``traceparent`` (and ``tracestate``) continue the message's trace from its span.
 
 Spans go to an OTLP/HTTP endpoint through the SDK's batch processor (export off the event loop); a backend
@@ -89,6 +92,19 @@ class Tracing:
                                                   "streamlabel.model": model, "messaging.batch.message_count": rows})
         if error:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error[:200]))
+        span.end(end_time=end_ns)
+
+    def generation(self, parent, answer, end_ns: int) -> None:
+        """The ``generate`` span of one generated answer, from its timings (admitted → first token → last)."""
+        if not parent.is_recording():
+            return
+        t = answer.timings
+        start = end_ns - int((t.ttft + t.decode) * 1e9)
+        span = self.tracer.start_span("generate", context=self._trace.set_span_in_context(parent), start_time=start,
+                                      attributes={"streamlabel.model": answer.model, "gen_ai.usage.output_tokens":
+                                                  answer.tokens, "gen_ai.response.finish_reasons": (answer.finish_reason,),
+                                                  "streamlabel.queue_ms": round(t.queue * 1000, 3)})
+        span.add_event("first_token", timestamp=start + int(t.ttft * 1e9))
         span.end(end_time=end_ns)
 
     def continue_in(self, span, headers: list) -> None:

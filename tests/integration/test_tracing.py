@@ -65,3 +65,34 @@ async def test_three_traces_one_batch_links_and_continued_context(kafka, names, 
     for r in out:  # the output's traceparent continues the message's trace from its span
         _, trace_id, span_id, _ = dict(r.headers)["traceparent"].decode().split("-")
         assert by_id[span_id].name == f"{names.input} process" and by_id[span_id].trace_id == trace_id
+
+
+async def test_a_generated_answer_gets_a_generate_span_under_its_message(kafka, names, tiny_generator):
+    from pipeline.generation import GenerativeModel
+
+    model = GenerativeModel(tiny_generator, variant="fp32", provider="cpu")
+    trace, parent = f"{0xbeef:032x}", f"{0xcafe:016x}"
+    try:
+        with OtlpReceiver() as otlp:
+            s = settings_for(kafka, names, tracing={"otlp_endpoint": otlp.endpoint}, slo={"objective_ms": 30_000},
+                             generate={"max_new_tokens": 6})
+            await ensure_topics(kafka.bootstrap, [names.input], partitions=1)
+            p = aiokafka.AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+            await p.start()
+            try:
+                await p.send(names.input, encode_input("my card was declined", id="g0"), key=b"k",
+                             headers=[("traceparent", f"00-{trace}-{parent}-01".encode())])
+                await p.flush()
+            finally:
+                await p.stop()
+            async with running_worker(s, model):
+                await read_labels(kafka.bootstrap, names.output, {"g0"})
+            spans = await otlp.wait_for(lambda got: any(sp.name == "generate" for sp in got))
+    finally:
+        model.close()
+    [msg] = [sp for sp in spans if sp.name == f"{names.input} process"]
+    [gen] = [sp for sp in spans if sp.name == "generate"]
+    assert msg.trace_id == trace and msg.parent_id == parent
+    assert gen.parent_id == msg.span_id and gen.trace_id == trace
+    assert 1 <= gen.attributes["gen_ai.usage.output_tokens"] <= 6 and gen.attributes["streamlabel.model"] == model.model_id
+    assert msg.start_ns <= gen.start_ns <= gen.end_ns <= msg.end_ns
