@@ -78,6 +78,20 @@ def _transient(exc: BaseException, Error) -> bool:
                                                                                                         "httpx2", "httpcore2")
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """A certificate the client does not trust (or a TLS version or cipher it cannot agree on): configuration,
+    not an outage that waiting would end."""
+    import ssl
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ssl.SSLError):
+            return getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 class _Outage:
     """Backoff and one log line per outage, for every registry call."""
 
@@ -92,6 +106,12 @@ class _Outage:
             try:
                 result = await fn()
             except Exception as exc:  # noqa: BLE001 — sorted below: transient (wait), else the caller's
+                if (tls := _tls_failure(exc)) is not None:
+                    raise ConfigError(f"the TLS handshake with the Schema Registry at {self.url} failed: {tls}",
+                                      where="format.registry_url",
+                                      hint="set format.registry_ca_file to the CA that signed the registry's "
+                                           "certificate (and registry_certfile/keyfile if it asks for a client "
+                                           "certificate)") from None
                 if not _transient(exc, Error):
                     raise
                 if end is not None and time.monotonic() > end:

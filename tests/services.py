@@ -69,7 +69,8 @@ class LocalRegistry:
 
     SCRIPT = os.path.join(os.path.dirname(__file__), "..", "deploy", "schema-registry", "registry.sh")
 
-    def __init__(self, workdir, bootstrap: str) -> None:
+    def __init__(self, workdir, bootstrap: str | None, *, tls: tuple[str, str] | None = None) -> None:
+        """``bootstrap`` None: in memory. ``tls``: (certificate, key) PEM files; HTTPS on ``self.tls_port`` too."""
         from pipeline.cli.local_services import free_port
 
         self.dir = str(workdir)
@@ -77,10 +78,18 @@ class LocalRegistry:
         self.topic = f"registry-{uuid.uuid4().hex[:8]}"
         self.port = free_port(pair=True)
         self.url = f"http://127.0.0.1:{self.port}/apis/ccompat/v7"
+        self.env = dict(os.environ)
+        if tls is not None:
+            self.tls_port = free_port()
+            self.https_url = f"https://127.0.0.1:{self.tls_port}/apis/ccompat/v7"
+            self.env["REGISTRY_EXTRA_OPTS"] = (f"-Dquarkus.http.ssl-port={self.tls_port} "
+                                               f"-Dquarkus.http.ssl.certificate.files={tls[0]} "
+                                               f"-Dquarkus.http.ssl.certificate.key-files={tls[1]}")
 
     def start(self) -> LocalRegistry:
-        subprocess.run([self.SCRIPT, "start", "--port", str(self.port), "--dir", self.dir, "--kafka", self.bootstrap,
-                        "--topic", self.topic], check=True, capture_output=True, timeout=180)
+        storage = ["--kafka", self.bootstrap, "--topic", self.topic] if self.bootstrap else []
+        subprocess.run([self.SCRIPT, "start", "--port", str(self.port), "--dir", self.dir, *storage], check=True,
+                       capture_output=True, timeout=180, env=self.env)
         return self
 
     def stop(self, kill: bool = False) -> None:

@@ -202,3 +202,40 @@ async def test_produce_writes_registry_records_the_worker_reads(kafka, names, en
     done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: format.registry_url: the Schema Registry at http://")
+
+
+async def test_a_registry_behind_tls(kafka, names, engine, tmp_path):
+    """https with format.registry_ca_file: produce and the worker both trust the registry; without the CA, one line
+    naming TLS and the setting to change (not a wait for an outage that never ends)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.faults.test_security import make_certs
+    from tests.services import LocalRegistry
+
+    certs = make_certs(tmp_path)
+    reg = LocalRegistry(tmp_path / "registry", None, tls=(certs["cert"], certs["key"])).start()
+    try:
+        await ensure_topics(kafka.bootstrap, [names.input], partitions=1)
+        env = {**os.environ, "STREAMLABEL_FORMAT__INPUT": "avro", "STREAMLABEL_FORMAT__REGISTRY_URL": reg.https_url,
+               "STREAMLABEL_FORMAT__REGISTRY_CA_FILE": certs["ca"]}
+        cmd = [sys.executable, "-m", "pipeline.cli", "produce", "--count", "10", "--rate", "200", "--topic",
+               names.input, "--bootstrap", kafka.bootstrap]
+        done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        s = settings_for(kafka, names, format={"input": "avro", "registry_url": reg.https_url,
+                                               "registry_ca_file": certs["ca"]})
+        async with running_worker(s, engine) as w:
+            out = await read_until(kafka.bootstrap, [names.output], lambda recs: len(recs) >= 10, 60)
+            assert w.dead_lettered == 0
+        assert len({json.loads(r.value)["id"] for r in out}) == 10
+
+        del env["STREAMLABEL_FORMAT__REGISTRY_CA_FILE"]
+        done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert last.startswith("error: format.registry_url: the TLS handshake with the Schema Registry") and \
+            "registry_ca_file" in last, last
+    finally:
+        reg.stop()
