@@ -522,7 +522,8 @@ class Worker:
 
         if self.follower is not None and task.shadow is not None and good:
             tags = [(records[i].key, events[i]) for i in good] if self.shadow_out is not None else None
-            task.shadow.offer([texts[i] for i in good], [answers[i] for i in good], self.batcher, tags)
+            slack = min(deadlines[i] for i in good) - time.time()
+            task.shadow.offer([texts[i] for i in good], [answers[i] for i in good], self.batcher, tags, slack)
         if keys and task.cache_namespace != namespace:
             keys = {}  # the model was swapped meanwhile: these keys name the old version, the answers may be the new's
         outputs: list[Output] = []

@@ -11,8 +11,9 @@ import time
 class Shadow:
     """A shadow model beside the served one: compares answers, never publishes them."""
 
-    def __init__(self, engine, batcher, metrics=None, sink=None) -> None:
+    def __init__(self, engine, batcher, metrics=None, sink=None, guard_s: float = 0.0) -> None:
         self.engine = engine
+        self.guard_s = guard_s  # drop unless the served answers just given had this much of their deadline left
         self.batcher = batcher
         self.metrics = metrics
         self.sink = sink  # sink(tags, served answers, shadow answers, shadow model id): the shadow topic's writer
@@ -20,16 +21,21 @@ class Shadow:
         self.confusion: dict[tuple[str, str], int] = {}
         self._tasks: set = set()
 
-    def offer(self, texts: list[str], served: list, primary, tags: list | None = None) -> None:
+    def offer(self, texts: list[str], served: list, primary, tags: list | None = None,
+              slack_s: float | None = None) -> None:
         """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
-        (counted) when anything waits in the served model's batcher or a batch waits in the shadow's."""
+        (counted) when anything waits in the served model's batcher, a batch waits in the shadow's, or the served
+        answers just given had less than ``guard_s`` of their deadline left (``slack_s``: the least of theirs)."""
         import asyncio
 
         if not texts:
             return
         # Only when the served model has nothing waiting and the shadow has less than a batch queued: on shared
         # cores any shadow work is time the served model does not get.
-        if primary.waiting() > 0 or self.batcher.waiting() >= self.batcher.max_batch:
+        # And only while the served path runs with room to spare: a shadow call on shared cores slows the served
+        # calls that start meanwhile, so it must stop before the served latency nears the objective, not after.
+        if primary.waiting() > 0 or self.batcher.waiting() >= self.batcher.max_batch or \
+                (slack_s is not None and slack_s < self.guard_s):
             self.dropped += len(texts)
             if self.metrics is not None:
                 self.metrics.shadow.labels("dropped").inc(len(texts))

@@ -66,6 +66,7 @@ class ClassifyTask:
         self.engine = engine
         self.model_id = engine.model_id
         self.cache_namespace = engine.model_id
+        self.objective_ms = settings.slo.objective_ms
         self.scheduler = MicroBatcher(engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_wait_ms=b.max_wait_ms,
                                       metrics=metrics, concurrency=b.engine_concurrency or engine.sessions, slo=slo,
                                       timeout_s=b.engine_timeout_s)
@@ -124,7 +125,7 @@ class ClassifyTask:
                              max_wait_ms=self.scheduler.max_wait * 1000, concurrency=engine.sessions,
                              timeout_s=self.scheduler.timeout_s)
             b.start()
-            self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink)
+            self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink, guard_s=self.objective_ms / 2000.0)
         return old
 
     @property

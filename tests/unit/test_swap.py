@@ -172,6 +172,10 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         assert sum(task.shadow.confusion.values()) == 4
         task.shadow.offer(texts, served, BackedUp())
         assert task.shadow.dropped == 4 and sample("streamlabel_shadow_total", {"result": "dropped"}) == 4
+        guard = task.shadow.guard_s
+        assert guard == task.objective_ms / 2000, "half the objective"
+        task.shadow.offer(texts, served, Idle(), slack_s=guard * 0.9)  # the served path runs close to its objective
+        assert task.shadow.dropped == 8, "dropped while the served answers had less than half their deadline left"
         (name_dir / "shadow").unlink()
         await f.check()
         assert task.shadow is None
