@@ -89,6 +89,9 @@ class MicroBatcher:
         self._closed = False
         self._call_s = 0.0  # running average of an engine call's duration
         self.tracer = None  # pipeline.tracing.Tracing when tracing is on: a span per engine call
+        self._concurrency = concurrency
+        self._busy_s = 0.0  # seconds of engine calls, summed (utilization)
+        self._util_t0, self._util_busy0, self._util = time.monotonic(), 0.0, 0.0
         self._fit = [0.0] * 5  # weighted sums for the call-cost fit: n, Σtokens, Σseconds, Σtokens², Σtokens·seconds
         self.batches = 0
         self.coalesced = 0
@@ -120,6 +123,17 @@ class MicroBatcher:
 
     def waiting(self) -> int:
         return len(self._ontime) + len(self._late)
+
+    def utilization(self) -> float:
+        """The share of the engine's slots busy with calls, smoothed over the last second or so (0 to 1). Sampled
+        every quarter second, so a load that arrives at once shows within one (a shadow gives way that soon)."""
+        now = time.monotonic()
+        span = now - self._util_t0
+        if span >= 0.25:
+            instant = min(1.0, (self._busy_s - self._util_busy0) / (span * self._concurrency))  # calls ended since
+            self._util = instant if self._util == 0.0 else 0.5 * self._util + 0.5 * instant
+            self._util_t0, self._util_busy0 = now, self._busy_s
+        return self._util
 
     # -- admission ------------------------------------------------------------------------------------
     def submit_many(self, texts: Sequence[str], deadlines: Sequence[float] | None = None, *,
@@ -474,6 +488,7 @@ class MicroBatcher:
                                     hint="the engine breaks its contract: one answer per text"), batch)
             return
         self._call_s = took if not self.batches else 0.8 * self._call_s + 0.2 * took
+        self._busy_s += took
         self._learn(len(batch) * max(it.width for it in batch), took)
         self.batches += 1
         if self.metrics is not None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 
 
+UTILIZATION_MAX = 0.4  # the served engine busier than this (share of its slots, last second): no shadow work
+
+
 class Shadow:
     """A shadow model beside the served one: compares answers, never publishes them."""
 
@@ -33,9 +36,10 @@ class Shadow:
         # Only when the served model has nothing waiting and the shadow has less than a batch queued: on shared
         # cores any shadow work is time the served model does not get.
         # And only while the served path runs with room to spare: a shadow call on shared cores slows the served
-        # calls that start meanwhile, so it must stop before the served latency nears the objective, not after.
+        # calls that start meanwhile, so it must stop before the served latency nears the objective, not after:
+        # its budget is the served engine's idle time (busy under UTILIZATION_MAX of the last second).
         if primary.waiting() > 0 or self.batcher.waiting() >= self.batcher.max_batch or \
-                (slack_s is not None and slack_s < self.guard_s):
+                (slack_s is not None and slack_s < self.guard_s) or primary.utilization() > UTILIZATION_MAX:
             self.dropped += len(texts)
             if self.metrics is not None:
                 self.metrics.shadow.labels("dropped").inc(len(texts))

@@ -364,3 +364,41 @@ def test_the_engine_reports_its_host_time_outside_onnx_runtime(tiny_artifact):
         assert eng.host_stats[0][0] == 128 and 0 < us < 1000
     finally:
         eng.close()
+
+
+async def test_utilization_is_the_busy_share_of_the_engine_slots():
+    import time as _time
+
+    class Slow:
+        call_overhead_tokens = 1
+        model_id = "slow@1"
+
+        def width(self, n):
+            return n
+
+        def tokenize(self, texts):
+            from pipeline.engine import Tokens
+
+            return [Tokens([1, 2], 2, False) for _ in texts]
+
+        async def infer(self, batch):
+            import asyncio as _asyncio
+
+            await _asyncio.sleep(0.2)  # a model call that takes 200 ms (the engine's stand-in)
+            from pipeline.events import Prediction
+
+            return [Prediction("a", 1.0, {"a": 1.0}, "slow@1") for _ in batch]
+
+    from pipeline.batcher import MicroBatcher
+
+    b = MicroBatcher(Slow(), max_batch=4, concurrency=2)
+    b.start()
+    try:
+        assert b.utilization() == 0.0
+        t0 = _time.monotonic()
+        for _ in range(5):  # five sequential calls of 0.2 s on one of two slots: busy about half the time
+            await b.submit_many([f"t{_}"])
+        assert _time.monotonic() - t0 >= 1.0
+        assert 0.3 < b.utilization() <= 0.55
+    finally:
+        await b.close()

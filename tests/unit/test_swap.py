@@ -157,9 +157,16 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
             def waiting(self):
                 return 0
 
+            def utilization(self):
+                return 0.0
+
         class BackedUp(Idle):
             def waiting(self):
                 return 64
+
+        class Busy(Idle):
+            def utilization(self):
+                return 0.9
 
         task.shadow.offer(texts, served, Idle())
         deadline = asyncio.get_running_loop().time() + 10
@@ -176,6 +183,8 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         assert guard == task.objective_ms / 2000, "half the objective"
         task.shadow.offer(texts, served, Idle(), slack_s=guard * 0.9)  # the served path runs close to its objective
         assert task.shadow.dropped == 8, "dropped while the served answers had less than half their deadline left"
+        task.shadow.offer(texts, served, Busy())
+        assert task.shadow.dropped == 12, "dropped while the served engine was busy most of the last second"
         (name_dir / "shadow").unlink()
         await f.check()
         assert task.shadow is None
@@ -205,6 +214,9 @@ async def test_a_generator_served_as_a_classifier_can_shadow_the_classifier(name
 
             def waiting(self):
                 return 0
+
+            def utilization(self):
+                return 0.0
 
         task.shadow.offer(texts, task.engine.predict_sync(texts), Idle())
         deadline = asyncio.get_running_loop().time() + 20
