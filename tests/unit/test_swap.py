@@ -134,6 +134,18 @@ async def test_the_canary_file_starts_moves_and_ends_a_canary(name_dir, tiny_art
         task.scheduler.engine.close()
 
 
+class Idle:
+    """The served batcher as a shadow sees it: nothing waiting, the engine idle."""
+
+    max_batch = 64
+
+    def waiting(self):
+        return 0
+
+    def utilization(self):
+        return 0.0
+
+
 async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_served_one_is_backed_up(name_dir, tiny_artifact):
     import asyncio
 
@@ -150,15 +162,6 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         assert task.shadow is not None and task.shadow.engine.model_id == "tiny@2" and task.model_id == "tiny@1"
         texts = ["great service", "awful delay", "the meeting is at noon", "fine"]
         served = task.engine.predict_sync(texts)
-
-        class Idle:
-            max_batch = 64
-
-            def waiting(self):
-                return 0
-
-            def utilization(self):
-                return 0.0
 
         class BackedUp(Idle):
             def waiting(self):
@@ -208,15 +211,6 @@ async def test_a_generator_served_as_a_classifier_can_shadow_the_classifier(name
         await f.check()
         assert task.shadow is not None and task.shadow.engine.model_id.endswith(":choice")
         texts = ["great service", "awful delay", "the meeting is at noon"]
-
-        class Idle:
-            max_batch = 64
-
-            def waiting(self):
-                return 0
-
-            def utilization(self):
-                return 0.0
 
         task.shadow.offer(texts, task.engine.predict_sync(texts), Idle())
         deadline = asyncio.get_running_loop().time() + 20
