@@ -39,6 +39,7 @@ from pipeline.errors import BadEvent, ConfigError
 SCHEMA_TYPES = {"avro": "AVRO", "protobuf": "PROTOBUF", "json-schema": "JSON"}
 UNKNOWN_ID_TTL_S = 30.0  # an id the registry did not know is asked again after this long (it may be registered since)
 BACKOFF_MAX_S = 5.0
+MAX_SCHEMAS = 10_000  # schema ids remembered; past it the unknown ones are forgotten (asked again if seen again)
 _FIELDS = ("text", "id", "source", "entity", "ts", "label")
 
 
@@ -172,6 +173,9 @@ class RegistryDecoder:
         missing = {h[0] for h in heads if not isinstance(h, BadEvent)}
         missing = {i for i in missing if not (i in self.readers and not (isinstance(self.readers[i], _Unknown)
                                                                           and self.readers[i].until <= now))}
+        if len(self.readers) + len(missing) > MAX_SCHEMAS:  # junk ids must not grow memory without bound
+            for sid in [k for k, r in self.readers.items() if isinstance(r, _Unknown)]:
+                del self.readers[sid]
         for sid in sorted(missing):
             self.readers[sid] = await self._reader(sid)
         out: list[dict | BadEvent] = []
