@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import orjson
+
 from pipeline import kafka as K
-from pipeline.cli.local_services import free_port
 from pipeline.events import encode_input
-from producers.bench.harness import LOG_APPEND, pct
+from producers.bench.harness import LOG_APPEND, WorkerProcess, free_port, pct, scrape
 from producers.rate import producer_for_load
 from producers.synthetic import Generator
 from producers.topics import ensure_topics
@@ -38,10 +34,10 @@ _METRIC = re.compile(r"^(streamlabel_backlog_seconds|streamlabel_backlog_mode|st
                      re.M)
 
 
-def scrape(port: int) -> dict:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
+def gauges(port: int) -> dict:
+    """The drain-time gauges and the summed lag from the worker's /metrics ({} while it cannot be read)."""
+    text = scrape(port, timeout=2)
+    if text is None:
         return {}
     got = {"lag": 0.0}
     for name, _, value in _METRIC.findall(text):
@@ -89,24 +85,15 @@ async def one(a, mode: str, receiver=None) -> dict:
     await ensure_topics(a.bootstrap, [out], partitions=a.partitions, configs=LOG_APPEND)
     fill_s = await fill(a.bootstrap, inp, a.records, tag)
     port = free_port()
-    env = {**os.environ, **MODES[mode], "STREAMLABEL_MODEL__PATH": str(Path(a.model).resolve()),
-           "STREAMLABEL_CACHE__ENABLED": "false", "STREAMLABEL_METRICS__PORT": str(port),
-           "STREAMLABEL_LOG__FORMAT": "json", "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest",
+    env = {**MODES[mode], "STREAMLABEL_CACHE__ENABLED": "false", "STREAMLABEL_METRICS__PORT": str(port),
            "STREAMLABEL_SLO__OBJECTIVE_MS": str(a.slo_ms)}
-    cwd = None
     if mode == "trace":
         env["STREAMLABEL_TRACING__OTLP_ENDPOINT"] = receiver.endpoint
-    if mode == "baseline":
-        cwd = a.baseline
-        env["PYTHONPATH"] = a.baseline
-    work = Path(tempfile.mkdtemp(prefix="backlog-bench-"))
-    log = open(work / "worker.log", "wb")
     consumer = K.consumer(a.bootstrap, out, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--bootstrap", a.bootstrap, "--input", inp,
-                             "--output", out, "--dlq", dlq, "--group", group], env=env, stdout=subprocess.DEVNULL,
-                            stderr=log, start_new_session=True, cwd=cwd)
+    worker = WorkerProcess(a.bootstrap, str(Path(a.model).resolve()), (inp, out, dlq), group, extra_env=env,
+                           cwd=a.baseline if mode == "baseline" else None)
     live_sent = 0
     live_e2e: list[float] = []
     backlog_seen = 0
@@ -125,7 +112,7 @@ async def one(a, mode: str, receiver=None) -> dict:
                 live_sent += 1
                 next_live += 1.0 / a.live_rate
             if now >= next_scrape:
-                samples.append((now, await asyncio.to_thread(scrape, port)))
+                samples.append((now, await asyncio.to_thread(gauges, port)))
                 next_scrape = now + 1.0
             batches = await consumer.getmany(timeout_ms=50, max_records=20_000)
             for recs in batches.values():
@@ -144,12 +131,7 @@ async def one(a, mode: str, receiver=None) -> dict:
     finally:
         await p.stop()
         await consumer.stop()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        worker.stop()
     print(file=sys.stderr)
     drain_s = last_backlog - first
     est = [(t, m) for t, m in samples if first is not None and t >= first + a.estimate_at and "backlog_seconds" in m]

@@ -153,7 +153,8 @@ class WorkerProcess:
 
     def __init__(self, bootstrap: str, artifact: str, topics: tuple[str, str, str], group: str, *,
                  variant: str | None = None, redis_url: str | None = None, extra_env: dict | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, cwd: str | None = None) -> None:
+        """``cwd``: run the worker of another checkout (a worktree of an older commit: a baseline)."""
         env = {**os.environ, "STREAMLABEL_METRICS__PORT": "none", "STREAMLABEL_LOG__FORMAT": "json",
                "STREAMLABEL_LOG__LEVEL": "warning", "STREAMLABEL_CACHE__REDIS_URL": redis_url or "none",
                "STREAMLABEL_KAFKA__AUTO_OFFSET_RESET": "earliest", **(extra_env or {})}
@@ -161,8 +162,10 @@ class WorkerProcess:
             env["STREAMLABEL_MODEL__VARIANT"] = variant
         cmd = command or [sys.executable, "-m", "pipeline.cli", "run", "--model", artifact, "--bootstrap", bootstrap,
                           "--input", topics[0], "--output", topics[1], "--dlq", topics[2], "--group", group]
+        if cwd is not None:
+            env["PYTHONPATH"] = cwd
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=cwd)
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:
