@@ -51,8 +51,12 @@ class Timings:
 NO_TIMINGS = Timings()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prediction:
+    """A classifier's answer. Treated as immutable (copies are made with ``dataclasses.replace``); not declared
+    frozen because a frozen dataclass is built field by field through ``object.__setattr__``: 0.65 against 0.13 µs
+    per answer, measured here, on a path that builds one per text."""
+
     label: str
     score: float
     scores: Mapping[str, float]

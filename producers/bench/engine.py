@@ -31,7 +31,8 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
     groups (``MicroBatcher.submit_many``: tokenized once at admission), the batcher forms its runs of similar
     length, the engine pads each to its own longest and runs it on its thread. A backlog, so every engine call
     is as full as the batcher makes it. Same texts, warm-up and session options as ``ceiling_throughput``.
-    ``stats``: filled with ``host_us_per_text``, the engine's time per text outside the ONNX Runtime call."""
+    ``stats``: filled with ``host_us_per_text``, the engine's time per text outside the ONNX Runtime call, and
+    ``host_cpu_us_per_text``, the CPU time of that work (the wall time also counts waiting for a core or the GIL)."""
     from pipeline.batcher import MicroBatcher
     from pipeline.engine import OnnxEngine
 
@@ -61,6 +62,7 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
         rate = asyncio.run(go())
         if stats is not None and hasattr(eng, "host_us_per_text"):  # a cascade: two engines, no one figure
             stats["host_us_per_text"] = eng.host_us_per_text()
+            stats["host_cpu_us_per_text"] = eng.host_us_per_text(cpu=True)
         return rate
     finally:
         eng.close()
@@ -163,13 +165,15 @@ def measure(artifact: str, *, variant: str | None, provider: str, batches: Seque
         row["engine_msgs_per_s"] = round(engine_throughput(artifact, texts, variant=variant, batch=b,
                                                            seconds=seconds, provider=provider, stats=stats), 1)
         row["engine_host_us_per_text"] = stats.get("host_us_per_text")
+        row["engine_host_cpu_us_per_text"] = stats.get("host_cpu_us_per_text")
         row["engine_vs_ceiling"] = round(row["engine_msgs_per_s"] / row["ceiling_msgs_per_s"], 3)
         rows.append(row)
         if say is not None:
             say(f"batch {b}: ceiling {row['ceiling_msgs_per_s']:.0f}/s"
                 + (f" (IO binding {row['ceiling_iobinding_msgs_per_s']:.0f}/s)" if "ceiling_iobinding_msgs_per_s" in row else "")
                 + f", engine {row['engine_msgs_per_s']:.0f}/s, engine/ceiling {row['engine_vs_ceiling']:.2f}, "
-                  f"host time outside ORT {row['engine_host_us_per_text']} µs per text")
+                  f"host time outside ORT {row['engine_host_us_per_text']} µs per text "
+                  f"({row['engine_host_cpu_us_per_text']} µs of CPU)")
     return {"artifact": artifact, "variant": variant, "providers": providers, "available": available_providers(),
             "seconds_per_figure": seconds, "rows": rows, **_gpu_name(gpu)}
 

@@ -362,6 +362,50 @@ def test_the_engine_reports_its_host_time_outside_onnx_runtime(tiny_artifact):
         eng.infer_sync(toks)
         us = eng.host_us_per_text()
         assert eng.host_stats[0][0] == 128 and 0 < us < 1000
+        cpu = eng.host_us_per_text(cpu=True)
+        assert 0 < cpu < 1000
+    finally:
+        eng.close()
+
+
+def test_answers_built_from_arrays_equal_the_per_text_computation(tiny_artifact):
+    """The engine's answers come from array operations over the whole batch (softmax, argmax, rounding in place):
+    on 2,000 rows of logits, with exact ties and rows without tokens, each answer equals what a per-row computation
+    in plain Python gives: the same label (the model's first on a tie, as before rounding), the same rounded
+    scores, and ``NoTokens`` for the empty rows."""
+    import math
+
+    import numpy as np
+
+    from pipeline.engine import OnnxEngine
+    from pipeline.errors import NoTokens
+    from pipeline.events import Timings
+
+    eng = OnnxEngine(tiny_artifact, provider="cpu", sessions=1, warmup=False)
+    try:
+        k = len(eng.labels)
+        rng = np.random.default_rng(3)
+        logits = (rng.normal(size=(2000, k)) * 4).astype(np.float32)
+        logits[::7, 1] = logits[::7, 0]  # exact ties between the first two labels
+        logits[5] = 0.0  # every label tied
+        empty = np.zeros(2000, dtype=bool)
+        empty[[3, 999, 1999]] = True
+        t = Timings(infer=0.01)
+        got = eng.answers(logits, empty, t)
+        assert len(got) == 2000
+        for i, (row, a) in enumerate(zip(logits.tolist(), got)):
+            if empty[i]:
+                assert isinstance(a, NoTokens)
+                continue
+            row = [float(np.float32(x)) for x in row]
+            m = max(row)
+            e = [math.exp(x - m) for x in row]
+            probs = [x / sum(e) for x in e]
+            best = max(range(k), key=lambda j: (probs[j], -j))  # the first of equal scores
+            assert a.label == eng.labels[best], f"row {i}"
+            assert list(a.scores) == list(eng.labels)
+            assert all(abs(a.scores[lab] - round(p, 6)) <= 1e-9 for lab, p in zip(eng.labels, probs)), f"row {i}"
+            assert a.score == a.scores[a.label] and a.model == eng.model_id and a.timings is t and not a.cached
     finally:
         eng.close()
 
