@@ -60,8 +60,9 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     secs = 4 if quick else 8
     with console.status("ORT ceiling and raw engine throughput (no Kafka)…"):
         # In a thread: the loop stays free to take a Ctrl-C (the measurement finishes in seconds anyway).
+        ceiling_stats: dict = {}
         ceiling = await asyncio.to_thread(L.ceiling_throughput, str(art), texts, variant=variant, batch=max_batch,
-                                          seconds=secs)
+                                          seconds=secs, stats=ceiling_stats)
         # The engine runs session replicas (model.sessions): also plain ORT's usual set-up, one session with
         # every core, so the replicas' own gain shows.
         from pipeline.engine import default_sessions
@@ -94,6 +95,8 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
         "engine_msgs_per_s": round(eng, 1),
         "engine_vs_ceiling": L.ratio(eng, ceiling),
         "engine_host_us_per_text": eng_stats.get("host_us_per_text"),
+        "engine_host_cpu_us_per_text": eng_stats.get("host_cpu_us_per_text"),
+        "ceiling_cpu_us_per_text": ceiling_stats.get("cpu_us_per_text"),
         "int8_vs_fp32_engine_ratio": round(eng / eng_fp32, 2) if eng_fp32 else None,
         "fp32_engine_msgs_per_s": round(eng_fp32, 1) if eng_fp32 else None,
         "steps": [s.row() for s in steps],
@@ -105,6 +108,12 @@ async def bench(*, artifact: Path, bootstrap: str, quick: bool, rate: float | No
     report["pipeline_vs_ceiling"] = L.ratio(knee, ceiling)
     (report["worker_cpu_us_per_event"], report["engine_cpu_us_per_event"],
      report["tokenizer_cpu_us_per_event"]) = L.cpu_at_knee(steps)
+    # The worker's whole CPU per event at the knee (engine threads and the rest) against what a text costs the
+    # ceiling: what streaming adds on top of the model itself.
+    if report["worker_cpu_us_per_event"] is not None and report["engine_cpu_us_per_event"] is not None \
+            and report["ceiling_cpu_us_per_text"]:
+        report["worker_vs_ceiling_cpu"] = round((report["worker_cpu_us_per_event"] + report["engine_cpu_us_per_event"])
+                                                / report["ceiling_cpu_us_per_text"], 2)
     low = min(steps, key=lambda s: s.offered_rate)
     report["low_load_p99_ms"] = low.p99_ms
     report["low_load_rate"] = low.offered_rate
@@ -326,7 +335,9 @@ def summary(report: dict) -> list[str]:
     lines.append(f"  worker CPU per event outside the engine: {us('worker_cpu_us_per_event')}"
                  + (f", of which tokenizing {us('tokenizer_cpu_us_per_event')}"
                     if report.get("tokenizer_cpu_us_per_event") is not None else "")
-                 + (f" (engine: {us('engine_cpu_us_per_event')})" if report.get("engine_cpu_us_per_event") is not None else ""))
+                 + (f" (engine: {us('engine_cpu_us_per_event')})" if report.get("engine_cpu_us_per_event") is not None else "")
+                 + (f"; all of it {report['worker_vs_ceiling_cpu']}× the ceiling's {us('ceiling_cpu_us_per_text')} per text"
+                    if report.get("worker_vs_ceiling_cpu") is not None else ""))
     for key in ("handwritten_note", "naive_note", "second_note"):
         if report.get(key):
             lines.append(f"  {key.split('_')[0]}: {report[key]}")

@@ -94,7 +94,9 @@ def test_cpu_at_the_knee_step_else_the_busiest():
 def test_ceiling_runs_on_the_engines_session_and_tokenizer(tiny_artifact):
     texts = [("short" if i % 3 else "a much longer text about shares falling sharply today " * 3) + str(i)
              for i in range(256)]
-    assert ceiling_throughput(str(tiny_artifact), texts, variant="int8", batch=32, seconds=0.3) > 0
+    stats: dict = {}
+    assert ceiling_throughput(str(tiny_artifact), texts, variant="int8", batch=32, seconds=0.3, stats=stats) > 0
+    assert 0 < stats["cpu_us_per_text"] < 1e5, "the ceiling's CPU per text (the worker's CPU is compared with it)"
 
 
 def test_handwritten_classifier_labels_each_text_in_order(tiny_artifact):
