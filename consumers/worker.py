@@ -581,9 +581,7 @@ class Worker:
         k = self.s.kafka
         records, size = self._fetched - self._fetched_seen, self._fetched_bytes - self._fetched_bytes_seen
         self._fetched_seen, self._fetched_bytes_seen = self._fetched, self._fetched_bytes
-        # While the engine is busy, records fetched one by one only wait in the scheduler for its next call: a
-        # fetch may gather for half an engine call (at most GATHER_MAX_MS) at no cost in latency.
-        gather = max(k.fetch_gather_ms, min(GATHER_MAX_MS, 500 * self.batcher.call_seconds))
+        gather = K.gather_ms(k.fetch_gather_ms, self.batcher.call_seconds, self.s.slo.objective_ms, GATHER_MAX_MS)
         K.set_fetch_params(self.consumer, *K.fetch_params(records / span_s, size / records if records else 0.0, gather,
                                                           k.fetch_max_wait_ms))
 

@@ -38,7 +38,10 @@ class KafkaSettings:
     fetch_max_records: int = 1000  # records per poll at most
     fetch_max_wait_ms: int = 100  # broker long-poll when idle (it answers at once when a record arrives)
     fetch_min_bytes: int = 0  # 0: adaptive (see fetch_gather_ms); > 0: the broker answers once this much is there
-    fetch_gather_ms: float = 5.0  # adaptive: under load, a fetch may wait this long for more records to arrive
+    # adaptive: under load, a fetch may wait this long for more records to arrive (at most a tenth of slo.objective_ms).
+    # 5 → 20 on 2026-12-05: MiniLM at 700 events/s, worker CPU per event outside the engine 378/399 → 230/274 µs,
+    # p99 149/91 → 65/129 ms (two runs each; docs/results/2026-12-05-engine-eos-shadow.md)
+    fetch_gather_ms: float = 20.0
     linger_ms: int = 0  # aiokafka still batches whatever queues while a request is in flight
     compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"  # of the outputs the worker produces
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # where a group without a committed offset starts

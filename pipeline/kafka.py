@@ -426,6 +426,13 @@ def fetch_params(rate: float, record_bytes: float, gather_ms: float, idle_wait_m
     return 1, idle_wait_ms
 
 
+def gather_ms(floor_ms: float, call_s: float, objective_ms: float, most_ms: float = 50.0) -> float:
+    """How long a fetch may gather under load: ``floor_ms`` (``kafka.fetch_gather_ms``), or half an engine call when
+    that is longer (at most ``most_ms``): while the engine is busy, records fetched one by one only wait in the
+    scheduler for its next call. Never more than a tenth of the latency objective: every record pays it."""
+    return min(max(floor_ms, min(most_ms, 500 * call_s)), objective_ms / 10)
+
+
 def set_fetch_params(consumer: AIOKafkaConsumer, min_bytes: int, max_wait_ms: int) -> bool:
     """Change a running consumer's fetch_min_bytes / fetch_max_wait_ms (aiokafka has no API for it; its fetcher
     reads both fields for every fetch request). False when this aiokafka's fetcher does not have them."""

@@ -29,3 +29,13 @@ def test_aiokafka_fetcher_still_reads_the_fields_per_request():
 
     src = inspect.getsource(Fetcher)
     assert "self._fetch_min_bytes" in src and "self._fetch_max_wait_ms" in src
+
+
+def test_gathering_is_the_floor_or_half_an_engine_call_and_never_past_a_tenth_of_the_objective():
+    from pipeline.kafka import gather_ms
+
+    assert gather_ms(20.0, 0.01, 250.0) == 20.0  # a short engine call: the floor
+    assert gather_ms(20.0, 0.08, 250.0) == 25.0  # half an 80 ms call (40 ms), capped at a tenth of 250 ms
+    assert gather_ms(20.0, 0.06, 1000.0) == 30.0  # half a 60 ms call
+    assert gather_ms(20.0, 1.0, 5000.0) == 50.0  # a long call: at most 50 ms
+    assert gather_ms(20.0, 0.0, 100.0) == 10.0  # the default 100 ms objective: 10 ms at most
