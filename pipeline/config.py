@@ -38,10 +38,9 @@ class KafkaSettings:
     fetch_max_records: int = 1000  # records per poll at most
     fetch_max_wait_ms: int = 100  # broker long-poll when idle (it answers at once when a record arrives)
     fetch_min_bytes: int = 0  # 0: adaptive (see fetch_gather_ms); > 0: the broker answers once this much is there
-    # adaptive: under load, a fetch may wait this long for more records to arrive (at most a tenth of slo.objective_ms).
     # 5 → 20 on 2026-12-05: MiniLM at 700 events/s, worker CPU per event outside the engine 378/399 → 230/274 µs,
     # p99 149/91 → 65/129 ms (two runs each; docs/results/2026-12-05-engine-eos-shadow.md)
-    fetch_gather_ms: float = 20.0
+    fetch_gather_ms: float = 20.0  # adaptive: under load, a fetch may wait this long for more records (≤ objective_ms / 10)
     linger_ms: int = 0  # aiokafka still batches whatever queues while a request is in flight
     compression: Literal["none", "gzip", "lz4", "zstd"] = "lz4"  # of the outputs the worker produces
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # where a group without a committed offset starts
@@ -73,10 +72,9 @@ class WorkerSettings:
     max_bytes: int = 64 * 1024  # a record value larger than this goes to the DLQ (oversized)
     max_chars: int = 10_000  # so does a text longer than this
     dlq_max_bytes: int = 512 * 1024  # DLQ copies keep at most this much of the value (and say so in a header)
-    # at-least-once: offset commits; exactly-once: a transaction stays open this long, so an output's latency floor
-    # (2026-12-05, MiniLM on 2 cores, same day: 100 → 50 ms took exactly-once's low-load p50 from 85 to 60 ms and
+    # 100 → 50 ms on 2026-12-05 (MiniLM on 2 cores, same day: took exactly-once's low-load p50 from 85 to 60 ms and
     # its knee at the SLO from 302 to 444 events/s; docs/results/2026-12-05-engine-eos-shadow.md)
-    commit_interval_ms: int = 50
+    commit_interval_ms: int = 50  # at-least-once: offset commits; exactly-once: a transaction's time open (its latency floor)
     drain_timeout_s: float = 10.0  # SIGTERM / revocation grace for in-flight work
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"  # see docs/delivery.md
     failpoint: str | None = None  # fault tests only: "after_inference:200" kills the process there (see failpoints.py)
