@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.errors import ModelError, NoTokens, UsageError
 from pipeline.events import Prediction, Timings
 from pipeline.manifest import ModelManifest, load_manifest
-from pipeline.runtime import DaemonExecutor, available_providers, softmax, task_ids
+from pipeline.runtime import DaemonExecutor, available_providers, task_ids
 
 # Batch width rounding. CPU: none (a batch padded to its exact longest ran 13% faster than rounding to 8 on
 # MiniLM INT8, and ORT's CPU kernels take any shape). GPU: multiples of 8 keep the set of shapes small.
