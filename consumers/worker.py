@@ -45,8 +45,6 @@ from pipeline.slo import STAGES, SloTracker
 from pipeline.swap import key_share
 from pipeline.tasks import open_task
 
-GATHER_MAX_MS = 50.0  # adaptive fetching: the longest a fetch gathers records under load
-
 
 class _Rebalance(ConsumerRebalanceListener):
     # aiokafka logs and swallows exceptions raised here; the worker turns them into a supervised failure.
@@ -581,7 +579,7 @@ class Worker:
         k = self.s.kafka
         records, size = self._fetched - self._fetched_seen, self._fetched_bytes - self._fetched_bytes_seen
         self._fetched_seen, self._fetched_bytes_seen = self._fetched, self._fetched_bytes
-        gather = K.gather_ms(k.fetch_gather_ms, self.batcher.call_seconds, self.s.slo.objective_ms, GATHER_MAX_MS)
+        gather = K.gather_ms(k.fetch_gather_ms, self.batcher.call_seconds, self.s.slo.objective_ms)
         K.set_fetch_params(self.consumer, *K.fetch_params(records / span_s, size / records if records else 0.0, gather,
                                                           k.fetch_max_wait_ms))
 

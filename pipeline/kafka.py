@@ -426,11 +426,14 @@ def fetch_params(rate: float, record_bytes: float, gather_ms: float, idle_wait_m
     return 1, idle_wait_ms
 
 
-def gather_ms(floor_ms: float, call_s: float, objective_ms: float, most_ms: float = 50.0) -> float:
+GATHER_MAX_MS = 50.0  # adaptive fetching: the longest a fetch gathers records under load
+
+
+def gather_ms(floor_ms: float, call_s: float, objective_ms: float) -> float:
     """How long a fetch may gather under load: ``floor_ms`` (``kafka.fetch_gather_ms``), or half an engine call when
-    that is longer (at most ``most_ms``): while the engine is busy, records fetched one by one only wait in the
+    that is longer (at most ``GATHER_MAX_MS``): while the engine is busy, records fetched one by one only wait in the
     scheduler for its next call. Never more than a tenth of the latency objective: every record pays it."""
-    return min(max(floor_ms, min(most_ms, 500 * call_s)), objective_ms / 10)
+    return min(max(floor_ms, min(GATHER_MAX_MS, 500 * call_s)), objective_ms / 10)
 
 
 def set_fetch_params(consumer: AIOKafkaConsumer, min_bytes: int, max_wait_ms: int) -> bool:
