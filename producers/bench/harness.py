@@ -177,6 +177,24 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
+def _distinct_ids(prefix: str, count: int):
+    """A ``read_until`` condition: ``count`` distinct load ids (starting with ``prefix``) read back. Counting records
+    instead stopped the read early when the reader saw a record twice or a probe more than once: one load record
+    was then missing from the step ("sent" 299 of 300)."""
+    seen: set = set()
+    done = [0]  # records already looked at
+
+    def enough(records) -> bool:
+        for r in records[done[0]:]:
+            i = str(orjson.loads(r.value).get("id", ""))
+            if i.startswith(prefix):
+                seen.add(i)
+        done[0] = len(records)
+        return len(seen) >= count
+
+    return enough
+
+
 async def wait_worker_ready(bootstrap: str, topics: tuple[str, str, str], proc: WorkerProcess, timeout: float = 120,
                             partitions: int | None = None) -> None:
     """Send a probe event (one to each of ``partitions``, when given: every worker of a group) and wait for its
@@ -281,9 +299,9 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
             finally:
                 await p.stop()
         # Drain: wait for every label, bounded by what an SLO-breaking backlog could need.
-        ins = await read_until(cfg.bootstrap, [topics[0]], lambda r: len(r) >= count + 1, 30)
-        inputs = {}
         prefix = f"{name}-{tag}"
+        ins = await read_until(cfg.bootstrap, [topics[0]], _distinct_ids(prefix, count), 30)
+        inputs = {}
         for r in ins:
             d = orjson.loads(r.value)
             if str(d.get("id", "")).startswith(prefix):  # not the readiness probes
