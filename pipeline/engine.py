@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+from pipeline.bound import BoundRunner, Plan
 from pipeline.errors import ModelError, NoTokens, UsageError
 from pipeline.events import Prediction, Timings
 from pipeline.manifest import ModelManifest, load_manifest
@@ -116,6 +117,10 @@ class OnnxEngine:
         verify: bool = True,
         spin: bool = False,
         sessions: int | None = 1,
+        bind: bool | None = None,
+        cuda_graph: bool | None = None,
+        max_rows: int = 64,
+        max_tokens: int | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -167,13 +172,18 @@ class OnnxEngine:
             except Exception:  # noqa: BLE001 — system-wide CUDA libraries are found by the loader instead
                 pass
         before = task_ids()
-        try:
-            self.replicas = [ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)
-                              for _ in range(self.sessions)]
-            self.session = self.replicas[0]
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0]}",
-                             where=str(root), hint="rebuild the artifact or pick another --variant") from None
+        # The GPU path: bucketed IOBinding runs (pipeline/bound.py), and on CUDA a captured graph per bucket.
+        # On by default with CUDA; on CPU only when asked (the tests run it there; ORT's CPU kernels take any
+        # shape, and padding to a bucket only adds work).
+        self.bind = gpu if bind is None else bool(bind)
+        cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.cuda_graph = bool(self.bind and cuda and (cuda_graph is None or cuda_graph))
+        self.cuda_graph_error: str | None = None  # why the graphs were asked for and not used
+        if cuda_graph and not (self.bind and cuda):
+            self.cuda_graph_error = "CUDA graphs need the CUDA provider and bucketed IOBinding runs (bind)"
+        self._opts = opts
+        self.replicas = self._sessions(root / v.file)
+        self.session = self.replicas[0]
         if self.providers[0] not in self.session.get_providers():  # onnxruntime falls back to CPU silently
             raise ModelError(f"{self.providers[0]} could not start (the session has only {self.session.get_providers()})",
                              where=str(root), hint="check the CUDA and cuDNN libraries onnxruntime-gpu needs "
@@ -187,11 +197,60 @@ class OnnxEngine:
         # The threads this engine runs on (ORT's pools, the executors): their CPU time is the engine's.
         self.thread_ids = (task_ids() - before) | {e.native_id for e in self._executors}
         self.pad_multiple = PAD_MULTIPLE["cpu" if self.providers[0] == "CPUExecutionProvider" else "gpu"]
+        self.plan = Plan(max_rows, self.max_length, max_tokens, min_width=max(8, self.pad_multiple)) \
+            if self.bind else None
+        self._runners()
         # What one more engine call costs, in padded tokens' worth of compute: the batcher's cut between
         # runs of different lengths. Measured by ``warmup``.
         self.call_overhead_tokens = DEFAULT_CALL_OVERHEAD_TOKENS
         if warmup:
             self.warmup()
+
+    def _sessions(self, path: Path) -> list:
+        """The session replicas; with CUDA graphs asked for, a session that cannot capture them (a node on the CPU
+        provider, an old onnxruntime) is made again without, and ``cuda_graph_error`` says why."""
+        import onnxruntime as ort
+
+        def make(providers) -> list:
+            try:
+                return [ort.InferenceSession(str(path), sess_options=self._opts, providers=providers)
+                        for _ in range(self.sessions)]
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise ModelError(f"onnxruntime could not load {path.name}: {str(exc).splitlines()[0]}",
+                                 where=str(path.parent), hint="rebuild the artifact or pick another --variant") from None
+
+        if self.cuda_graph:
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p
+                         for p in self.providers]
+            try:
+                return make(providers)
+            except ModelError as exc:
+                self.cuda_graph, self.cuda_graph_error = False, str(exc)
+        return make(self.providers)
+
+    def _runners(self) -> None:
+        device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        self.runners = [BoundRunner(s, self.plan, self.input_names, len(self.labels), self.pad_id, device,
+                                    cuda_graph=self.cuda_graph) for s in self.replicas] if self.plan else None
+        self._unbound = None  # run options for a plain run on a graph-capturing session (capture off)
+        if self.cuda_graph:
+            import onnxruntime as ort
+
+            self._unbound = ort.RunOptions()
+            self._unbound.add_run_config_entry("gpu_graph_id", "-1")
+
+    def _drop_graphs(self, reason: str) -> None:
+        """Capturing failed at warm-up: the same sessions without graphs, bucketed IOBinding kept."""
+        self.cuda_graph, self.cuda_graph_error = False, reason
+        before = task_ids()
+        self.replicas = self._sessions(self.root / self.manifest.variant(self.variant).file)
+        self.session = self.replicas[0]
+        self.thread_ids |= task_ids() - before
+        self._runners()
+
+    def run_arrays(self, arrays: dict[str, np.ndarray], replica: int = 0) -> np.ndarray:
+        """The session's first output for input arrays as given (no bucket): model tools, the warm-up's timing."""
+        return self.replicas[replica].run(None, arrays, self._unbound)[0]
 
     # -- tokenization -------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[Tokens]:
@@ -208,6 +267,8 @@ class OnnxEngine:
 
     def width(self, n: int) -> int:
         """The padded width of a batch whose longest text has ``n`` tokens."""
+        if self.plan is not None:
+            return self.plan.width(n)
         m = self.pad_multiple
         return min(self.max_length, -(-max(1, n) // m) * m)
 
@@ -234,7 +295,7 @@ class OnnxEngine:
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return self.session.run(None, self.encode(texts).arrays)[0].astype(np.float32)
+        return self.run_arrays(self.encode(texts).arrays).astype(np.float32)
 
     def infer_sync(self, batch: Sequence[Tokens], replica: int = 0, tokenize_s: float = 0.0) -> list[Prediction | NoTokens]:
         """One ``Prediction`` per encoding, or ``NoTokens`` for a text the model cannot see at all.
@@ -244,11 +305,24 @@ class OnnxEngine:
         if not batch:
             return []
         t0, c0 = time.perf_counter(), time.thread_time()
-        enc = self.pack(batch)
-        t1, c1 = time.perf_counter(), time.thread_time()
-        out = self.replicas[replica].run(None, enc.arrays)[0]
-        t2, c2 = time.perf_counter(), time.thread_time()
-        answers = self.answers(out, enc.empty, Timings(infer=t2 - t0, tokenize=tokenize_s))
+        out = None
+        if self.runners is not None:
+            rows = len(batch)
+            runner = self.runners[replica]
+            lengths = np.fromiter((t.n for t in batch), dtype=np.int64, count=rows)
+            flat = np.fromiter(chain.from_iterable(t.ids for t in batch), dtype=np.int64, count=int(lengths.sum()))
+            empty = np.fromiter((t.empty for t in batch), dtype=bool, count=rows)
+            out = runner.run(flat, lengths)
+            if out is not None:
+                t2, c2 = time.perf_counter(), time.thread_time()
+                t1, c1 = t2 - runner.call[0], c2 - runner.call[1]  # the host time is everything but the ORT call
+        if out is None:
+            enc = self.pack(batch)
+            empty = enc.empty
+            t1, c1 = time.perf_counter(), time.thread_time()
+            out = self.run_arrays(enc.arrays, replica)
+            t2, c2 = time.perf_counter(), time.thread_time()
+        answers = self.answers(out, empty, Timings(infer=t2 - t0, tokenize=tokenize_s))
         st = self.host_stats[replica]  # this replica's thread alone writes it
         st[0] += len(batch)
         st[1] += (t1 - t0) + (time.perf_counter() - t2)
@@ -310,20 +384,36 @@ class OnnxEngine:
         ``call_overhead_tokens`` = (fixed cost of a call) / (cost of one padded token), from a small and a
         larger shape timed here, clamped to [1, 512].
         """
-        widths = sorted({self.width(w) for w in (8, 16, 32, 64, self.max_length)})
-        for session in self.replicas:
-            for width in widths:
-                for bs in batch_sizes:
-                    session.run(None, self._dummy(bs, width))
+        if self.runners is not None:
+            # Every bucket once per replica, twice with CUDA graphs (ORT captures on an early run): no batch in
+            # service pays for an allocation or a capture.
+            try:
+                for runner in self.runners:
+                    runner.warm(runs=2 if self.cuda_graph else 1)
+            except Exception as exc:  # noqa: BLE001 — onnxruntime's own error types; capturing is an optimisation
+                if not self.cuda_graph:
+                    raise
+                self._drop_graphs(f"capturing a CUDA graph failed: {str(exc).splitlines()[0]}")
+                for runner in self.runners:
+                    runner.warm(runs=1)
+        else:
+            widths = sorted({self.width(w) for w in (8, 16, 32, 64, self.max_length)})
+            for r in range(len(self.replicas)):
+                for width in widths:
+                    for bs in batch_sizes:
+                        self.run_arrays(self._dummy(bs, width), r)
         small, large = (1, self.width(8)), (16, self.width(32))
         t = {}
         for shape in (small, large):
+            rows, width = shape
+            lengths = np.full(rows, width, dtype=np.int64)
+            flat = np.full(rows * width, self.pad_id, dtype=np.int64)
             arrays = self._dummy(*shape)
-            self.session.run(None, arrays)
             best = float("inf")
-            for _ in range(5):
+            for _ in range(6):
                 t0 = time.perf_counter()
-                self.session.run(None, arrays)
+                if self.runners is None or self.runners[0].run(flat, lengths) is None:
+                    self.run_arrays(arrays)
                 best = min(best, time.perf_counter() - t0)
             t[shape] = best
         tokens = {s: s[0] * s[1] for s in t}

@@ -103,7 +103,7 @@ class ModelFollower:
         self.task = task
         self.metrics = metrics
         self.log = log
-        self.load = load or (lambda m: load_engine(m, settings.generate))
+        self.load = load or (lambda m: load_engine(m, settings.generate, settings.batching))
         self.on_switch = on_switch
         self.wrap = wrap  # the worker's failpoint wrapper
         self.root = Path(settings.model.path)

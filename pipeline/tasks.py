@@ -22,10 +22,11 @@ from pipeline.manifest import load_manifest
 from pipeline.serving import ServingTask
 
 
-def load_engine(m: ModelSettings, generate=None):
+def load_engine(m: ModelSettings, generate=None, batching=None):
     """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
     ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator; with ``generate.labels``, a
-    ``ChoiceClassifier``: the generator as a classifier of those labels)."""
+    ``ChoiceClassifier``: the generator as a classifier of those labels). ``batching``: the batch shapes a
+    bucketed engine (``model.io_binding``) plans for."""
     if m.cascade:
         return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads,
                             sessions=m.sessions or None)
@@ -39,8 +40,9 @@ def load_engine(m: ModelSettings, generate=None):
         return gen
     if m.variant == "int4":
         raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
+    shapes = {"max_rows": batching.max_batch, "max_tokens": batching.max_tokens} if batching is not None else {}
     return OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
-                      sessions=m.sessions or None)
+                      sessions=m.sessions or None, bind=m.io_binding, cuda_graph=m.cuda_graph, **shapes)
 
 
 def open_task(settings: Settings, engine, *, metrics=None, slo=None) -> ServingTask:

@@ -26,7 +26,8 @@ def bench_texts(n: int = 2048, seed: int = 1) -> list[str]:
 
 def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | None, batch: int, seconds: float = 5.0,
                       provider: str = "cpu", cascade_to: str | None = None, threshold: float = 0.9,
-                      sessions: int | None = None, stats: dict | None = None) -> float:
+                      sessions: int | None = None, stats: dict | None = None, bind: bool | None = None,
+                      cuda_graph: bool | None = None) -> float:
     """Our engine as the worker drives it (no Kafka): the texts are admitted in arrival order, in poll-sized
     groups (``MicroBatcher.submit_many``: tokenized once at admission), the batcher forms its runs of similar
     length, the engine pads each to its own longest and runs it on its thread. A backlog, so every engine call
@@ -37,7 +38,9 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))  # no identical texts in flight: each text costs a real inference
-    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=(sessions or 1) if cascade_to else sessions)
+    budget = max(8192, batch * 128)  # the batcher's token budget below; a bucketed engine plans its shapes from it
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=(sessions or 1) if cascade_to else sessions,
+                     bind=bind, cuda_graph=cuda_graph, max_rows=batch, max_tokens=budget)
     if cascade_to is not None:  # ``artifact`` first, ``cascade_to`` for the texts it is unsure of (as load_cascade)
         from pipeline.cascade import CascadeEngine
 
@@ -46,7 +49,7 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
         eng.second_batch = batch
 
     async def go() -> float:
-        b = MicroBatcher(eng, max_batch=batch, max_tokens=max(8192, batch * 128), concurrency=eng.sessions)
+        b = MicroBatcher(eng, max_batch=batch, max_tokens=budget, concurrency=eng.sessions)
         b.start()
         try:
             await b.submit_many(texts[:batch])
@@ -63,6 +66,8 @@ def engine_throughput(artifact: str, texts: Sequence[str], *, variant: str | Non
         if stats is not None and hasattr(eng, "host_us_per_text"):  # a cascade: two engines, no one figure
             stats["host_us_per_text"] = eng.host_us_per_text()
             stats["host_cpu_us_per_text"] = eng.host_us_per_text(cpu=True)
+            stats.update(bound=eng.plan is not None, buckets=len(eng.plan) if eng.plan else None,
+                         cuda_graph=eng.cuda_graph, cuda_graph_error=eng.cuda_graph_error, sessions=eng.sessions)
         return rate
     finally:
         eng.close()
@@ -91,7 +96,7 @@ def ceiling_throughput(artifact: str, texts: Sequence[str], *, variant: str | No
     from pipeline.engine import OnnxEngine
 
     texts = list(dict.fromkeys(texts))
-    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=sessions)
+    eng = OnnxEngine(artifact, variant=variant, provider=provider, sessions=sessions, bind=False, cuda_graph=False)
     try:
         tok = Tokenizer.from_str(eng.tokenizer.to_str())  # a copy: the engine's own keeps no padding
         tok.enable_padding(pad_id=eng.pad_id, pad_token=tok.id_to_token(eng.pad_id) or "[PAD]")

@@ -32,6 +32,9 @@ def test_the_gpu_check_runs_every_stage_small_on_cpu(tmp_path, tiny_artifact, ti
     rep = json.loads((out / "gpu-check.json").read_text())
     assert [b["batch"] for b in rep["engine"]["batches"]] == [16, 64]
     assert all(b["engine_texts_per_s"] > 0 and b["ceiling_texts_per_s"] > 0 for b in rep["engine"]["batches"])
+    for b in rep["engine"]["batches"]:  # the engine without its GPU path and with two replicas, beside the default
+        assert b["engine_unbound_texts_per_s"] > 0 and b["engine_two_sessions_texts_per_s"] > 0
+        assert b["engine_bound"] is False and b["engine_cuda_graph"] is False  # on CPU: neither, by default
     ws = rep["kafka"]["workers"]
     assert [w["workers"] for w in ws] == [1, 2] and all(w["events_per_s_at_slo"] > 0 for w in ws), ws
     assert all(s["lost"] == 0 for w in ws for s in w["steps"])
