@@ -103,7 +103,7 @@ class ModelSettings:
     threads: int | None = None  # ONNX Runtime intra-op threads (default, 0 or unset: every core)
     sessions: int | None = None  # session replicas sharing the threads (default, 0 or unset: 2 on CPU, 1 on GPU)
     io_binding: bool | None = None  # bucketed IOBinding runs, buffers preallocated per batch shape (default: on with CUDA)
-    cuda_graph: bool | None = None  # a captured CUDA graph per batch shape (default: on with CUDA and io_binding)
+    cuda_graph: bool | None = None  # CUDA graphs: a classifier's per batch shape (with io_binding), a generator's decode step per row bucket (default: on with CUDA)
     max_length: int | None = None  # truncate texts to this many tokens (default: the artifact's)
     cascade: tuple[str, ...] = ()  # two classifier artifacts: [first, second]; replaces path (see pipeline/cascade.py)
     cascade_threshold: float = 0.9  # below this top probability the first stage escalates (model calibrate-cascade)

@@ -32,7 +32,7 @@ def load_engine(m: ModelSettings, generate=None, batching=None):
                             sessions=m.sessions or None)
     _, manifest = load_manifest(m.path, verify=False)
     if manifest.task == "text-generation":
-        gen = GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads)
+        gen = GenerativeModel(m.path, variant=m.variant, provider=m.provider, threads=m.threads, cuda_graph=m.cuda_graph)
         if generate is not None and generate.labels:
             from pipeline.generation.choice import ChoiceClassifier
 

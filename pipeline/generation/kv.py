@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from pipeline.bound import steps
 
 if TYPE_CHECKING:
     from pipeline.generation.model import GenerativeModel
@@ -171,7 +174,7 @@ class DecodeBatch:
             v = ort.OrtValue.ortvalue_from_numpy(self.buf[name][:n])  # a view: the first n slots
             io.bind_ortvalue_input(name, v)
             io.bind_ortvalue_output(out, v)
-        m.session.run_with_iobinding(io)
+        m.session.run_with_iobinding(io, m.plain_run)
         self.lens[:n] += 1
         out = io.get_outputs()[0].numpy()[:, -1]  # no KV leaves ONNX Runtime
         return out if ids_out or not greedy else out.argmax(axis=1)
@@ -182,14 +185,17 @@ class DeviceDecodeBatch:
 
     Each layer's buffer is bound as both past input and present output (I/O binding by device pointer), so
     no KV crosses PCIe: a joining prompt is prefilled straight into its slot (its rows of the buffer), a
-    step moves only token ids and a mask in and logits out. Rows never move: a free slot runs a dummy token
-    with length 0 (on a GPU a decode step costs about the same for a few rows or for all of them, it is
-    bound by reading the weights). No shared-prefix reuse here (prefill is cheap on a GPU).
+    step moves only token ids and a mask in and logits out. Rows never move: a step runs the first ``k`` slots,
+    ``k`` the smallest row bucket (1, 2, 3, 4, 6, 8, 12, ...) past the highest busy slot (joining prompts take
+    the lowest free slots), and a free slot among them runs a dummy token with length 0 (on a GPU a decode
+    step costs about the same for a few rows more, it is bound by reading the weights). Each bucket's step
+    has fixed shapes (the mask spans the whole slot) and preallocated inputs and outputs, so on CUDA it is a
+    captured graph (``capture``). No shared-prefix reuse here (prefill is cheap on a GPU).
     """
 
     batched = True  # join_many prefills a run of free slots in one call
 
-    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda") -> None:
+    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda", capture: bool = False) -> None:
         import onnxruntime as ort
 
         self.m = model
@@ -202,6 +208,14 @@ class DeviceDecodeBatch:
         shape = [rows, model.kv_heads, length, model.head]
         self.buf = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0) for n in model.past_names}
         self.row_bytes = model.kv_heads * length * model.head * self.item
+        self.grid = steps(rows)  # row buckets of the decode step (1, 2, 3, 4, 6, 8, 12, ... rows)
+        self._steps: dict[int, _Step] = {}
+        self._positions = np.arange(length)
+        # Graphs for a long-lived batch only (the scheduler's): ONNX Runtime keeps a session's captured graphs for
+        # its lifetime, so a batch made for one call (the gate's ``greedy``) runs plain steps.
+        self.graphs = bool(capture and model.cuda_graph and device != "cpu")
+        if self.graphs:
+            self.capture()
 
     @property
     def rows(self) -> list:
@@ -278,7 +292,7 @@ class DeviceDecodeBatch:
             io.bind_cpu_input("attention_mask", valid.astype(np.int64))
             ids_out = self._outputs(io, greedy)
             self._bind(io, first, count)
-            self.m.session.run_with_iobinding(io)
+            self.m.session.run_with_iobinding(io, self.m.plain_run)
             for j, (h, _) in enumerate(part):
                 self.slots[first + j] = h
             self.lens[first:first + count] = lens
@@ -294,16 +308,82 @@ class DeviceDecodeBatch:
             self.lens[active[j]] = 0
 
     def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """One decode step of the busy slots: on the first ``k`` slots, ``k`` the smallest row bucket past the highest
+        busy one, with shapes fixed per bucket (the mask spans the whole slot), so on CUDA it replays a graph."""
         active = [i for i, h in enumerate(self.slots) if h is not None]
-        toks = np.zeros((len(self.slots), 1), dtype=np.int64)
-        toks[active, 0] = tokens
-        width = int(self.lens.max()) + 1
-        io = self.m.session.io_binding()
-        io.bind_cpu_input("input_ids", toks)
-        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= self.lens[:, None]).astype(np.int64))
-        ids_out = self._outputs(io, greedy)
-        self._bind(io, 0, len(self.slots))
-        self.m.session.run_with_iobinding(io)
+        k = self.grid[bisect_left(self.grid, active[-1] + 1)]
+        s = self._step_of(k)
+        s.toks[:, 0] = 0
+        s.toks[active, 0] = tokens
+        np.less_equal(self._positions, self.lens[:k, None], out=s.visible)
+        s.mask[:] = s.visible
+        s.feed()
+        self.m.session.run_with_iobinding(s.io, s.options)
         self.lens[active] += 1
-        out = io.get_outputs()[0].numpy()[active, -1]
+        ids_out = greedy and self.m.has_next
+        out = (s.next if ids_out else s.logits).numpy()[active, -1]
         return out if ids_out or not greedy else out.argmax(axis=1)
+
+    def _step_of(self, k: int) -> "_Step":
+        s = self._steps.get(k)
+        if s is None:
+            s = self._steps[k] = _Step(self, k, self.m.graph_id() if self.graphs else None)
+        return s
+
+    def capture(self) -> None:
+        """Run each row bucket's step twice with every slot free (ONNX Runtime captures a graph on its second run
+        of a graph id), so no step in service captures. A free slot's step writes its position 0, which a
+        joining prompt's prefill overwrites. If capturing fails, the graphs are off for this model and the
+        steps run as plain calls on the same buffers (``m.cuda_graph_error`` says why)."""
+        if any(h is not None for h in self.slots):
+            raise ValueError("capture runs on an empty batch")
+        try:
+            for k in self.grid:
+                s = self._step_of(k)
+                s.mask[:] = 0
+                s.mask[:, 0] = 1
+                s.toks[:] = 0
+                for _ in range(2):
+                    s.feed()
+                    self.m.session.run_with_iobinding(s.io, s.options)
+        except Exception as exc:  # noqa: BLE001 — onnxruntime's own error types; graphs are an optimisation
+            self.m.cuda_graph, self.m.cuda_graph_error = False, f"capturing the decode step failed: {str(exc).splitlines()[0]}"
+            self.graphs = False
+            for s in self._steps.values():
+                s.options = self.m.plain_run
+
+
+class _Step:
+    """One row bucket's decode step: its inputs and outputs preallocated (on the device, fed from host staging
+    arrays), bound once with the first ``k`` slots of the KV, and run under its own graph id."""
+
+    def __init__(self, batch: DeviceDecodeBatch, k: int, graph_id: int | None) -> None:
+        import onnxruntime as ort
+
+        m, dev = batch.m, batch.device
+        self.on_cpu = dev == "cpu"
+        self.toks = np.zeros((k, 1), dtype=np.int64)
+        self.mask = np.zeros((k, batch.length), dtype=np.int64)
+        self.visible = np.zeros((k, batch.length), dtype=bool)
+        self.v_toks = ort.OrtValue.ortvalue_from_numpy(self.toks, dev, 0)  # on CPU: the same memory
+        self.v_mask = ort.OrtValue.ortvalue_from_numpy(self.mask, dev, 0)
+        logits = next(o for o in m.session.get_outputs() if o.name == "logits")
+        ldtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((k, 1, int(logits.shape[-1])), ldtype, dev, 0)
+        self.next = ort.OrtValue.ortvalue_from_shape_and_type((k, 1), np.int64, dev, 0) if m.has_next else None
+        self.io = io = m.session.io_binding()
+        io.bind_ortvalue_input("input_ids", self.v_toks)
+        io.bind_ortvalue_input("attention_mask", self.v_mask)
+        io.bind_ortvalue_output("logits", self.logits)
+        if self.next is not None:
+            io.bind_ortvalue_output("next_token", self.next)
+        batch._bind(io, 0, k)
+        self.options = m.plain_run
+        if graph_id is not None:  # unique in the session for its lifetime: an id replays the buffers it was captured on
+            self.options = ort.RunOptions()
+            self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+    def feed(self) -> None:
+        if not self.on_cpu:
+            self.v_toks.update_inplace(self.toks)
+            self.v_mask.update_inplace(self.mask)

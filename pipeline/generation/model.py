@@ -9,6 +9,7 @@ with onnxruntime directly and owns the decode batch (``pipeline/generation/kv.py
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ class GenerativeModel:
     sessions = 1  # one session; the scheduler's decode thread drives it
 
     def __init__(self, artifact: str | Path, *, variant: str | None = None, provider: str = "auto",
-                 threads: int | None = None, verify: bool = True, spin: bool = False, **_ignored) -> None:
+                 threads: int | None = None, verify: bool = True, spin: bool = False, cuda_graph: bool | None = None,
+                 **_ignored) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -92,11 +94,31 @@ class GenerativeModel:
                 pass
         before = task_ids()
         v = manifest.variant(self.variant)
-        try:
-            self.session = ort.InferenceSession(str(root / v.file), sess_options=opts, providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 — onnxruntime raises its own types
-            raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0][:300]}", where=str(root),
-                             hint="rebuild the artifact or pick another --variant") from None
+        # On CUDA the decode step replays a captured CUDA graph per row bucket (kv.DeviceDecodeBatch); every other
+        # run of the session (prefill, the gate's calls) says so with graph id -1, never capturing.
+        cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.cuda_graph = cuda and cuda_graph is not False
+        self.cuda_graph_error: str | None = None if cuda or not cuda_graph else "CUDA graphs need the CUDA provider"
+        self.plain_run = None  # run options for a run that must not capture (set with cuda_graph)
+        self._graph_ids = itertools.count(1)  # 0 and -1 are ONNX Runtime's own
+
+        def load(providers):
+            try:
+                return ort.InferenceSession(str(root / v.file), sess_options=opts, providers=providers)
+            except Exception as exc:  # noqa: BLE001 — onnxruntime raises its own types
+                raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0][:300]}",
+                                 where=str(root), hint="rebuild the artifact or pick another --variant") from None
+
+        if self.cuda_graph:
+            try:
+                self.session = load([("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
+                                     else p for p in self.providers])
+                self.plain_run = ort.RunOptions()
+                self.plain_run.add_run_config_entry("gpu_graph_id", "-1")
+            except ModelError as exc:
+                self.cuda_graph, self.cuda_graph_error = False, str(exc)
+        if not self.cuda_graph:
+            self.session = load(self.providers)
         if self.providers[0] not in self.session.get_providers():
             raise ModelError(f"{self.providers[0]} could not start (the session has only {self.session.get_providers()})",
                              where=str(root), hint="check CUDA/cuDNN for onnxruntime-gpu, or use --provider cpu")
@@ -133,7 +155,7 @@ class GenerativeModel:
         return {n: z for n in self.past_names}
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, past: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-        outs = self.session.run(self.out_names, {"input_ids": ids, "attention_mask": mask, **past})
+        outs = self.session.run(self.out_names, {"input_ids": ids, "attention_mask": mask, **past}, self.plain_run)
         return outs[0], dict(zip(self.past_names, outs[1:]))
 
     def prefix_past(self, prefix: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -175,10 +197,15 @@ class GenerativeModel:
         logits, present = self.forward(ids, valid.astype(np.int64), self.empty_past(k))
         return (logits[:, -1] if self.last_only else logits[np.arange(k), lens - 1]), present
 
-    def new_batch(self, rows: int, length: int):
-        """The decode batch for this provider: host buffers (CPU) or device-resident slots (CUDA)."""
+    def graph_id(self) -> int:
+        """A CUDA graph id not yet used in this session."""
+        return next(self._graph_ids)
+
+    def new_batch(self, rows: int, length: int, capture: bool = False):
+        """The decode batch for this provider: host buffers (CPU) or device-resident slots (CUDA; ``capture``: its
+        decode steps as CUDA graphs, for a batch that lives as long as the scheduler)."""
         if self.providers[0] == "CUDAExecutionProvider":
-            return DeviceDecodeBatch(self, rows, length)
+            return DeviceDecodeBatch(self, rows, length, capture=capture)
         return DecodeBatch(self)
 
     def greedy(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:

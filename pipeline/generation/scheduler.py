@@ -102,7 +102,7 @@ class GenerationScheduler:
         self._by_prompt: dict[str, _Seq] = {}
         self._order = itertools.count()
         self._prefixes: list[tuple[int, ...]] = []
-        self._batch = model.new_batch(max_batch, self.max_prompt + max_new_tokens + 1)
+        self._batch = model.new_batch(max_batch, self.max_prompt + max_new_tokens + 1, capture=True)
         # Counters the loop may read.
         self._queued = 0  # prompts waiting for a row (the thread's heap size)
         self.running = 0  # rows in the decode batch after the last step

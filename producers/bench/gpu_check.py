@@ -153,7 +153,8 @@ def generator_stage(a, budget: Budget) -> dict:
 
     m = GenerativeModel(a.generator, variant=a.gen_variant, provider=a.provider)
     gpu = m.providers[0] == "CUDAExecutionProvider"
-    out: dict = {"model": m.model_id, "variant": m.variant, "capacity": []}
+    out: dict = {"model": m.model_id, "variant": m.variant, "cuda_graph": m.cuda_graph,
+                 "cuda_graph_error": m.cuda_graph_error, "capacity": []}
     try:
         for r in _csv(a.rows):
             if budget.left < 20:
@@ -163,6 +164,16 @@ def generator_stage(a, budget: Budget) -> dict:
                                        max_tokens=r * 1024 if gpu else 8192))
             out["capacity"].append(row)
             say(f"generator {r} rows: {row['tokens_per_s']:,.0f} output tokens/s, step {row['decode_step_ms']} ms")
+        if gpu and m.cuda_graph and budget.left > 60:  # the largest batch again, the decode step without graphs
+            plain = GenerativeModel(a.generator, variant=a.gen_variant, provider=a.provider, cuda_graph=False)
+            try:
+                r = max(_csv(a.rows))
+                out["capacity_without_graphs"] = asyncio.run(capacity(plain, texts(), r, prefill_tokens=4096,
+                                                                      max_tokens=r * 1024))
+                say(f"generator {r} rows without CUDA graphs: {out['capacity_without_graphs']['tokens_per_s']:,.0f} "
+                    "output tokens/s")
+            finally:
+                plain.close()
         if a.burst and budget.left > 20:
             rows = max(_csv(a.rows))
             out["burst"] = asyncio.run(burst(m, texts(), a.burst, rows=min(rows, a.burst),

@@ -40,5 +40,6 @@ def test_the_gpu_check_runs_every_stage_small_on_cpu(tmp_path, tiny_artifact, ti
     assert all(s["lost"] == 0 for w in ws for s in w["steps"])
     assert rep["kafka"]["handwritten"]["events_per_s_at_slo"] > 0
     assert [c["rows"] for c in rep["generator"]["capacity"]] == [4, 8]
+    assert rep["generator"]["cuda_graph"] is False and "capacity_without_graphs" not in rep["generator"]  # CPU
     assert rep["generator"]["burst"]["burst"] == 16 and rep["generator"]["burst"]["ttft_p99_ms"] > 0
     assert (out / "gpu-check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

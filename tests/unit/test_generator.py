@@ -303,3 +303,51 @@ async def test_kv_memory_follows_the_running_rows_and_one_long_prompt_does_not_i
     short_only = [b for _, b in seen[after_long:]]
     assert max(short_only) <= per_position * 8 * 2 * DecodeBatch.GROW, "the long prompt's length outlived it"
     assert sched._batch.nbytes == 0, "an idle batch holds no KV"
+
+
+def test_the_device_step_runs_the_smallest_row_bucket_on_fixed_buffers(model):
+    """The GPU decode step's shapes are fixed per row bucket (what a captured CUDA graph needs): a step runs the
+    first k slots, k the smallest bucket past the highest busy slot, on buffers that never move."""
+    from pipeline.generation import DeviceDecodeBatch
+
+    prompts = prompts_of(model, LONGER)
+    batch = DeviceDecodeBatch(model, rows=16, length=128, device="cpu")
+    assert batch.grid == [1, 2, 3, 4, 6, 8, 12, 16]
+    outs = _decode(batch, model, prompts, 6, {0: [0, 1, 2, 3, 4], 2: [5, 6]})
+    for i, p in enumerate(prompts[:7]):
+        assert outs[i] == solo(model, p, len(outs[i])), f"prompt {i}"
+    assert set(batch._steps) <= set(batch.grid) and 6 in batch._steps and 8 in batch._steps
+    s = batch._steps[8]
+    ptrs = (s.v_toks.data_ptr(), s.v_mask.data_ptr(), s.logits.data_ptr(), s.next.data_ptr())
+    for h in list(batch.rows):
+        batch.leave([batch.rows.index(h)])
+    ids = model.encode(prompts[0])
+    first = batch.join_many([(i, ids) for i in range(7)], greedy=True)  # slots 0..6 again: bucket 8
+    batch.step(np.asarray(first), greedy=True)
+    assert (s.v_toks.data_ptr(), s.v_mask.data_ptr(), s.logits.data_ptr(), s.next.data_ptr()) == ptrs
+    assert batch._steps[8] is s
+
+
+def test_capturing_on_an_empty_batch_leaves_decoding_exact(model):
+    """Capture runs every bucket's step with every slot free (their position 0 written); the prompts that join
+    afterwards decode exactly what they do alone."""
+    from pipeline.generation import DeviceDecodeBatch
+
+    prompts = prompts_of(model, LONGER)
+    batch = DeviceDecodeBatch(model, rows=8, length=128, device="cpu")
+    batch.capture()
+    assert set(batch._steps) == set(batch.grid)
+    outs = _decode(batch, model, prompts, 8, {0: [0, 1, 2], 3: [3, 4, 5, 6, 7]})
+    for i, p in enumerate(prompts):
+        assert outs[i] == solo(model, p, len(outs[i])), f"prompt {i}"
+    with pytest.raises(ValueError, match="empty batch"):
+        batch.capture()
+
+
+def test_cuda_graphs_asked_for_on_cpu_are_refused_with_the_reason(tiny_generator):
+    m = GenerativeModel(tiny_generator, variant="fp32", provider="cpu", cuda_graph=True)
+    try:
+        assert m.cuda_graph is False and m.plain_run is None
+        assert "CUDA provider" in m.cuda_graph_error
+    finally:
+        m.close()
