@@ -179,6 +179,7 @@ def test_engine_only_bench_needs_no_broker(tiny_artifact, capsys, tmp_path):
     for r in report["rows"]:
         assert r["ceiling_msgs_per_s"] > 0 and r["engine_msgs_per_s"] > 0
         assert r["engine_vs_ceiling"] == round(r["engine_msgs_per_s"] / r["ceiling_msgs_per_s"], 3)
+        assert r["batcher_only_msgs_per_s"] > r["engine_msgs_per_s"] and r["batcher_cpu_us_per_text"] > 0
     assert orjson.loads(capsys.readouterr().out)["rows"] == report["rows"]
 
 
