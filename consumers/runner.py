@@ -37,7 +37,9 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     log = logs.get("streamlabel.runner").bind(worker=name)
     own_engine = engine is None
     if engine is None:
-        engine = load_engine(settings.model, settings.generate, settings.batching)
+        from pipeline.swap import starting_version
+
+        engine = load_engine(starting_version(settings.model), settings.generate, settings.batching)
     log.info("engine_ready", model=engine.model_id, task=engine.task, variant=engine.variant,
              provider=engine.providers[0], threads=engine.threads, sessions=engine.sessions)
     metrics = Metrics()

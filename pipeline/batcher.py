@@ -131,7 +131,8 @@ class MicroBatcher:
         span = now - self._util_t0
         if span >= 0.25:
             instant = min(1.0, (self._busy_s - self._util_busy0) / (span * self._concurrency))  # calls ended since
-            self._util = instant if self._util == 0.0 else 0.5 * self._util + 0.5 * instant
+            # Rises at once with the latest sample, falls smoothed: a load that starts stops a shadow at once.
+            self._util = instant if self._util == 0.0 else max(instant, 0.5 * self._util + 0.5 * instant)
             self._util_t0, self._util_busy0 = now, self._busy_s
         return self._util
 

@@ -110,6 +110,7 @@ class ModelSettings:
     follow: bool = False  # hot swap: path is a name directory; serve its `current` version (else the newest) as it moves
     follow_interval_s: float = 5.0  # how often each worker looks at the name directory (follow)
     shadow_topic: str | None = None  # follow: a shadow's answers beside the served ones go here too (best effort)
+    shadow_idle_min: float = 0.5  # a shadow on CPU labels only while this share of the CPU is idle (0: no such check)
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,9 @@ def _check(s: Settings, where: str) -> None:
     if tr.otlp_endpoint and not tr.otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"'tracing.otlp_endpoint' must be an http:// or https:// URL (OTLP/HTTP), got "
                           f"{tr.otlp_endpoint!r}", where=where, hint="e.g. http://otel-collector:4318")
+    if not 0 <= s.model.shadow_idle_min <= 1:
+        raise ConfigError(f"'model.shadow_idle_min' must be between 0 and 1 (a share of the CPU), got "
+                          f"{s.model.shadow_idle_min}", where=where)
     if not 0 <= tr.sample_ratio <= 1:
         raise ConfigError(f"'tracing.sample_ratio' must be between 0 and 1, got {tr.sample_ratio}", where=where)
     if len({s.topics.input, s.topics.output, s.topics.dlq}) < 3:

@@ -122,3 +122,65 @@ def softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class IdleCpu:
+    """The share of the machine's CPU left idle lately (0 to 1; None where it cannot be read): the latest sample
+    (``period_s``) or, when that is quieter, the samples before smoothed in, so it falls at once and recovers
+    gradually.
+
+    Read from the cgroup when it sets a CPU quota (a container's limit: ``cpu.max`` and ``cpu.stat`` of cgroup v2),
+    else from ``/proc/stat`` (every core of the machine; time stolen by the hypervisor counts as busy). Sampled at
+    most every ``period_s``, so a caller may ask on every batch. What a shadow model asks before it
+    takes CPU that the served model, the Kafka clients or a broker on the same cores would need."""
+
+    def __init__(self, period_s: float = 0.1, *, proc_stat: str = "/proc/stat",
+                 cgroup: str = "/sys/fs/cgroup", clock=None) -> None:
+        import time
+
+        self.period_s = period_s
+        self._proc, self._cgroup = proc_stat, cgroup
+        self._clock = clock or time.monotonic
+        self._quota = self._read_quota()  # cores the cgroup may use, or None: the machine's
+        self._last = self._read()
+        self._t = self._clock()
+        self._share: float | None = None
+
+    def _read_quota(self) -> float | None:
+        try:
+            quota, period = open(os.path.join(self._cgroup, "cpu.max")).read().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            return None
+
+    def _read(self) -> tuple[float, float] | None:
+        """(busy, total) in seconds of CPU for the cgroup's quota, in jiffies for the machine; None if unreadable."""
+        try:
+            if self._quota is not None:
+                for line in open(os.path.join(self._cgroup, "cpu.stat")):
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1e6, self._clock() * self._quota
+                return None
+            with open(self._proc) as f:
+                fields = [int(x) for x in f.readline().split()[1:9]]
+            idle = fields[3] + fields[4]  # idle + iowait
+            total = sum(fields)
+            return total - idle, total
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def share(self) -> float | None:
+        """The idle share now (a sample when the last is ``period_s`` old, smoothed with the ones before)."""
+        now = self._clock()
+        if now - self._t < self.period_s:
+            return self._share
+        cur = self._read()
+        if cur is not None and self._last is not None and cur[1] > self._last[1]:
+            busy = (cur[0] - self._last[0]) / (cur[1] - self._last[1])
+            instant = min(1.0, max(0.0, 1.0 - busy))
+            # Smoothed, but never above the latest sample: a load that starts shows at the next sample, whatever
+            # came before (a shadow must stop at once; it may resume once the quiet has lasted).
+            self._share = instant if self._share is None else min(instant, 0.5 * self._share + 0.5 * instant)
+        self._last, self._t = cur, now
+        return self._share
+

@@ -14,8 +14,13 @@ UTILIZATION_MAX = 0.4  # the served engine busier than this (share of its slots,
 class Shadow:
     """A shadow model beside the served one: compares answers, never publishes them."""
 
-    def __init__(self, engine, batcher, metrics=None, sink=None, guard_s: float = 0.0) -> None:
+    def __init__(self, engine, batcher, metrics=None, sink=None, guard_s: float = 0.0, idle=None,
+                 idle_min: float = 0.0) -> None:
         self.engine = engine
+        # A shadow on CPU shares the cores with everything else on the machine (the served model, the Kafka
+        # clients, maybe a broker): it works only while at least ``idle_min`` of the CPU was idle (``idle``: a
+        # ``pipeline.runtime.IdleCpu``). The served engine's own utilization does not see the rest of the machine.
+        self.idle, self.idle_min = idle, idle_min
         self.guard_s = guard_s  # drop unless the served answers just given had this much of their deadline left
         self.batcher = batcher
         self.metrics = metrics
@@ -27,8 +32,10 @@ class Shadow:
     def offer(self, texts: list[str], served: list, primary, tags: list | None = None,
               slack_s: float | None = None) -> None:
         """Label ``texts`` in the background and compare with ``served`` (the served answers, same order); dropped
-        (counted) when anything waits in the served model's batcher, a batch waits in the shadow's, or the served
-        answers just given had less than ``guard_s`` of their deadline left (``slack_s``: the least of theirs)."""
+        (counted) when anything waits in the served model's batcher, a batch waits in the shadow's, the served
+        answers just given had less than ``guard_s`` of their deadline left (``slack_s``: the least of theirs), the
+        served engine was busy more than ``UTILIZATION_MAX`` of the last second, or (``idle``) less than
+        ``idle_min`` of the machine's CPU was idle."""
         import asyncio
 
         if not texts:
@@ -39,7 +46,8 @@ class Shadow:
         # calls that start meanwhile, so it must stop before the served latency nears the objective, not after:
         # its budget is the served engine's idle time (busy under UTILIZATION_MAX of the last second).
         if primary.waiting() > 0 or self.batcher.waiting() >= self.batcher.max_batch or \
-                (slack_s is not None and slack_s < self.guard_s) or primary.utilization() > UTILIZATION_MAX:
+                (slack_s is not None and slack_s < self.guard_s) or primary.utilization() > UTILIZATION_MAX or \
+                (self.idle is not None and (self.idle.share() or 0.0) < self.idle_min):
             self.dropped += len(texts)
             if self.metrics is not None:
                 self.metrics.shadow.labels("dropped").inc(len(texts))

@@ -25,9 +25,8 @@ running (edit the file); removing the file ends the canary.
 Shadow: a ``shadow`` file in the name directory (``VERSION``) has that version label the same texts off the
 critical path, behind its own batcher: the served answers are published without waiting for it, and its
 answers are only compared (``Shadow``: agreement, per-class confusion, its latency, as metrics). It is dropped,
-counted, for a batch that arrives while anything waits in the served model's batcher or the shadow has a batch
-queued; on CPU it gets half the cores and one session. (On 2 cores shared with a broker that was not enough to
-keep the served model's SLO: docs/results/2026-12-04-model-changes.md.)
+counted, for a batch that arrives while the served model or the machine is busy (``pipeline/shadow.py`` lists the
+guards); on CPU it gets half the cores, one session and short calls (docs/model-changes.md, "A shadow").
 
 Not followed: cascades (``model.cascade``) and generators (the decode batch holds the model's KV cache).
 """
@@ -86,6 +85,18 @@ def target_version(name_dir: str | Path) -> Path | None:
         return root / text
     versions = [c for c in root.iterdir() if c.is_dir() and re.fullmatch(r"\d+", c.name) and (c / MANIFEST).is_file()]
     return max(versions, key=lambda c: int(c.name)) if versions else None
+
+
+def starting_version(m):
+    """The ``[model]`` settings a worker starts on: with ``follow``, the version the name directory points at now
+    (``current``, else the newest), so a worker started after a rollback serves the rolled-back version from its
+    first record, and never loads one version only to switch at its first look. Otherwise ``m`` as it is."""
+    import dataclasses
+
+    if not m.follow or m.cascade:
+        return m
+    target = target_version(m.path) if Path(m.path).is_dir() else None
+    return dataclasses.replace(m, path=str(target)) if target is not None else m
 
 
 class Refused(StreamlabelError):

@@ -22,6 +22,9 @@ from pipeline.manifest import load_manifest
 from pipeline.serving import ServingTask
 
 
+SHADOW_CPU_BATCH = 16  # texts per call of a shadow model on CPU
+
+
 def load_engine(m: ModelSettings, generate=None, batching=None):
     """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
     ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator; with ``generate.labels``, a
@@ -69,6 +72,7 @@ class ClassifyTask:
         self.model_id = engine.model_id
         self.cache_namespace = engine.model_id
         self.objective_ms = settings.slo.objective_ms
+        self.shadow_idle_min = settings.model.shadow_idle_min
         self.scheduler = MicroBatcher(engine, max_batch=b.max_batch, max_tokens=b.max_tokens, max_wait_ms=b.max_wait_ms,
                                       metrics=metrics, concurrency=b.engine_concurrency or engine.sessions, slo=slo,
                                       timeout_s=b.engine_timeout_s)
@@ -123,11 +127,21 @@ class ClassifyTask:
         if engine is None:
             self.shadow = None
         else:
-            b = MicroBatcher(engine, max_batch=self.scheduler.max_batch, max_tokens=self.scheduler.max_tokens,
+            cpu = getattr(engine, "providers", ["CPUExecutionProvider"])[0] == "CPUExecutionProvider"
+            # On CPU a shadow's calls are short (SHADOW_CPU_BATCH texts): one that starts just before the load does
+            # gives the cores back soon.
+            b = MicroBatcher(engine, max_batch=min(SHADOW_CPU_BATCH, self.scheduler.max_batch) if cpu
+                             else self.scheduler.max_batch, max_tokens=self.scheduler.max_tokens,
                              max_wait_ms=self.scheduler.max_wait * 1000, concurrency=engine.sessions,
                              timeout_s=self.scheduler.timeout_s)
             b.start()
-            self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink, guard_s=self.objective_ms / 2000.0)
+            idle = None
+            if self.shadow_idle_min > 0 and cpu:
+                from pipeline.runtime import IdleCpu
+
+                idle = IdleCpu()
+            self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink, guard_s=self.objective_ms / 2000.0,
+                                 idle=idle, idle_min=self.shadow_idle_min)
         return old
 
     @property

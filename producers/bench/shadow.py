@@ -27,7 +27,7 @@ import orjson
 
 from pipeline.events import encode_input
 from pipeline.manifest import resolve_artifact_dir
-from producers.bench.harness import LOG_APPEND, free_port, pct, scrape
+from producers.bench.harness import LOG_APPEND, cpu_per_event, free_port, pct, scrape, worker_counters
 from producers.bench.swap import publish
 from producers.rate import producer_for_load, send_at_rate
 from producers.synthetic import Generator
@@ -78,13 +78,20 @@ async def one(a, src: Path, shadow: bool) -> dict:
             await read_until(a.bootstrap, [out], lambda r: any(b'"probe"' in x.value for x in r), 180)
             if shadow:  # the shadow is prepared (verified, loaded, warmed) before the load starts
                 for _ in range(int(a.timeout_s * 5)):
-                    if "streamlabel_shadow_latency_seconds_count" in (scrape(port) or "") and \
-                            _shadow_counts(scrape(port))["agree"] + _shadow_counts(scrape(port))["disagree"] > 0:
+                    if sum(_shadow_counts(scrape(port)).values()) > 0:  # the shadow has been offered texts
                         break
                     await (await p.send(inp, encode_input("probe again", id=f"probe-{uuid.uuid4().hex[:6]}")))
                     await asyncio.sleep(0.2)  # polling the worker's metrics: the shadow's start has no other signal
-            before = _shadow_counts(scrape(port))
-            count = int(a.rate * a.seconds)
+            if a.settle_s:
+                await asyncio.sleep(a.settle_s)  # the worker idle a while before the step, in every run alike
+            count = int(a.rate * (a.warmup_s + a.seconds))
+
+            async def at_warmup_end() -> str | None:  # the counters where the measured window starts
+                if a.warmup_s:
+                    await asyncio.sleep(a.warmup_s)
+                return scrape(port)
+
+            mark = asyncio.ensure_future(at_warmup_end())
             gen = Generator("mixed", seed=2, id_prefix=f"sh-{tag}")
             sent: list[str] = []
 
@@ -94,13 +101,16 @@ async def one(a, src: Path, shadow: bool) -> dict:
                     yield ev.entity.encode(), encode_input(ev.text, id=ev.id, source=ev.source, entity=ev.entity)
 
             rep = await send_at_rate(p, inp, records(), rate=a.rate, count=count)
+            text = await mark
+            before, cpu0 = _shadow_counts(text), worker_counters(text)
         finally:
             await p.stop()
         want = set(sent)
         outs = await read_until(a.bootstrap, [out],
                                 lambda r: len({orjson.loads(x.value)["id"] for x in r} & want) >= len(want), 120)
         ins = await read_until(a.bootstrap, [inp], lambda r: len(r) >= count, 60)
-        after = _shadow_counts(scrape(port))
+        text = scrape(port)
+        after, cpu1 = _shadow_counts(text), worker_counters(text)
     finally:
         proc.terminate()
         try:
@@ -109,10 +119,22 @@ async def one(a, src: Path, shadow: bool) -> dict:
             proc.kill()
         shutil.rmtree(work, ignore_errors=True)
     ts = {orjson.loads(r.value)["id"]: r.timestamp for r in ins}
-    lat = [r.timestamp - ts[d["id"]] for r in outs if (d := orjson.loads(r.value))["id"] in want]
-    res = {"shadow": shadow, "sent": rep.sent, "achieved_rate": round(rep.achieved_rate, 1), "answered": len(lat),
+    pairs = [(ts[d["id"]], r.timestamp - ts[d["id"]]) for r in outs if (d := orjson.loads(r.value))["id"] in want]
+    t0 = min((t for t, _ in pairs), default=0)
+    lat = [v for t, v in pairs if t - t0 >= a.warmup_s * 1000]  # the measured window: after the warm-up load
+    by_s: dict[int, list[int]] = {}
+    for t, v in pairs:
+        by_s.setdefault((t - t0) // 1000, []).append(v)
+    res = {"shadow": shadow, "sent": rep.sent, "lost": rep.sent - len(pairs), "achieved_rate": round(rep.achieved_rate, 1),
+           "answered": len(lat),
            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-           "goodput": round(sum(v <= a.slo_ms for v in lat) / max(1, len(lat)), 4)}
+           "goodput": round(sum(v <= a.slo_ms for v in lat) / max(1, len(lat)), 4),
+           "warmup_s": a.warmup_s,  # the first seconds of load, not counted above (a load step's start is counted
+           # below, by second: a worker idle before the step takes a second or so to reach its steady latency)
+           "p99_ms_by_second": [pct(by_s[k], 99) for k in sorted(by_s)]}  # by the second the event was produced
+    # The worker's CPU per labelled event over the step: outside the served engine (the shadow's calls count here)
+    # and in it.
+    res["worker_cpu_us_per_event"], res["engine_cpu_us_per_event"], _ = cpu_per_event(cpu0, cpu1)
     if shadow:
         res["shadow_counts"] = {k: after[k] - before[k] for k in after}
     return res
@@ -143,6 +165,10 @@ def main() -> None:
     ap.add_argument("--instruction", default="Classify the sentiment of the message.",
                     help="a generator shadow's instruction (generate.instruction)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="the longest the shadow may take to start")
+    ap.add_argument("--settle-s", type=float, default=0.0, help="seconds the ready worker idles before each step")
+    ap.add_argument("--warmup-s", type=float, default=0.0,
+                    help="seconds of load before the measured --seconds (the same in every run; 0: measure from the "
+                         "first event)")
     ap.add_argument("--runs", default="plain,shadow",
                     help="the runs, in order: plain (no shadow) and shadow, comma-separated; e.g. plain,plain for an "
                          "A/A check of the order, or shadow,plain")

@@ -175,7 +175,7 @@ async def test_a_shadow_writes_its_comparisons_to_the_shadow_topic(kafka, names,
     the shadow's model); the served outputs are unchanged and name the served version."""
     name_dir = name_dir_with(tmp_path, tiny_artifact, (1, 2), current="1", shadow="2")
     shadow_topic = f"shadow-{names.tag}"
-    async with following_worker(kafka, names, name_dir, model={"shadow_topic": shadow_topic},
+    async with following_worker(kafka, names, name_dir, model={"shadow_topic": shadow_topic, "shadow_idle_min": 0.0},
                                 topics=[shadow_topic]) as w:
         await wait_for(lambda: w.task.shadow is not None, 30, "the shadow")
         for i in range(30):  # one at a time: the served batcher is idle, so the shadow is not dropped

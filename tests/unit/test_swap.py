@@ -48,6 +48,30 @@ def test_the_target_is_current_else_the_newest_version(name_dir, tiny_artifact):
         target_version(name_dir)
 
 
+def test_a_following_worker_starts_on_the_version_current_names_not_the_newest(name_dir, tiny_artifact):
+    """A worker started after a rollback (``current`` = 1 while 2 exists) serves 1 from its first record; it does not
+    load 2 and switch at its first look."""
+    from pipeline.swap import starting_version
+    from pipeline.tasks import load_engine
+
+    publish(tiny_artifact, name_dir, 2)
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"})
+    assert Path(starting_version(s.model).path) == name_dir / "2", "no current: the newest"
+    (name_dir / "current").write_text("1\n")
+    m = starting_version(s.model)
+    assert Path(m.path) == name_dir / "1"
+    engine = load_engine(m)
+    try:
+        assert engine.model_id == "tiny@1"
+    finally:
+        engine.close()
+    plain = Settings().replace(model={"path": str(name_dir), "provider": "cpu"})
+    assert starting_version(plain.model) is plain.model, "without follow: the path as given (the newest)"
+    (name_dir / "current").write_text("latest")
+    with pytest.raises(ModelError, match="not a version number"):
+        starting_version(s.model)
+
+
 def test_follow_needs_a_name_directory_and_no_cascade(name_dir):
     with pytest.raises(ConfigError, match="name directory"):
         Settings().replace(model={"path": str(name_dir / "1"), "follow": True})
@@ -149,7 +173,7 @@ class Idle:
 async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_served_one_is_backed_up(name_dir, tiny_artifact):
     import asyncio
 
-    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"},
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu", "shadow_idle_min": 0.0},
                            batching={"engine_timeout_s": 1})
     metrics = Metrics()
     task = open_task(s, OnnxEngine(name_dir / "1", provider="cpu"), metrics=metrics)
@@ -160,6 +184,8 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         (name_dir / "shadow").write_text("2")
         await f.check()
         assert task.shadow is not None and task.shadow.engine.model_id == "tiny@2" and task.model_id == "tiny@1"
+        assert task.shadow.idle is None, "shadow_idle_min = 0: no CPU check"
+        assert task.shadow.batcher.max_batch == 16, "a CPU shadow's calls are short"
         texts = ["great service", "awful delay", "the meeting is at noon", "fine"]
         served = task.engine.predict_sync(texts)
 
@@ -188,6 +214,27 @@ async def test_a_shadow_labels_beside_the_served_model_and_is_dropped_when_the_s
         assert task.shadow.dropped == 8, "dropped while the served answers had less than half their deadline left"
         task.shadow.offer(texts, served, Busy())
         assert task.shadow.dropped == 12, "dropped while the served engine was busy most of the last second"
+
+        class Share:
+            def __init__(self, v):
+                self.v = v
+
+            def share(self):
+                return self.v
+
+        task.shadow.idle, task.shadow.idle_min = Share(0.3), 0.5
+        task.shadow.offer(texts, served, Idle())
+        assert task.shadow.dropped == 16, "dropped while less than half the machine's CPU was idle"
+        task.shadow.idle = Share(None)
+        task.shadow.offer(texts, served, Idle())
+        assert task.shadow.dropped == 20, "dropped before the first reading of the CPU"
+        task.shadow.idle = Share(0.8)
+        task.shadow.offer(texts, served, Idle())
+        assert task.shadow.dropped == 20, "labelled while most of the CPU was idle"
+        deadline = asyncio.get_running_loop().time() + 10
+        while task.shadow.agree + task.shadow.disagree < 2 * len(texts):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
         (name_dir / "shadow").unlink()
         await f.check()
         assert task.shadow is None
@@ -201,7 +248,7 @@ async def test_a_generator_served_as_a_classifier_can_shadow_the_classifier(name
     import asyncio
 
     labels = ["negative", "neutral", "positive"]
-    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu"},
+    s = Settings().replace(model={"path": str(name_dir), "follow": True, "provider": "cpu", "shadow_idle_min": 0.0},
                            generate={"labels": labels, "instruction": "Classify the sentiment."},
                            batching={"engine_timeout_s": 1})
     task = open_task(s, OnnxEngine(name_dir / "1", provider="cpu"))
@@ -221,3 +268,39 @@ async def test_a_generator_served_as_a_classifier_can_shadow_the_classifier(name
         assert {b for _, b in task.shadow.confusion} <= set(labels)
     finally:
         task.scheduler.engine.close()
+
+
+def test_idle_cpu_reads_the_machine_or_the_cgroup_quota(tmp_path):
+    """The share of CPU left idle: from /proc/stat's busy and idle jiffies (iowait is idle, steal is busy), or, when
+    the cgroup sets a quota, from its usage against that quota. Smoothed; None until two readings."""
+    from pipeline.runtime import IdleCpu
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    clock = [0.0]
+    idle = IdleCpu(period_s=0.25, proc_stat=str(stat), cgroup=str(tmp_path / "no-cgroup"), clock=lambda: clock[0])
+    assert idle.share() is None
+    stat.write_text("cpu  400 0 100 900 100 0 0 100 0 0\n")  # +300 user, +200 idle, +100 steal: a third idle
+    clock[0] = 0.3
+    assert abs(idle.share() - 200 / 600) < 1e-9
+    stat.write_text("cpu  400 0 100 1500 100 0 0 100 0 0\n")  # +600 idle only: all idle, smoothed with the last
+    clock[0] = 0.4
+    assert abs(idle.share() - 200 / 600) < 1e-9, "within the period: the last figure"
+    clock[0] = 0.7
+    assert abs(idle.share() - (0.5 * 200 / 600 + 0.5)) < 1e-9, "quieter: recovers gradually"
+    stat.write_text("cpu  940 0 100 1560 100 0 0 100 0 0\n")  # +540 busy, +60 idle: a load starts
+    clock[0] = 1.0
+    assert abs(idle.share() - 0.1) < 1e-9, "busier: the latest sample at once"
+
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "cpu.max").write_text("150000 100000\n")  # 1.5 cores
+    (cg / "cpu.stat").write_text("usage_usec 1000000\nuser_usec 1\n")
+    t = [10.0]
+    q = IdleCpu(period_s=0.25, proc_stat=str(stat), cgroup=str(cg), clock=lambda: t[0])
+    (cg / "cpu.stat").write_text("usage_usec 1750000\n")  # 0.75 s of CPU in 1 s of 1.5 cores: half idle
+    t[0] = 11.0
+    assert abs(q.share() - 0.5) < 1e-9
+    (cg / "cpu.max").write_text("max 100000\n")
+    assert IdleCpu(proc_stat=str(stat), cgroup=str(cg))._quota is None, "no quota: the machine's figures"
+    assert IdleCpu(proc_stat=str(tmp_path / "missing"), cgroup=str(cg)).share() is None
