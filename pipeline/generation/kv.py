@@ -195,7 +195,8 @@ class DeviceDecodeBatch:
 
     batched = True  # join_many prefills a run of free slots in one call
 
-    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda", capture: bool = False) -> None:
+    def __init__(self, model: GenerativeModel, rows: int, length: int, device: str = "cuda", capture: bool = False,
+                 fixed: bool = False) -> None:
         import onnxruntime as ort
 
         self.m = model
@@ -214,6 +215,9 @@ class DeviceDecodeBatch:
         # Graphs for a long-lived batch only (the scheduler's): ONNX Runtime keeps a session's captured graphs for
         # its lifetime, so a batch made for one call (the gate's ``greedy``) runs plain steps.
         self.graphs = bool(capture and model.cuda_graph and device != "cpu")
+        # The fixed-shape step (row buckets, the mask spanning the whole slot) is what a graph needs; without graphs
+        # the step is as before, the mask as wide as the longest row (``fixed`` runs the graph's path anyway: tests).
+        self.fixed = self.graphs or fixed
         if self.graphs:
             self.capture()
 
@@ -308,9 +312,12 @@ class DeviceDecodeBatch:
             self.lens[active[j]] = 0
 
     def step(self, tokens: np.ndarray, greedy: bool = False) -> np.ndarray:
-        """One decode step of the busy slots: on the first ``k`` slots, ``k`` the smallest row bucket past the highest
-        busy one, with shapes fixed per bucket (the mask spans the whole slot), so on CUDA it replays a graph."""
+        """One decode step of the busy slots. With ``fixed`` (CUDA graphs): on the first ``k`` slots, ``k`` the
+        smallest row bucket past the highest busy one, with shapes fixed per bucket (the mask spans the whole slot),
+        so on CUDA it replays a graph. Otherwise every slot, the mask as wide as the longest row."""
         active = [i for i, h in enumerate(self.slots) if h is not None]
+        if not self.fixed:
+            return self._step_plain(active, tokens, greedy)
         k = self.grid[bisect_left(self.grid, active[-1] + 1)]
         s = self._step_of(k)
         s.toks[:, 0] = 0
@@ -322,6 +329,20 @@ class DeviceDecodeBatch:
         self.lens[active] += 1
         ids_out = greedy and self.m.has_next
         out = (s.next if ids_out else s.logits).numpy()[active, -1]
+        return out if ids_out or not greedy else out.argmax(axis=1)
+
+    def _step_plain(self, active: list[int], tokens: np.ndarray, greedy: bool) -> np.ndarray:
+        toks = np.zeros((len(self.slots), 1), dtype=np.int64)
+        toks[active, 0] = tokens
+        width = int(self.lens.max()) + 1
+        io = self.m.session.io_binding()
+        io.bind_cpu_input("input_ids", toks)
+        io.bind_cpu_input("attention_mask", (np.arange(width)[None, :] <= self.lens[:, None]).astype(np.int64))
+        ids_out = self._outputs(io, greedy)
+        self._bind(io, 0, len(self.slots))
+        self.m.session.run_with_iobinding(io, self.m.plain_run)
+        self.lens[active] += 1
+        out = io.get_outputs()[0].numpy()[active, -1]
         return out if ids_out or not greedy else out.argmax(axis=1)
 
     def _step_of(self, k: int) -> "_Step":
@@ -337,6 +358,8 @@ class DeviceDecodeBatch:
         steps run as plain calls on the same buffers (``m.cuda_graph_error`` says why)."""
         if any(h is not None for h in self.slots):
             raise ValueError("capture runs on an empty batch")
+        if not self.fixed:
+            raise ValueError("capture runs the fixed-shape steps (a batch made with capture or fixed)")
         try:
             for k in self.grid:
                 s = self._step_of(k)
@@ -348,7 +371,7 @@ class DeviceDecodeBatch:
                     self.m.session.run_with_iobinding(s.io, s.options)
         except Exception as exc:  # noqa: BLE001 — onnxruntime's own error types; graphs are an optimisation
             self.m.cuda_graph, self.m.cuda_graph_error = False, f"capturing the decode step failed: {str(exc).splitlines()[0]}"
-            self.graphs = False
+            self.graphs = False  # the fixed-shape steps stay: the captured ids may not be reused on other buffers
             for s in self._steps.values():
                 s.options = self.m.plain_run
 

@@ -130,7 +130,8 @@ def _decode(batch, model, prompts, n: int, join_at: dict[int, list[int]]) -> dic
     return outs
 
 
-@pytest.mark.parametrize("kind", ["host, one call per prompt", "host, one padded call", "device slots, padded runs"])
+@pytest.mark.parametrize("kind", ["host, one call per prompt", "host, one padded call", "device slots, padded runs",
+                                  "device slots, fixed-shape steps"])
 def test_batched_prefill_decodes_exactly_what_one_at_a_time_prefill_does(model, kind):
     """Prompts of 1 to ~40 tokens join in groups (right-padded in one call, or one call each), a row leaves and
     later prompts fill the hole: every row's tokens are those of the prompt decoded alone."""
@@ -138,7 +139,7 @@ def test_batched_prefill_decodes_exactly_what_one_at_a_time_prefill_does(model, 
 
     prompts = prompts_of(model, LONGER)
     if kind.startswith("device"):
-        batch = DeviceDecodeBatch(model, rows=8, length=256, device="cpu")
+        batch = DeviceDecodeBatch(model, rows=8, length=256, device="cpu", fixed="fixed" in kind)
     else:
         batch = DecodeBatch(model)
         batch.batched = "padded" in kind
@@ -311,7 +312,7 @@ def test_the_device_step_runs_the_smallest_row_bucket_on_fixed_buffers(model):
     from pipeline.generation import DeviceDecodeBatch
 
     prompts = prompts_of(model, LONGER)
-    batch = DeviceDecodeBatch(model, rows=16, length=128, device="cpu")
+    batch = DeviceDecodeBatch(model, rows=16, length=128, device="cpu", fixed=True)
     assert batch.grid == [1, 2, 3, 4, 6, 8, 12, 16]
     outs = _decode(batch, model, prompts, 6, {0: [0, 1, 2, 3, 4], 2: [5, 6]})
     for i, p in enumerate(prompts[:7]):
@@ -334,7 +335,9 @@ def test_capturing_on_an_empty_batch_leaves_decoding_exact(model):
     from pipeline.generation import DeviceDecodeBatch
 
     prompts = prompts_of(model, LONGER)
-    batch = DeviceDecodeBatch(model, rows=8, length=128, device="cpu")
+    with pytest.raises(ValueError, match="fixed-shape"):
+        DeviceDecodeBatch(model, rows=8, length=128, device="cpu").capture()
+    batch = DeviceDecodeBatch(model, rows=8, length=128, device="cpu", fixed=True)
     batch.capture()
     assert set(batch._steps) == set(batch.grid)
     outs = _decode(batch, model, prompts, 8, {0: [0, 1, 2], 3: [3, 4, 5, 6, 7]})
