@@ -39,9 +39,10 @@ async def serve(settings: Settings, *, name: str = "worker-0", engine=None, inst
     if engine is None:
         from pipeline.swap import starting_version
 
-        engine = load_engine(starting_version(settings.model), settings.generate, settings.batching)
+        engine = load_engine(starting_version(settings.model), settings.generate, settings.batching, settings.backlog)
     log.info("engine_ready", model=engine.model_id, task=engine.task, variant=engine.variant,
-             provider=engine.providers[0], threads=engine.threads, sessions=engine.sessions)
+             provider=engine.providers[0], threads=engine.threads, sessions=engine.sessions,
+             **{k: getattr(engine, k) for k in ("cuda_graph", "cuda_graph_error") if getattr(engine, k, None)})
     metrics = Metrics()
     metrics.track_cpu(engine.thread_ids)
     from pipeline import __version__

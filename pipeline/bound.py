@@ -72,10 +72,6 @@ class Plan:
     def __len__(self) -> int:
         return len(self.buckets)
 
-    def common(self) -> list[Bucket]:
-        """The shapes within the token budget itself: what warm-up prepares (and captures). The larger ones, reached
-        only by a batch rounded up past the budget, are prepared on first use."""
-        return [b for b in self.buckets.values() if b.rows * b.width <= self.budget]
 
 
 class _Slot:
@@ -169,9 +165,9 @@ class BoundRunner:
         return out[:rows].astype(np.float32)  # a copy: the next run of this shape overwrites the output
 
     def warm(self, buckets: Sequence[Bucket] | None = None, runs: int = 2) -> int:
-        """Allocate and run each shape (default: the plan's ``common`` ones) ``runs`` times (ORT captures a CUDA
-        graph on its second run of a graph id); returns how many."""
-        todo = self.plan.common() if buckets is None else list(buckets)
+        """Allocate and run each shape (default: every one of the plan) ``runs`` times (ORT captures a CUDA graph on
+        its second run of a graph id); returns how many."""
+        todo = list(self.plan.buckets.values()) if buckets is None else list(buckets)
         for b in todo:
             lengths = np.full(b.rows, b.width, dtype=np.int64)
             flat = np.full(b.rows * b.width, self.pad_id, dtype=np.int64)

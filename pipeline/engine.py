@@ -229,6 +229,9 @@ class OnnxEngine:
         return make(self.providers)
 
     def _runners(self) -> None:
+        import threading
+
+        self._locks = [threading.Lock() for _ in self.replicas]
         device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         self.runners = [BoundRunner(s, self.plan, self.input_names, len(self.labels), self.pad_id, device,
                                     cuda_graph=self.cuda_graph) for s in self.replicas] if self.plan else None
@@ -304,6 +307,12 @@ class OnnxEngine:
         is left per text is building its ``Prediction`` from those rows."""
         if not batch:
             return []
+        if self.runners is None:  # ORT's own run is safe from several threads at once
+            return self._infer(batch, replica, tokenize_s)
+        with self._locks[replica]:  # a replica's bucket buffers serve one call at a time (a swap's canary runs
+            return self._infer(batch, replica, tokenize_s)  # on another thread than the replica's executor)
+
+    def _infer(self, batch: Sequence[Tokens], replica: int, tokenize_s: float) -> list[Prediction | NoTokens]:
         t0, c0 = time.perf_counter(), time.thread_time()
         out = None
         if self.runners is not None:
@@ -323,7 +332,7 @@ class OnnxEngine:
             out = self.run_arrays(enc.arrays, replica)
             t2, c2 = time.perf_counter(), time.thread_time()
         answers = self.answers(out, empty, Timings(infer=t2 - t0, tokenize=tokenize_s))
-        st = self.host_stats[replica]  # this replica's thread alone writes it
+        st = self.host_stats[replica]  # its executor writes it (a canary's call from another thread may race: stats only)
         st[0] += len(batch)
         st[1] += (t1 - t0) + (time.perf_counter() - t2)
         st[2] += (c1 - c0) + (time.thread_time() - c2)
@@ -385,17 +394,18 @@ class OnnxEngine:
         larger shape timed here, clamped to [1, 512].
         """
         if self.runners is not None:
-            # Every bucket once per replica, twice with CUDA graphs (ORT captures on an early run): no batch in
-            # service pays for an allocation or a capture.
+            # Every bucket of the plan once per replica, twice with CUDA graphs (ORT captures on its second run of a
+            # graph id): no batch in service pays for an allocation, and no capture ever runs beside a call in service.
+            every = list(self.plan.buckets.values())
             try:
                 for runner in self.runners:
-                    runner.warm(runs=2 if self.cuda_graph else 1)
+                    runner.warm(every, runs=2 if self.cuda_graph else 1)
             except Exception as exc:  # noqa: BLE001 — onnxruntime's own error types; capturing is an optimisation
                 if not self.cuda_graph:
                     raise
                 self._drop_graphs(f"capturing a CUDA graph failed: {str(exc).splitlines()[0]}")
                 for runner in self.runners:
-                    runner.warm(runs=1)
+                    runner.warm(every, runs=1)
         else:
             widths = sorted({self.width(w) for w in (8, 16, 32, 64, self.max_length)})
             for r in range(len(self.replicas)):

@@ -129,8 +129,10 @@ class IdleCpu:
     (``period_s``) or, when that is quieter, the samples before smoothed in, so it falls at once and recovers
     gradually.
 
-    Read from the cgroup when it sets a CPU quota (a container's limit: ``cpu.max`` and ``cpu.stat`` of cgroup v2),
-    else from ``/proc/stat`` (every core of the machine; time stolen by the hypervisor counts as busy). Sampled at
+    Read from the cgroup when it sets a CPU quota (a container's limit: ``cpu.max`` and ``cpu.stat`` of cgroup v2:
+    the container's own use against its limit; other containers on the host are not seen), else from ``/proc/stat``
+    (every core of the machine; time stolen by the hypervisor counts as busy). Busy includes the caller's own
+    work: a shadow that labels makes the machine busier, and stops sooner. Sampled at
     most every ``period_s``, so a caller may ask on every batch. What a shadow model asks before it
     takes CPU that the served model, the Kafka clients or a broker on the same cores would need."""
 
@@ -168,6 +170,11 @@ class IdleCpu:
             return total - idle, total
         except (OSError, ValueError, IndexError):
             return None
+
+    @property
+    def readable(self) -> bool:
+        """Could the CPU figures be read at all (a platform without /proc, a sandbox hiding it)?"""
+        return self._last is not None
 
     def share(self) -> float | None:
         """The idle share now (a sample when the last is ``period_s`` old, smoothed with the ones before)."""

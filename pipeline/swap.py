@@ -90,13 +90,19 @@ def target_version(name_dir: str | Path) -> Path | None:
 def starting_version(m):
     """The ``[model]`` settings a worker starts on: with ``follow``, the version the name directory points at now
     (``current``, else the newest), so a worker started after a rollback serves the rolled-back version from its
-    first record, and never loads one version only to switch at its first look. Otherwise ``m`` as it is."""
+    first record, and never loads one version only to switch at its first look. Otherwise, or when ``current`` is
+    unreadable or names no published version (the follower then logs why at its first look), ``m`` as it is."""
     import dataclasses
 
     if not m.follow or m.cascade:
         return m
-    target = target_version(m.path) if Path(m.path).is_dir() else None
-    return dataclasses.replace(m, path=str(target)) if target is not None else m
+    try:
+        target = target_version(m.path) if Path(m.path).is_dir() else None
+    except (OSError, ModelError):  # `current` unreadable (half written?): start as before; the follower says why
+        return m
+    if target is None or not (target / MANIFEST).is_file():  # names no published version: likewise
+        return m
+    return dataclasses.replace(m, path=str(target))
 
 
 class Refused(StreamlabelError):
@@ -114,7 +120,7 @@ class ModelFollower:
         self.task = task
         self.metrics = metrics
         self.log = log
-        self.load = load or (lambda m: load_engine(m, settings.generate, settings.batching))
+        self.load = load or (lambda m: load_engine(m, settings.generate, settings.batching, settings.backlog))
         self.on_switch = on_switch
         self.wrap = wrap  # the worker's failpoint wrapper
         self.root = Path(settings.model.path)
@@ -296,15 +302,18 @@ class ModelFollower:
         if not shadow and manifest.tokenizer_sha256 != served.manifest.tokenizer_sha256:
             raise Refused(f"{manifest.model_id} has another tokenizer than the served model",
                           hint="restart the workers to serve it (texts in flight were tokenized by the old one)")
+        import dataclasses
+
         m = self.s.model
         if shadow and m.provider != "cuda":
             # A shadow on CPU gets half the cores and one session: the served model keeps the rest (measured on 2
             # cores at 400 events/s: with every core the shadow took the served p99 from 102 to 937 ms).
-            import dataclasses
             import os
 
             m = dataclasses.replace(m, threads=max(1, (os.cpu_count() or 2) // 2), sessions=1)
-        engine = self.load(_at(m, target))
+        # No CUDA graphs for an engine loaded beside a serving one: ONNX Runtime captures in the global mode, which
+        # other threads' CUDA calls (the served engine's) would break. It runs its buckets as plain calls.
+        engine = self.load(_at(dataclasses.replace(m, cuda_graph=False), target))
         try:
             if recent:
                 new = engine.predict_sync(recent)

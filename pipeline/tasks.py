@@ -25,11 +25,11 @@ from pipeline.serving import ServingTask
 SHADOW_CPU_BATCH = 16  # texts per call of a shadow model on CPU
 
 
-def load_engine(m: ModelSettings, generate=None, batching=None):
+def load_engine(m: ModelSettings, generate=None, batching=None, backlog=None):
     """The engine ``[model]`` names: a cascade (``cascade``), else what the artifact's task calls for:
     ``OnnxEngine`` (a classifier) or ``GenerativeModel`` (a generator; with ``generate.labels``, a
-    ``ChoiceClassifier``: the generator as a classifier of those labels). ``batching``: the batch shapes a
-    bucketed engine (``model.io_binding``) plans for."""
+    ``ChoiceClassifier``: the generator as a classifier of those labels). ``batching`` (and ``backlog`` when it is
+    enabled: its drain batches are larger): the batch shapes a bucketed engine (``model.io_binding``) plans for."""
     if m.cascade:
         return load_cascade(m.cascade, m.cascade_threshold, provider=m.provider, threads=m.threads,
                             sessions=m.sessions or None)
@@ -43,7 +43,11 @@ def load_engine(m: ModelSettings, generate=None, batching=None):
         return gen
     if m.variant == "int4":
         raise UsageError("variant int4 exists for generators only", hint="use fp32, int8 or fp16 for a classifier")
-    shapes = {"max_rows": batching.max_batch, "max_tokens": batching.max_tokens} if batching is not None else {}
+    shapes = {}
+    if batching is not None:
+        drain = backlog is not None and backlog.enabled
+        shapes = {"max_rows": max(batching.max_batch, backlog.max_batch) if drain else batching.max_batch,
+                  "max_tokens": max(batching.max_tokens, backlog.max_tokens) if drain else batching.max_tokens}
     return OnnxEngine(m.path, variant=m.variant, provider=m.provider, threads=m.threads, max_length=m.max_length,
                       sessions=m.sessions or None, bind=m.io_binding, cuda_graph=m.cuda_graph, **shapes)
 
@@ -140,6 +144,13 @@ class ClassifyTask:
                 from pipeline.runtime import IdleCpu
 
                 idle = IdleCpu()
+                if not idle.readable:  # no CPU figures here: the other guards only (never a shadow that drops all)
+                    from pipeline import logs
+
+                    logs.get("streamlabel.shadow").warning(
+                        "shadow_idle_cpu_unreadable", note="neither /proc/stat nor the cgroup's cpu.stat could be "
+                        "read: the shadow is guarded by the served model's load only")
+                    idle = None
             self.shadow = Shadow(engine, b, metrics, sink=self.shadow_sink, guard_s=self.objective_ms / 2000.0,
                                  idle=idle, idle_min=self.shadow_idle_min)
         return old

@@ -355,7 +355,8 @@ class DeviceDecodeBatch:
         """Run each row bucket's step twice with every slot free (ONNX Runtime captures a graph on its second run
         of a graph id), so no step in service captures. A free slot's step writes its position 0, which a
         joining prompt's prefill overwrites. If capturing fails, the graphs are off for this model and the
-        steps run as plain calls on the same buffers (``m.cuda_graph_error`` says why)."""
+        steps run as plain calls of the same shapes on a session made again without graphs (``m.cuda_graph_error``
+        says why)."""
         if any(h is not None for h in self.slots):
             raise ValueError("capture runs on an empty batch")
         if not self.fixed:
@@ -370,10 +371,9 @@ class DeviceDecodeBatch:
                     s.feed()
                     self.m.session.run_with_iobinding(s.io, s.options)
         except Exception as exc:  # noqa: BLE001 — onnxruntime's own error types; graphs are an optimisation
-            self.m.cuda_graph, self.m.cuda_graph_error = False, f"capturing the decode step failed: {str(exc).splitlines()[0]}"
-            self.graphs = False  # the fixed-shape steps stay: the captured ids may not be reused on other buffers
-            for s in self._steps.values():
-                s.options = self.m.plain_run
+            self.m.drop_graphs(f"capturing the decode step failed: {str(exc).splitlines()[0]}")
+            self.graphs = False
+            self._steps.clear()  # bound to the old session: made again, on the new one, at first use
 
 
 class _Step:

@@ -109,6 +109,7 @@ class GenerativeModel:
                 raise ModelError(f"onnxruntime could not load {v.file}: {str(exc).splitlines()[0][:300]}",
                                  where=str(root), hint="rebuild the artifact or pick another --variant") from None
 
+        self._load = load
         if self.cuda_graph:
             try:
                 self.session = load([("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
@@ -196,6 +197,12 @@ class GenerativeModel:
         ids[valid] = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
         logits, present = self.forward(ids, valid.astype(np.int64), self.empty_past(k))
         return (logits[:, -1] if self.last_only else logits[np.arange(k), lens - 1]), present
+
+    def drop_graphs(self, reason: str) -> None:
+        """A capture failed: the session made again without CUDA graphs (a failed capture may leave the old one's
+        stream unusable); ``cuda_graph_error`` says why. Callers rebind what they bound to the old session."""
+        self.cuda_graph, self.cuda_graph_error, self.plain_run = False, reason, None
+        self.session = self._load(self.providers)
 
     def graph_id(self) -> int:
         """A CUDA graph id not yet used in this session."""

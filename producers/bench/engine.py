@@ -233,6 +233,9 @@ def measure(artifact: str, *, variant: str | None, provider: str, batches: Seque
                                                            seconds=seconds, provider=provider, stats=stats), 1)
         row["engine_host_us_per_text"] = stats.get("host_us_per_text")
         row["engine_host_cpu_us_per_text"] = stats.get("host_cpu_us_per_text")
+        if gpu:  # the GPU path: bucketed IOBinding calls, a CUDA graph per bucket, or why not
+            row.update(engine_bound=stats.get("bound"), engine_buckets=stats.get("buckets"),
+                       engine_cuda_graph=stats.get("cuda_graph"), engine_cuda_graph_error=stats.get("cuda_graph_error"))
         row["engine_vs_ceiling"] = round(row["engine_msgs_per_s"] / row["ceiling_msgs_per_s"], 3)
         bstats: dict = {}
         row["batcher_only_msgs_per_s"] = round(batcher_throughput(texts, batch=b, seconds=min(seconds, 3.0),

@@ -319,14 +319,14 @@ def test_the_device_step_runs_the_smallest_row_bucket_on_fixed_buffers(model):
         assert outs[i] == solo(model, p, len(outs[i])), f"prompt {i}"
     assert set(batch._steps) <= set(batch.grid) and 6 in batch._steps and 8 in batch._steps
     s = batch._steps[8]
-    ptrs = (s.v_toks.data_ptr(), s.v_mask.data_ptr(), s.logits.data_ptr(), s.next.data_ptr())
+    io = s.io
     for h in list(batch.rows):
         batch.leave([batch.rows.index(h)])
     ids = model.encode(prompts[0])
     first = batch.join_many([(i, ids) for i in range(7)], greedy=True)  # slots 0..6 again: bucket 8
     batch.step(np.asarray(first), greedy=True)
-    assert (s.v_toks.data_ptr(), s.v_mask.data_ptr(), s.logits.data_ptr(), s.next.data_ptr()) == ptrs
-    assert batch._steps[8] is s
+    assert batch._steps[8] is s and s.io is io, "a bucket's step is made and bound once"
+    assert s.toks.shape == (8, 1) and s.mask.shape == (8, 128), "its shapes are the bucket's, whatever the rows"
 
 
 def test_capturing_on_an_empty_batch_leaves_decoding_exact(model):
@@ -352,5 +352,37 @@ def test_cuda_graphs_asked_for_on_cpu_are_refused_with_the_reason(tiny_generator
     try:
         assert m.cuda_graph is False and m.plain_run is None
         assert "CUDA provider" in m.cuda_graph_error
+    finally:
+        m.close()
+
+
+def test_a_failed_capture_makes_the_session_again_without_graphs_and_decodes_exactly(tiny_generator):
+    """A capture that fails (here: the session refuses every bound run once) turns the model's graphs off, makes
+    its session again, and the batch's steps are made anew on it: decoding is unchanged."""
+    from pipeline.generation import DeviceDecodeBatch
+
+    m = GenerativeModel(tiny_generator, variant="fp32", provider="cpu")
+    try:
+        prompts = prompts_of(m, LONGER)
+
+        class Refusing:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+            def run_with_iobinding(self, io, options=None):
+                raise RuntimeError("capture failed (test)")
+
+        batch = DeviceDecodeBatch(m, rows=8, length=128, device="cpu", fixed=True)
+        real = m.session
+        m.session = Refusing(real)
+        batch.capture()
+        assert m.cuda_graph is False and m.cuda_graph_error.startswith("capturing the decode step failed")
+        assert m.session is not real and not isinstance(m.session, Refusing) and not batch._steps
+        outs = _decode(batch, m, prompts, 6, {0: [0, 1, 2, 3]})
+        for i in range(4):
+            assert outs[i] == solo(m, prompts[i], len(outs[i])), f"prompt {i}"
     finally:
         m.close()
