@@ -77,6 +77,7 @@ class Step:
     # (input written → admitted to the batcher: produce, fetch, poll, decode, tokenize), batch_wait, infer,
     # publish (label built → acknowledged by the broker)
     breakdown: dict | None = None
+    send_failed: int = 0  # load records the broker never acknowledged (not in ``sent``; a step with any is suspect)
 
     def row(self) -> dict:
         d = asdict(self)
@@ -282,6 +283,7 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
         tail = _VisibleTail(cfg.bootstrap, topics[1]) if cfg.delivery == "exactly_once" else None
         if tail is not None:
             await tail.start()
+        failed = 0
         if cfg.producers > 1:
             achieved = await _load_processes(cfg, topics[0], rate, count, f"{name}-{tag}", duplicate_ratio)
         else:
@@ -295,12 +297,16 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
             p = producer_for_load(cfg.bootstrap)
             await p.start()
             try:
-                achieved = (await send_at_rate(p, topics[0], records(), rate=rate, count=count, seed=cfg.seed)).achieved_rate
+                sent = await send_at_rate(p, topics[0], records(), rate=rate, count=count, seed=cfg.seed)
             finally:
                 await p.stop()
-        # Drain: wait for every label, bounded by what an SLO-breaking backlog could need.
+            achieved, failed = sent.achieved_rate, sent.failed
+            if failed and progress:
+                progress(f"{name}: {failed} load record(s) not acknowledged by the broker ({sent.first_error})")
+        # Drain: wait for every label, bounded by what an SLO-breaking backlog could need. The read-back of the
+        # input ends at the records the broker acknowledged (a failed send is never there to be read).
         prefix = f"{name}-{tag}"
-        ins = await read_until(cfg.bootstrap, [topics[0]], _distinct_ids(prefix, count), 30)
+        ins = await read_until(cfg.bootstrap, [topics[0]], _distinct_ids(prefix, count - failed), 30)
         inputs = {}
         for r in ins:
             d = orjson.loads(r.value)
@@ -319,6 +325,7 @@ async def run_step(cfg: BenchConfig, name: str, rate: float, *, duplicate_ratio:
                        cfg.target, queued=queued)
         (step.worker_cpu_us_per_event, step.engine_cpu_us_per_event,
          step.tokenizer_cpu_us_per_event) = cpu_per_event(before, after)
+        step.send_failed = failed
         if progress:
             progress(progress_line(step))
         return step

@@ -39,7 +39,7 @@ async def test_tiny_step_measures_from_records_and_plots(kafka, tiny_artifact, t
     assert step.sent == 300 and step.labelled == 300 and step.lost == 0 and step.duplicated == 0
     assert 0 < step.p50_ms <= step.p99_ms <= step.max_ms
     assert step.series and abs(step.achieved_rate - 100) < 10
-    assert step.backlog == 0
+    assert step.backlog == 0 and step.send_failed == 0 and "send_failed" in step.row()
     # the worker's /metrics was scraped around the step; the CPU split is there once the worker exports it
     assert step.worker_cpu_us_per_event is None or step.worker_cpu_us_per_event > 0
     report = {"model": "tiny@1", "slo": {"objective_ms": 250, "target": 0.99}, "steps": [step.row()],
@@ -150,7 +150,7 @@ def test_cascade_bench_serves_the_second_stage_alone_in_the_same_run(kafka, tiny
     assert [s["name"] for s in rep["second_steps"]] == ["second@" + rep["steps"][0]["name"].split("@")[1]]
     second = rep["second_steps"][0]
     assert second["labelled"] == second["sent"] == 300, \
-        f"second stage: {({k: second.get(k) for k in ('sent', 'labelled', 'lost', 'backlog', 'duplicated')})}"
+        f"second stage: {({k: second.get(k) for k in ('sent', 'labelled', 'lost', 'backlog', 'duplicated', 'send_failed')})}"
     assert rep["second_msgs_per_s_at_slo"] > 0 and rep["cascade_vs_second_at_slo"] > 0
     assert rep["escalation_rate_bench_texts"] == 1.0  # every confidence is below 1.0
     assert rep["cascade_accuracy"] == rep["second_accuracy"] and rep["cascade_accuracy_drop_points"] == 0.0
