@@ -73,7 +73,6 @@ class Plan:
         return len(self.buckets)
 
 
-
 class _Slot:
     """One shape's buffers: host staging arrays, the device values they are copied into, the output, the binding."""
 
@@ -126,12 +125,13 @@ class BoundRunner:
         return s
 
     def _run_options(self, bucket: Bucket):
+        """The bucket's graph id (made once per bucket), or None without graphs."""
+        if not self.cuda_graph:
+            return None
         ro = self._options.get(bucket.graph_id)
         if ro is None:
-            ro = self._ort.RunOptions()
-            if self.cuda_graph:
-                ro.add_run_config_entry("gpu_graph_id", str(bucket.graph_id))
-            self._options[bucket.graph_id] = ro
+            ro = self._options[bucket.graph_id] = self._ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(bucket.graph_id))
         return ro
 
     def run(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:

@@ -9,6 +9,7 @@ that start from text.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from itertools import chain
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pipeline.bound import BoundRunner, Plan
 from pipeline.errors import ModelError, NoTokens, UsageError
 from pipeline.events import Prediction, Timings
 from pipeline.manifest import ModelManifest, load_manifest
-from pipeline.runtime import DaemonExecutor, available_providers, task_ids
+from pipeline.runtime import DaemonExecutor, available_providers, no_capture, task_ids, with_cuda_graphs
 
 # Batch width rounding. CPU: none (a batch padded to its exact longest ran 13% faster than rounding to 8 on
 # MiniLM INT8, and ORT's CPU kernels take any shape). GPU: multiples of 8 keep the set of shapes small.
@@ -220,27 +221,18 @@ class OnnxEngine:
                                  where=str(path.parent), hint="rebuild the artifact or pick another --variant") from None
 
         if self.cuda_graph:
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p
-                         for p in self.providers]
             try:
-                return make(providers)
+                return make(with_cuda_graphs(self.providers))
             except ModelError as exc:
                 self.cuda_graph, self.cuda_graph_error = False, str(exc)
         return make(self.providers)
 
     def _runners(self) -> None:
-        import threading
-
         self._locks = [threading.Lock() for _ in self.replicas]
         device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         self.runners = [BoundRunner(s, self.plan, self.input_names, len(self.labels), self.pad_id, device,
                                     cuda_graph=self.cuda_graph) for s in self.replicas] if self.plan else None
-        self._unbound = None  # run options for a plain run on a graph-capturing session (capture off)
-        if self.cuda_graph:
-            import onnxruntime as ort
-
-            self._unbound = ort.RunOptions()
-            self._unbound.add_run_config_entry("gpu_graph_id", "-1")
+        self._unbound = no_capture() if self.cuda_graph else None  # a plain run on a graph-capturing session
 
     def _drop_graphs(self, reason: str) -> None:
         """Capturing failed at warm-up: the same sessions without graphs, bucketed IOBinding kept."""

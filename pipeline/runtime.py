@@ -118,6 +118,21 @@ def thread_cpu_seconds(tids: set[int]) -> float:
     return total / tick
 
 
+def with_cuda_graphs(providers: list[str]) -> list:
+    """``providers`` with the CUDA provider's graph capture on (``enable_cuda_graph``): what both engines ask for."""
+    return [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p
+            for p in providers]
+
+
+def no_capture():
+    """Run options for a run of a graph-capturing session that must neither capture nor replay (graph id -1)."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("gpu_graph_id", "-1")
+    return ro
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -132,9 +147,9 @@ class IdleCpu:
     Read from the cgroup when it sets a CPU quota (a container's limit: ``cpu.max`` and ``cpu.stat`` of cgroup v2:
     the container's own use against its limit; other containers on the host are not seen), else from ``/proc/stat``
     (every core of the machine; time stolen by the hypervisor counts as busy). Busy includes the caller's own
-    work: a shadow that labels makes the machine busier, and stops sooner. Sampled at
-    most every ``period_s``, so a caller may ask on every batch. What a shadow model asks before it
-    takes CPU that the served model, the Kafka clients or a broker on the same cores would need."""
+    work: a shadow that labels makes the machine busier, and stops sooner. Sampled at most every ``period_s``, so a
+    caller may ask on every batch. What a shadow model asks before it takes CPU that the served model, the Kafka
+    clients or a broker on the same cores would need."""
 
     def __init__(self, period_s: float = 0.1, *, proc_stat: str = "/proc/stat",
                  cgroup: str = "/sys/fs/cgroup", clock=None) -> None:
@@ -190,4 +205,3 @@ class IdleCpu:
             self._share = instant if self._share is None else min(instant, 0.5 * self._share + 0.5 * instant)
         self._last, self._t = cur, now
         return self._share
-

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.errors import ModelError, UsageError
 from pipeline.manifest import ModelManifest, load_manifest
 from pipeline.generation.kv import DecodeBatch, DeviceDecodeBatch
-from pipeline.runtime import available_providers, task_ids
+from pipeline.runtime import available_providers, no_capture, task_ids, with_cuda_graphs
 
 
 def choose_generation(manifest: ModelManifest, variant: str | None, provider: str) -> tuple[str, list[str]]:
@@ -112,10 +112,8 @@ class GenerativeModel:
         self._load = load
         if self.cuda_graph:
             try:
-                self.session = load([("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
-                                     else p for p in self.providers])
-                self.plain_run = ort.RunOptions()
-                self.plain_run.add_run_config_entry("gpu_graph_id", "-1")
+                self.session = load(with_cuda_graphs(self.providers))
+                self.plain_run = no_capture()
             except ModelError as exc:
                 self.cuda_graph, self.cuda_graph_error = False, str(exc)
         if not self.cuda_graph:
